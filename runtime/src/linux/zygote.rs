@@ -1,0 +1,292 @@
+//! The fork server. Forked by the shim before its async runtime starts, it stays
+//! single-threaded, so forking from it is safe; see the module docs in `linux`.
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{fork, ForkResult, Pid};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, IoContext, Result};
+use super::spec::{ns_flag, ns_proc_name, NsPlan};
+use super::sync::{Channel, Msg};
+
+/// What to create.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SpawnKind {
+    /// A container's init process.
+    Init {
+        spec: Box<Spec>,
+        /// Absolute host path of the (already mounted) rootfs.
+        rootfs: PathBuf,
+        /// The container's cgroup directories on the host, for its /sys/fs/cgroup.
+        cgroup_dirs: Vec<(String, PathBuf)>,
+    },
+    /// An extra process in the namespaces of a running container.
+    Exec {
+        init_pid: i32,
+        namespaces: Vec<LinuxNamespaceType>,
+    },
+}
+
+/// A request to the zygote. File descriptors travel alongside: first the child's end of
+/// the sync channel, then stdin, stdout and stderr unless `terminal` is set.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SpawnRequest {
+    pub kind: SpawnKind,
+    pub process: Process,
+    pub terminal: bool,
+}
+
+/// Handle to the zygote process.
+#[derive(Debug)]
+pub struct Zygote {
+    chan: Mutex<Channel>,
+    pid: Pid,
+}
+
+impl Zygote {
+    /// Forks the zygote.
+    ///
+    /// # Safety
+    /// The calling process must be single-threaded: the child continues to run Rust code
+    /// (allocating, locking) after fork.
+    pub unsafe fn start() -> Result<Zygote> {
+        let (ours, theirs) = Channel::pair()?;
+        // SAFETY: the caller guarantees we are single-threaded, so the child inherits no
+        // lock held by another thread.
+        match unsafe { fork() }.ctx(|| "fork zygote".into())? {
+            ForkResult::Child => {
+                drop(ours);
+                zygote_main(theirs)
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                Ok(Zygote {
+                    chan: Mutex::new(ours),
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Stops the zygote and reaps it; the shim calls this on its way out.
+    pub fn stop(&self) {
+        let chan = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = nix::sys::socket::shutdown(chan.fd(), nix::sys::socket::Shutdown::Both);
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+
+    /// Hands a spawn request to the zygote. The result arrives on `sync`'s peer.
+    pub fn spawn(&self, req: &SpawnRequest, child_sync: &Channel, stdio: &[RawFd]) -> Result<()> {
+        let mut fds = vec![child_sync.fd()];
+        fds.extend_from_slice(stdio);
+        let chan = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        chan.send(req, &fds)
+    }
+}
+
+fn zygote_main(chan: Channel) -> ! {
+    // SAFETY: plain syscalls on our own process; no memory is shared with anyone.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+        // Nothing of the shim's (its stdout pipe to `shim start` above all) may stay open
+        // here, or containerd would wait for an EOF that never comes.
+        let keep = chan.fd() as u32;
+        if keep > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, keep - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
+        libc::prctl(libc::PR_SET_NAME, c"janus-zygote".as_ptr());
+    }
+    loop {
+        let (req, mut fds) = match chan.recv::<SpawnRequest>() {
+            Ok(Some(r)) => r,
+            Ok(None) => std::process::exit(0),
+            Err(_) => continue,
+        };
+        if fds.is_empty() {
+            continue;
+        }
+        // SAFETY: single-threaded process.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let sync = Channel::from_owned(fds.remove(0));
+                drop(chan);
+                intermediate(req, sync, fds)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(fds);
+                let _ = nix::sys::wait::waitpid(child, None);
+            }
+            Err(e) => {
+                let sync = Channel::from_owned(fds.remove(0));
+                let _ = sync.send(
+                    &Msg::Error {
+                        message: format!("fork: {e}"),
+                        invalid: false,
+                    },
+                    &[],
+                );
+            }
+        }
+    }
+}
+
+impl Channel {
+    pub(crate) fn from_owned(fd: OwnedFd) -> Channel {
+        // SAFETY: we own `fd`; into_raw_fd hands ownership to the new Channel.
+        unsafe { Channel::from_raw(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+    }
+}
+
+fn intermediate(req: SpawnRequest, sync: Channel, stdio: Vec<OwnedFd>) -> ! {
+    match run_intermediate(req, &sync, stdio) {
+        Ok(pid) => {
+            let _ = sync.send(&Msg::Pid(pid), &[]);
+            std::process::exit(0)
+        }
+        Err(e) => {
+            let invalid = matches!(e, Error::InvalidSpec(_));
+            let _ = sync.send(
+                &Msg::Error {
+                    message: e.to_string(),
+                    invalid,
+                },
+                &[],
+            );
+            std::process::exit(1)
+        }
+    }
+}
+
+fn open_ns(path: &std::path::Path) -> Result<OwnedFd> {
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::InvalidSpec(format!(
+            "linux.namespaces: {} does not exist",
+            path.display()
+        )),
+        _ => Error::io(format!("open namespace {}", path.display()), e),
+    })?;
+    Ok(f.into())
+}
+
+fn setns(fd: &OwnedFd, t: LinuxNamespaceType) -> Result<()> {
+    nix::sched::setns(fd, ns_flag(t)).ctx(|| format!("setns {}", ns_proc_name(t)))
+}
+
+/// Clones like fork(2), with namespace flags. Returns 0 in the child.
+fn clone_process(flags: CloneFlags) -> Result<i32> {
+    // SAFETY: with a NULL stack, clone(2) behaves as fork(2): the child gets a copy-on-write
+    // copy of this single-threaded process.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags.bits() | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if r < 0 {
+        return Err(Error::io("clone", std::io::Error::last_os_error()));
+    }
+    Ok(r as i32)
+}
+
+fn run_intermediate(req: SpawnRequest, sync: &Channel, stdio: Vec<OwnedFd>) -> Result<i32> {
+    match &req.kind {
+        SpawnKind::Init { spec, .. } => {
+            let plan = NsPlan::from_spec(spec)?;
+            let mut joins = Vec::new();
+            for (t, p) in &plan.join {
+                joins.push((*t, open_ns(p)?));
+            }
+            // user and pid must be entered before the clone: pid only applies to children,
+            // and the user namespace owns the namespaces created after it.
+            for (t, fd) in &joins {
+                if *t == LinuxNamespaceType::User {
+                    setns(fd, *t)?;
+                }
+            }
+            for (t, fd) in &joins {
+                if *t == LinuxNamespaceType::Pid {
+                    setns(fd, *t)?;
+                }
+            }
+            let rest: Vec<_> = joins
+                .into_iter()
+                .filter(|(t, _)| !matches!(t, LinuxNamespaceType::User | LinuxNamespaceType::Pid))
+                .collect();
+            let pid = clone_process(plan.clone_flags())?;
+            if pid == 0 {
+                super::init::run_init(req, sync, stdio, rest, plan);
+            }
+            Ok(pid)
+        }
+        SpawnKind::Exec {
+            init_pid,
+            namespaces,
+        } => {
+            let mut fds = Vec::new();
+            for t in namespaces {
+                let p = PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns_proc_name(*t)));
+                fds.push((
+                    *t,
+                    open_ns(&p).map_err(|_| {
+                        Error::NotFound(format!("container process {init_pid} is gone"))
+                    })?,
+                ));
+            }
+            let same = |t: &str| {
+                let a = std::fs::metadata(format!("/proc/self/ns/{t}"));
+                let b = std::fs::metadata(format!("/proc/{init_pid}/ns/{t}"));
+                use std::os::unix::fs::MetadataExt;
+                matches!((a, b), (Ok(a), Ok(b)) if a.ino() == b.ino())
+            };
+            // Order matters: the user namespace first (it grants the rights for the rest),
+            // the mount namespace last (it changes how /proc paths resolve).
+            let order = [
+                LinuxNamespaceType::User,
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Network,
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Cgroup,
+                LinuxNamespaceType::Mount,
+            ];
+            for t in order {
+                if let Some((_, fd)) = fds.iter().find(|(x, _)| *x == t) {
+                    if same(ns_proc_name(t)) {
+                        continue;
+                    }
+                    setns(fd, t)?;
+                }
+            }
+            drop(fds);
+            let pid = clone_process(CloneFlags::empty())?;
+            if pid == 0 {
+                super::init::run_exec(req, sync, stdio);
+            }
+            Ok(pid)
+        }
+    }
+}

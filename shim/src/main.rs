@@ -1,0 +1,285 @@
+//! containerd-shim-janus-v2: one containerd shim v2 binary for namespace and VM pods.
+
+mod config;
+mod error;
+mod events;
+mod metrics;
+mod options;
+mod process;
+mod service;
+mod stdio;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags};
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim_async::create_task;
+use containerd_shim_protos::ttrpc::r#async::Server;
+
+use crate::service::{Service, ZYGOTE};
+
+pub const RUNTIME_ID: &str = "io.containerd.janus.v2";
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Reads the pod grouping key from the bundle's spec: containers of one pod share a shim.
+fn grouping(id: &str) -> String {
+    let Ok(text) = std::fs::read_to_string("config.json") else {
+        return id.to_string();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return id.to_string();
+    };
+    v.get("annotations")
+        .and_then(|a| a.get(SANDBOX_ID_ANNOTATION))
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(id)
+        .to_string()
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+/// `containerd-shim-janus-v2 delete`: cleanup after the shim is gone, run in the bundle.
+fn delete_shim(flags: &Flags) -> anyhow::Result<Vec<u8>> {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir()?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let (pid, status) = service::cleanup_bundle(&bundle, &flags.id);
+    let resp = DeleteResponse {
+        pid,
+        exit_status: status,
+        exited_at: MessageField::some(process::now()),
+        ..Default::default()
+    };
+    Ok(resp.write_to_bytes()?)
+}
+
+/// Reaps every exited child and hands the status to the service.
+fn reap(service: &Service) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => service.on_exit(pid.as_raw(), code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                service.on_exit(pid.as_raw(), 128 + sig as i32)
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The long-running shim server: serves the Task API on `flags.socket`.
+async fn serve(flags: Flags) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{signal, SignalKind};
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
+    {
+        eprintln!("logger: {e}");
+    }
+    // SAFETY: prctl with integer arguments on our own process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut sigchld = signal(SignalKind::child()).context("SIGCHLD handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .with_context(|| format!("connect to containerd events at {ttrpc_address}"))?;
+    let exit = Arc::new(ExitSignal::default());
+    let events = events::Events::start(publisher, flags.namespace.clone());
+    let service = Service::new(flags.namespace.clone(), events, exit.clone());
+
+    let path = socket_path(&flags.socket).to_string();
+    if let Some(dir) = std::path::Path::new(&path).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if UnixStream::connect(&path).is_ok() {
+        // Another server for this pod won the race; start() will use it.
+        let _ = std::fs::write("address", &flags.socket);
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&path);
+    // containerd 1.6 calls the Task service by its v2 name, 2.x by v3: same messages.
+    let mut services = create_task(Arc::new(service.clone()));
+    if let Some(v3) = create_task(Arc::new(service.clone())).remove("containerd.task.v3.Task") {
+        services.insert("containerd.task.v2.Task".to_string(), v3);
+    }
+    let mut server = Server::new()
+        .bind(&format!("unix://{path}"))
+        .with_context(|| format!("listen on {path}"))?
+        .register_service(services);
+    server.start().await.context("start ttrpc server")?;
+    // Tell `start` we listen: its pipe on our stdout closes.
+    // SAFETY: dup2 onto our own stdout.
+    unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) };
+    log::info!("janus shim serving on {path}");
+    loop {
+        tokio::select! {
+            _ = sigchld.recv() => reap(&service),
+            _ = sigterm.recv() => {
+                if service.is_empty() {
+                    break;
+                }
+            }
+            _ = exit.wait() => break,
+        }
+    }
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+    if let Some(z) = ZYGOTE.get() {
+        z.stop();
+    }
+    Ok(())
+}
+
+/// `containerd-shim-janus-v2 start`: finds or launches the pod's shim server and prints its
+/// address. Done without the crate's async bootstrap: it is on every container's critical
+/// path, and containerd 1.6 expects the bare address (not the JSON newer crates print).
+fn start_shim(flags: &Flags) -> anyhow::Result<String> {
+    use anyhow::Context;
+    // containerd passes the runtime options on stdin; they matter at Create, not here.
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let group = grouping(&flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    if UnixStream::connect(socket_path(&address)).is_ok() {
+        let _ = std::fs::write("address", &address);
+        return Ok(address);
+    }
+    let exe = std::env::current_exe().context("current exe")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &flags.address,
+        "-socket",
+        &address,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    if !flags.publish_binary.is_empty() {
+        cmd.args(["-publish-binary", &flags.publish_binary]);
+    }
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    let mut child = cmd.spawn().context("spawn shim server")?;
+    adjust_oom_score(child.id());
+    // The server points its stdout elsewhere once it listens: EOF means ready (or dead).
+    let mut out = child.stdout.take().context("shim server stdout")?;
+    let mut sink = Vec::new();
+    let _ = out.read_to_end(&mut sink);
+    if UnixStream::connect(socket_path(&address)).is_err() {
+        let _ = child.kill();
+        anyhow::bail!("shim server for {} did not come up at {address}", flags.id);
+    }
+    let _ = std::fs::write("address", &address);
+    Ok(address)
+}
+
+/// Puts the shim server one above containerd in OOM-kill order, like other shims. Hosts
+/// without CAP_SYS_RESOURCE refuse some writes: a warning, never a failure.
+fn adjust_oom_score(pid: u32) {
+    let parent = std::fs::read_to_string(format!(
+        "/proc/{}/oom_score_adj",
+        std::os::unix::process::parent_id()
+    ))
+    .ok()
+    .and_then(|s| s.trim().parse::<i64>().ok())
+    .unwrap_or(0);
+    let score = (parent + 1).min(1000);
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), score.to_string()) {
+        eprintln!("warning: set oom_score_adj {score} for shim {pid}: {e}");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .iter()
+        .any(|a| a == "-v" || a == "-version" || a == "--version")
+    {
+        println!(
+            "containerd-shim-janus-v2:\n  Version: {}\n  Runtime: {RUNTIME_ID} (namespace mode; VM mode not yet built)",
+            env!("CARGO_PKG_VERSION")
+        );
+        return;
+    }
+    let action = args.last().map(String::as_str).unwrap_or("");
+    if action == "start" {
+        let res = containerd_shim::parse(&args[1..])
+            .map_err(anyhow::Error::from)
+            .and_then(|f| start_shim(&f));
+        match res {
+            Ok(addr) => {
+                print!("{addr}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                return;
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-janus-v2 start: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let serving = !matches!(action, "start" | "delete") && !args.iter().any(|a| a == "-info");
+    if serving {
+        // SAFETY: no other thread exists yet: the async runtime starts below.
+        match unsafe { runtime::linux::zygote::Zygote::start() } {
+            Ok(z) => {
+                let _ = ZYGOTE.set(z);
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-janus-v2: start zygote: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+        .expect("tokio runtime");
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-janus-v2: {e}");
+            std::process::exit(2);
+        }
+    };
+    if action == "delete" {
+        match delete_shim(&flags) {
+            Ok(b) => {
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), &b);
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-janus-v2 delete: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if flags.socket.is_empty() {
+        eprintln!("containerd-shim-janus-v2: -socket is required to serve");
+        std::process::exit(2);
+    }
+    if let Err(e) = rt.block_on(serve(flags)) {
+        log::error!("{e:#}");
+        eprintln!("containerd-shim-janus-v2: {e:#}");
+        std::process::exit(1);
+    }
+}

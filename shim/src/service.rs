@@ -1,0 +1,1086 @@
+//! The ttrpc Task service: containerd's view of the pod's containers.
+//!
+//! Namespace mode is implemented here on `runtime::linux`; `mode = "vm"` is refused at
+//! Create until the VM sandbox lands.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::ExitSignal;
+use containerd_shim_protos::api::{self, *};
+use containerd_shim_protos::events::task::*;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::{EnumOrUnknown, Message, MessageField};
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics::*;
+use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::spec::NsPlan;
+use runtime::linux::sync::{Channel, Msg};
+use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
+use runtime::linux::{mounts, spec as rtspec};
+
+use crate::config::{Config, Mode};
+use crate::error::{Result, ShimError};
+use crate::events::Events;
+use crate::metrics;
+use crate::options;
+use crate::process::{now, Proc, Status};
+use crate::stdio::{self, IoPaths};
+
+pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    pub rootfs_mounted: bool,
+    /// The bundle spec, kept for exec defaults and hooks.
+    #[allow(dead_code)]
+    pub spec: Spec,
+    pub cgroup: Option<Cgroup>,
+    pub namespaces: Vec<LinuxNamespaceType>,
+    pub own_pidns: bool,
+    pub init: Arc<Proc>,
+    pub execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+impl Container {
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn process(&self, exec_id: &str) -> Result<Arc<Proc>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs().get(exec_id).cloned().ok_or_else(|| {
+            ShimError::NotFound(format!("exec {exec_id} not found in container {}", self.id))
+        })
+    }
+
+    fn paused(&self) -> bool {
+        self.cgroup.as_ref().map(|c| c.is_frozen()).unwrap_or(false)
+    }
+}
+
+#[derive(Default)]
+struct PidTable {
+    owners: HashMap<i32, (String, String)>,
+    /// Exits seen before their pid was registered (bounded).
+    early: HashMap<i32, i32>,
+}
+
+pub struct Inner {
+    namespace: String,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    pids: Mutex<PidTable>,
+    events: Events,
+    exit: Arc<ExitSignal>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ShimError::Internal(format!("blocking task: {e}")))?
+}
+
+fn signal_pid(pid: i32, sig: u32) -> Result<()> {
+    // SAFETY: kill(2) has no memory effects.
+    if unsafe { libc::kill(pid, sig as i32) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Err(ShimError::NotFound("process already finished".into()));
+        }
+        return Err(ShimError::Internal(format!("kill {pid}: {e}")));
+    }
+    Ok(())
+}
+
+fn child_error(message: String, invalid: bool) -> ShimError {
+    if invalid {
+        ShimError::InvalidArgument(message)
+    } else {
+        ShimError::Internal(message)
+    }
+}
+
+impl Service {
+    pub fn new(namespace: String, events: Events, exit: Arc<ExitSignal>) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                namespace,
+                containers: Mutex::new(HashMap::new()),
+                pids: Mutex::new(PidTable::default()),
+                events,
+                exit,
+            }),
+        }
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pids(&self) -> std::sync::MutexGuard<'_, PidTable> {
+        self.inner.pids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.containers().is_empty()
+    }
+
+    /// Called by the reaper for every child that exited.
+    pub fn on_exit(&self, pid: i32, code: i32) {
+        let owner = {
+            let mut t = self.pids();
+            match t.owners.remove(&pid) {
+                Some(o) => o,
+                None => {
+                    if t.early.len() > 1024 {
+                        t.early.clear();
+                    }
+                    t.early.insert(pid, code);
+                    return;
+                }
+            }
+        };
+        let Ok(c) = self.get(&owner.0) else { return };
+        let Ok(p) = c.process(&owner.1) else { return };
+        self.finish(&c, &p, code);
+    }
+
+    fn finish(&self, c: &Arc<Container>, p: &Arc<Proc>, code: i32) {
+        if !p.set_exited(code) {
+            return;
+        }
+        let is_init = p.exec_id.is_empty();
+        if is_init && !c.own_pidns {
+            // Without its own pid namespace nothing reaps the container's other processes
+            // when init dies: do what the kernel would.
+            if let Some(cg) = c.cgroup.clone() {
+                std::thread::spawn(move || {
+                    let _ = cg.kill_all(libc::SIGKILL);
+                });
+            }
+        }
+        let st = p.lock();
+        self.inner.events.send(
+            TASK_EXIT_EVENT_TOPIC,
+            TaskExit {
+                container_id: c.id.clone(),
+                id: if is_init {
+                    c.id.clone()
+                } else {
+                    p.exec_id.clone()
+                },
+                pid: st.pid as u32,
+                exit_status: st.exit_status,
+                exited_at: MessageField::from_option(st.exited_at.clone()),
+                ..Default::default()
+            },
+        );
+    }
+
+    fn register(&self, pid: i32, id: &str, exec_id: &str) -> Option<i32> {
+        let mut t = self.pids();
+        if let Some(code) = t.early.remove(&pid) {
+            return Some(code);
+        }
+        t.owners.insert(pid, (id.to_string(), exec_id.to_string()));
+        None
+    }
+
+    fn unregister(&self, pid: i32) {
+        self.pids().owners.remove(&pid);
+    }
+
+    /// Spawns a process through the zygote up to the point where it waits for Start.
+    /// Returns its pid, the channel to release it and the pty master, if any.
+    fn spawn_blocking_setup(
+        &self,
+        req: SpawnRequest,
+        io: &IoPaths,
+        id: &str,
+        exec_id: &str,
+        cgroup: Option<&Cgroup>,
+        id_maps: Option<(String, String)>,
+    ) -> Result<(i32, Channel, Option<OwnedFd>, Option<OwnedFd>)> {
+        let zygote = ZYGOTE
+            .get()
+            .ok_or_else(|| ShimError::Internal("zygote not running".into()))?;
+        let prepared = stdio::prepare(io, &self.inner.namespace, id)?;
+        let (ours, theirs) = Channel::pair()?;
+        ours.set_timeout(Some(SETUP_TIMEOUT))?;
+        let fds: Vec<_> = prepared.child.iter().map(|f| f.as_raw_fd()).collect();
+        zygote.spawn(&req, &theirs, &fds)?;
+        drop(theirs);
+        drop(prepared.child);
+        let pid = match ours.recv::<Msg>()? {
+            Some((Msg::Pid(pid), _)) => pid,
+            Some((Msg::Error { message, invalid }, _)) => {
+                return Err(child_error(message, invalid))
+            }
+            Some((m, _)) => return Err(ShimError::Internal(format!("unexpected message {m:?}"))),
+            None => {
+                return Err(ShimError::Internal(
+                    "container process setup failed before it started".into(),
+                ))
+            }
+        };
+        let kill = |e: ShimError| {
+            self.unregister(pid);
+            // SAFETY: kill(2) has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            e
+        };
+        if let Some(code) = self.register(pid, id, exec_id) {
+            return Err(ShimError::Internal(format!(
+                "process exited during setup with status {code}"
+            )));
+        }
+        if let Some(cg) = cgroup {
+            cg.add_proc(pid).map_err(|e| kill(e.into()))?;
+        }
+        if let Some((uid, gid)) = id_maps {
+            std::fs::write(format!("/proc/{pid}/uid_map"), uid).map_err(|e| {
+                kill(ShimError::InvalidArgument(format!(
+                    "linux.uidMappings: {e}"
+                )))
+            })?;
+            std::fs::write(format!("/proc/{pid}/gid_map"), gid).map_err(|e| {
+                kill(ShimError::InvalidArgument(format!(
+                    "linux.gidMappings: {e}"
+                )))
+            })?;
+        }
+        ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?;
+        let mut master = None;
+        loop {
+            match ours.recv::<Msg>().map_err(|e| kill(e.into()))? {
+                Some((Msg::Pty, mut fds)) if !fds.is_empty() => master = Some(fds.remove(0)),
+                Some((Msg::Ready, _)) => break,
+                Some((Msg::Error { message, invalid }, _)) => {
+                    return Err(kill(child_error(message, invalid)))
+                }
+                Some((m, _)) => {
+                    return Err(kill(ShimError::Internal(format!(
+                        "unexpected message {m:?}"
+                    ))))
+                }
+                None => {
+                    return Err(kill(ShimError::Internal(
+                        "container process died during setup".into(),
+                    )))
+                }
+            }
+        }
+        Ok((pid, ours, master, prepared.stdin_pipe))
+    }
+
+    /// Releases a created process and waits for its exec.
+    fn release(sync: &Channel) -> Result<()> {
+        sync.send(&Msg::Start, &[])?;
+        match sync.recv::<Msg>()? {
+            None => Ok(()),
+            Some((Msg::Error { message, invalid }, _)) => Err(child_error(message, invalid)),
+            Some((m, _)) => Err(ShimError::Internal(format!("unexpected message {m:?}"))),
+        }
+    }
+
+    async fn create_container(&self, req: &CreateTaskRequest) -> Result<u32> {
+        if req.id.is_empty() {
+            return Err(ShimError::InvalidArgument("container id is empty".into()));
+        }
+        if self.containers().contains_key(&req.id) {
+            return Err(ShimError::AlreadyExists(format!(
+                "container {} already exists",
+                req.id
+            )));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unimplemented(
+                "checkpoint/restore is not supported by Janus".into(),
+            ));
+        }
+        let mut config_path = None;
+        if let Some(any) = req.options.as_ref() {
+            let o = options::decode(any).map_err(ShimError::InvalidArgument)?;
+            if let Some(o) = o.filter(|o| !o.config_path.is_empty()) {
+                config_path = Some(PathBuf::from(o.config_path));
+            }
+        }
+        let config = Config::load(config_path.as_deref())?;
+        if config.mode == Mode::Vm {
+            return Err(ShimError::FailedPrecondition(
+                "mode = \"vm\" is not available in this build of Janus yet; use mode = \"namespace\"".into(),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = rtspec::load(&bundle)?;
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_default();
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        let plan = NsPlan::from_spec(&spec)?;
+        let new_user = plan.new_user();
+        let linux = spec.linux().clone().unwrap_or_default();
+        let rel = cgroups::normalize_path(
+            linux
+                .cgroups_path()
+                .as_ref()
+                .map(|p| p.to_string_lossy().to_string())
+                .unwrap_or_default()
+                .as_str(),
+            &req.id,
+        )?;
+        let io = IoPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let terminal_spec = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        if terminal_spec != req.terminal {
+            log::debug!(
+                "terminal in request ({}) differs from spec ({terminal_spec})",
+                req.terminal
+            );
+        }
+        let mounts: Vec<(String, String, Vec<String>)> = req
+            .rootfs
+            .iter()
+            .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
+            .collect();
+        let id = req.id.clone();
+        let me = self.clone();
+        let spec2 = spec.clone();
+        let rootfs2 = rootfs.clone();
+        let (pid, sync, master, keeper, cgroup, mounted) = blocking(move || {
+            let mut mounted = false;
+            let cleanup = |cg: Option<&Cgroup>, mounted: bool| {
+                if let Some(cg) = cg {
+                    let _ = cg.destroy();
+                }
+                if mounted {
+                    let _ = mounts::unmount_all(&rootfs2);
+                }
+            };
+            for (typ, src, opts) in &mounts {
+                if let Err(e) = mounts::mount_rootfs_layer(typ, src, opts, &rootfs2) {
+                    cleanup(None, mounted);
+                    return Err(e.into());
+                }
+                mounted = true;
+            }
+            let cg = Cgroup::new(&rel)?;
+            let setup = (|| -> Result<()> {
+                cg.create()?;
+                if let Some(res) = linux.resources() {
+                    cg.apply(res, false)?;
+                } else {
+                    cg.apply(&LinuxResources::default(), false)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = setup {
+                cleanup(Some(&cg), mounted);
+                return Err(e);
+            }
+            let maps = new_user.then(|| {
+                let fmt = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+                    m.iter()
+                        .flatten()
+                        .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+                        .collect::<String>()
+                };
+                (fmt(linux.uid_mappings()), fmt(linux.gid_mappings()))
+            });
+            let process = spec2.process().clone().unwrap_or_default();
+            let req = SpawnRequest {
+                kind: SpawnKind::Init {
+                    spec: Box::new(spec2),
+                    rootfs: rootfs2.clone(),
+                    cgroup_dirs: cg.dirs(),
+                },
+                process,
+                terminal: io.terminal,
+            };
+            match me.spawn_blocking_setup(req, &io, &id, "", Some(&cg), maps) {
+                Ok((pid, sync, master, keeper)) => Ok((pid, sync, master, keeper, cg, mounted)),
+                Err(e) => {
+                    cleanup(Some(&cg), mounted);
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+        let _ = std::fs::write(bundle.join("init.pid"), pid.to_string());
+        let init = Proc::new(
+            "",
+            IoPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+            None,
+        );
+        {
+            let mut st = init.lock();
+            st.pid = pid;
+            st.sync = Some(sync);
+            if let Some(w) = keeper {
+                st.stdin_close = Some(stdio::copy_stdin(init.io.stdin.clone(), w));
+            }
+            if let Some(m) = master {
+                st.tty = Some(stdio::start_tty(m, &init.io)?);
+            }
+        }
+        let c = Arc::new(Container {
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            rootfs,
+            rootfs_mounted: mounted,
+            namespaces: plan
+                .new
+                .iter()
+                .copied()
+                .chain(plan.join.iter().map(|(t, _)| *t))
+                .collect(),
+            own_pidns: plan.new_pid(),
+            spec,
+            cgroup: Some(cgroup.clone()),
+            init,
+            execs: Mutex::new(HashMap::new()),
+        });
+        self.containers().insert(req.id.clone(), c);
+        self.watch_oom(&req.id, &cgroup);
+        self.inner.events.send(
+            TASK_CREATE_EVENT_TOPIC,
+            TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                // The event's Mount type is private to containerd-shim-protos; containerd
+                // does not read the rootfs of this event.
+                rootfs: Vec::new(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: pid as u32,
+                ..Default::default()
+            },
+        );
+        Ok(pid as u32)
+    }
+
+    fn watch_oom(&self, id: &str, cg: &Cgroup) {
+        let mut w = match cg.oom_watcher() {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("no OOM events for {id}: {e}");
+                return;
+            }
+        };
+        let events = self.inner.events.clone();
+        let id = id.to_string();
+        let _ = std::thread::Builder::new()
+            .name("oom".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                while w.wait() {
+                    events.send(
+                        TASK_OOM_EVENT_TOPIC,
+                        TaskOOM {
+                            container_id: id.clone(),
+                            ..Default::default()
+                        },
+                    );
+                }
+            });
+    }
+
+    async fn start_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<u32> {
+        if p.exec_id.is_empty() {
+            let sync = {
+                let mut st = p.lock();
+                if st.status != Status::Created {
+                    return Err(ShimError::FailedPrecondition(format!(
+                        "container {} is not in created state",
+                        c.id
+                    )));
+                }
+                st.sync.take()
+            };
+            let sync = sync
+                .ok_or_else(|| ShimError::FailedPrecondition("container already started".into()))?;
+            blocking(move || Service::release(&sync)).await?;
+            let pid = {
+                let mut st = p.lock();
+                if st.status == Status::Created {
+                    st.status = Status::Running;
+                }
+                st.pid
+            };
+            self.inner.events.send(
+                TASK_START_EVENT_TOPIC,
+                TaskStart {
+                    container_id: c.id.clone(),
+                    pid: pid as u32,
+                    ..Default::default()
+                },
+            );
+            return Ok(pid as u32);
+        }
+        if p.status() != Status::Created || p.pid() != 0 {
+            return Err(ShimError::FailedPrecondition(format!(
+                "exec {} already started",
+                p.exec_id
+            )));
+        }
+        if c.init.status() != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        let spec = p.spec.clone().unwrap_or_default();
+        let req = SpawnRequest {
+            kind: SpawnKind::Exec {
+                init_pid: c.init.pid(),
+                namespaces: c.namespaces.clone(),
+            },
+            process: spec,
+            terminal: p.io.terminal,
+        };
+        let me = self.clone();
+        let io = p.io.clone();
+        let id = c.id.clone();
+        let exec_id = p.exec_id.clone();
+        let cg = c.cgroup.clone();
+        let (pid, master, keeper) = blocking(move || {
+            let (pid, sync, master, keeper) =
+                me.spawn_blocking_setup(req, &io, &id, &exec_id, cg.as_ref(), None)?;
+            if let Err(e) = Service::release(&sync) {
+                me.unregister(pid);
+                // SAFETY: kill(2) has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return Err(e);
+            }
+            Ok((pid, master, keeper))
+        })
+        .await?;
+        {
+            let mut st = p.lock();
+            st.pid = pid;
+            if let Some(w) = keeper {
+                st.stdin_close = Some(stdio::copy_stdin(p.io.stdin.clone(), w));
+            }
+            if let Some(m) = master {
+                st.tty = Some(stdio::start_tty(m, &p.io)?);
+            }
+            if st.status == Status::Created {
+                st.status = Status::Running;
+            }
+        }
+        self.inner.events.send(
+            TASK_EXEC_STARTED_EVENT_TOPIC,
+            TaskExecStarted {
+                container_id: c.id.clone(),
+                exec_id: p.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            },
+        );
+        Ok(pid as u32)
+    }
+
+    async fn delete_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<DeleteResponse> {
+        if !p.exec_id.is_empty() {
+            if p.status() == Status::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "exec {} is still running",
+                    p.exec_id
+                )));
+            }
+            wait_tty(&p).await;
+            c.execs().remove(&p.exec_id);
+            let st = p.lock();
+            return Ok(DeleteResponse {
+                pid: st.pid as u32,
+                exit_status: st.exit_status,
+                exited_at: MessageField::from_option(st.exited_at.clone()),
+                ..Default::default()
+            });
+        }
+        match p.status() {
+            Status::Running => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} is running: kill it first",
+                    c.id
+                )))
+            }
+            Status::Created => {
+                let pid = p.pid();
+                if pid > 0 {
+                    // SAFETY: kill(2) has no memory effects.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), p.wait()).await;
+                }
+                if p.status() != Status::Stopped {
+                    self.unregister(pid);
+                    p.set_exited(128 + libc::SIGKILL);
+                }
+            }
+            Status::Stopped => {}
+        }
+        wait_tty(&p).await;
+        let c2 = c.clone();
+        blocking(move || {
+            if let Some(cg) = &c2.cgroup {
+                cg.destroy()?;
+            }
+            if c2.rootfs_mounted {
+                mounts::unmount_all(&c2.rootfs)?;
+            }
+            let _ = std::fs::remove_file(c2.bundle.join("init.pid"));
+            Ok(())
+        })
+        .await?;
+        self.containers().remove(&c.id);
+        let st = p.lock();
+        self.inner.events.send(
+            TASK_DELETE_EVENT_TOPIC,
+            TaskDelete {
+                container_id: c.id.clone(),
+                pid: st.pid as u32,
+                exit_status: st.exit_status,
+                exited_at: MessageField::from_option(st.exited_at.clone()),
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(DeleteResponse {
+            pid: st.pid as u32,
+            exit_status: st.exit_status,
+            exited_at: MessageField::from_option(st.exited_at.clone()),
+            ..Default::default()
+        })
+    }
+}
+
+async fn wait_tty(p: &Proc) {
+    let done = p.lock().tty.as_ref().map(|t| t.done.clone());
+    if let Some(d) = done {
+        stdio::wait_done(d, Duration::from_secs(5)).await;
+    }
+}
+
+type TResult<T> = ttrpc::Result<T>;
+
+#[async_trait]
+impl Task for Service {
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TResult<StateResponse> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let st = p.lock();
+        let status = match st.status {
+            Status::Created => api::Status::CREATED,
+            Status::Running if c.paused() => api::Status::PAUSED,
+            Status::Running => api::Status::RUNNING,
+            Status::Stopped => api::Status::STOPPED,
+        };
+        Ok(StateResponse {
+            id: if req.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: c.bundle.display().to_string(),
+            pid: st.pid as u32,
+            status: EnumOrUnknown::new(status),
+            stdin: p.io.stdin.clone(),
+            stdout: p.io.stdout.clone(),
+            stderr: p.io.stderr.clone(),
+            terminal: p.io.terminal,
+            exit_status: st.exit_status,
+            exited_at: MessageField::from_option(st.exited_at.clone()),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TResult<CreateTaskResponse> {
+        let pid = self.create_container(&req).await.map_err(|e| {
+            log::warn!("create {}: {e}", req.id);
+            e
+        })?;
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TResult<StartResponse> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let pid = self.start_process(c, p).await?;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TResult<DeleteResponse> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        Ok(self.delete_process(c, p).await?)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TResult<PidsResponse> {
+        let c = self.get(&req.id)?;
+        let pids = match &c.cgroup {
+            Some(cg) => cg.procs().unwrap_or_default(),
+            None => vec![c.init.pid()],
+        };
+        let execs: HashMap<i32, String> = c
+            .execs()
+            .values()
+            .map(|p| (p.pid(), p.exec_id.clone()))
+            .collect();
+        let processes = pids
+            .into_iter()
+            .map(|pid| {
+                let info = execs.get(&pid).and_then(|exec_id| {
+                    let d = containerd_shim_protos::shim::oci::ProcessDetails {
+                        exec_id: exec_id.clone(),
+                        ..Default::default()
+                    };
+                    Some(Any {
+                        type_url: "containerd.runc.v1.ProcessDetails".into(),
+                        value: d.write_to_bytes().ok()?,
+                        ..Default::default()
+                    })
+                });
+                ProcessInfo {
+                    pid: pid as u32,
+                    info: MessageField::from_option(info),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        if c.init.status() != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            ))
+            .into());
+        }
+        let cg = c
+            .cgroup
+            .clone()
+            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+        blocking(move || Ok(cg.freeze()?)).await?;
+        self.inner.events.send(
+            TASK_PAUSED_EVENT_TOPIC,
+            TaskPaused {
+                container_id: c.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        if !c.paused() {
+            return Err(
+                ShimError::FailedPrecondition(format!("container {} is not paused", c.id)).into(),
+            );
+        }
+        let cg = c
+            .cgroup
+            .clone()
+            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+        blocking(move || Ok(cg.thaw()?)).await?;
+        self.inner.events.send(
+            TASK_RESUMED_EVENT_TOPIC,
+            TaskResumed {
+                container_id: c.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> TResult<Empty> {
+        Err(ShimError::Unimplemented(
+            "checkpoint is not supported by Janus (no CRIU integration)".into(),
+        )
+        .into())
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        if req.all && req.exec_id.is_empty() {
+            if let Some(cg) = c.cgroup.clone() {
+                let sig = req.signal as i32;
+                blocking(move || Ok(cg.kill_all(sig)?)).await?;
+                return Ok(Empty::new());
+            }
+        }
+        let (status, pid) = {
+            let st = p.lock();
+            (st.status, st.pid)
+        };
+        match status {
+            Status::Stopped => {
+                return Err(ShimError::NotFound("process already finished".into()).into())
+            }
+            Status::Created if pid == 0 => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "exec {} is not started",
+                    p.exec_id
+                ))
+                .into())
+            }
+            _ => {}
+        }
+        signal_pid(pid, req.signal)?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        if req.exec_id.is_empty() {
+            return Err(ShimError::InvalidArgument("exec id is empty".into()).into());
+        }
+        if c.execs().contains_key(&req.exec_id) {
+            return Err(
+                ShimError::AlreadyExists(format!("exec {} already exists", req.exec_id)).into(),
+            );
+        }
+        if c.init.status() != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            ))
+            .into());
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let process: OciProcess = serde_json::from_slice(&spec)
+            .map_err(|e| ShimError::InvalidArgument(format!("exec process spec: {e}")))?;
+        rtspec::validate_process(&process, "exec process").map_err(ShimError::from)?;
+        let io = IoPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.execs().insert(
+            req.exec_id.clone(),
+            Proc::new(&req.exec_id, io, Some(process)),
+        );
+        self.inner.events.send(
+            TASK_EXEC_ADDED_EVENT_TOPIC,
+            TaskExecAdded {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let st = p.lock();
+        let tty = st
+            .tty
+            .as_ref()
+            .ok_or_else(|| ShimError::FailedPrecondition("process has no terminal".into()))?;
+        stdio::resize(&tty.master, req.width, req.height)?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        if req.stdin {
+            let mut st = p.lock();
+            st.stdin_close = None;
+            if let Some(t) = st.tty.as_mut().and_then(|t| t.stdin_task.take()) {
+                t.abort();
+            }
+        }
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TResult<Empty> {
+        let c = self.get(&req.id)?;
+        let raw = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let res: LinuxResources = serde_json::from_slice(&raw)
+            .map_err(|e| ShimError::InvalidArgument(format!("update resources: {e}")))?;
+        let cg = c
+            .cgroup
+            .clone()
+            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+        blocking(move || Ok(cg.apply(&res, true)?)).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TResult<WaitResponse> {
+        let c = self.get(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        p.wait().await;
+        let st = p.lock();
+        Ok(WaitResponse {
+            exit_status: st.exit_status,
+            exited_at: MessageField::from_option(st.exited_at.clone()),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TResult<StatsResponse> {
+        let c = self.get(&req.id)?;
+        let cg = c
+            .cgroup
+            .clone()
+            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+        let any = blocking(move || {
+            let s = cg.stats()?;
+            metrics::to_any(cg.mode(), &s)
+        })
+        .await?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TResult<ConnectResponse> {
+        let task_pid = self.get(&req.id).map(|c| c.init.pid() as u32).unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TResult<Empty> {
+        if self.containers().is_empty() {
+            self.inner.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+}
+
+/// Cleanup for `containerd-shim-janus-v2 delete`, run in the bundle directory after the
+/// shim is gone: kill what is left, remove the cgroup, unmount the rootfs. Idempotent.
+pub fn cleanup_bundle(bundle: &Path, id: &str) -> (u32, u32) {
+    let pid: i32 = std::fs::read_to_string(bundle.join("init.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Ok(spec) = rtspec::load(bundle) {
+        let path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if let Ok(rel) = cgroups::normalize_path(&path, id) {
+            if let Ok(cg) = Cgroup::new(&rel) {
+                if cg.exists() {
+                    let _ = cg.destroy();
+                }
+            }
+        }
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_default();
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        let _ = mounts::unmount_all(&rootfs);
+    } else {
+        let _ = mounts::unmount_all(&bundle.join("rootfs"));
+    }
+    let _ = std::fs::remove_file(bundle.join("init.pid"));
+    (pid.max(0) as u32, 128 + libc::SIGKILL as u32)
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<Service>();
+    let _ = now;
+}

@@ -1,0 +1,510 @@
+//! Process stdio: containerd FIFOs, `binary://` log drivers, `file://` URIs and terminals.
+//!
+//! Without a terminal the process gets the FIFO (or file, or log-driver pipe) descriptors
+//! themselves: its output goes to containerd without a copy through the shim. Only stdin
+//! keeps a second writer in the shim, so the process sees EOF exactly when containerd
+//! calls CloseIO. With a terminal the shim copies between the pty master and the FIFOs.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio as PStdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::error::{Result, ShimError};
+
+#[derive(Debug, Clone, Default)]
+pub struct IoPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// Descriptors prepared for a new process.
+pub struct Prepared {
+    /// stdin, stdout, stderr for the process (empty with a terminal).
+    pub child: Vec<OwnedFd>,
+    /// Write end of the process's stdin pipe, fed from the stdin FIFO by `copy_stdin`.
+    pub stdin_pipe: Option<OwnedFd>,
+}
+
+enum Target {
+    Null,
+    Fifo(String),
+    File(String),
+    Binary { path: String, args: Vec<String> },
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_target(uri: &str) -> Result<Target> {
+    if uri.is_empty() {
+        return Ok(Target::Null);
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Ok(Target::Fifo(uri.to_string()));
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // binary:///abs/path has an empty host; binary://host/path is not meaningful here.
+    if !path.starts_with('/') {
+        return Err(ShimError::InvalidArgument(format!(
+            "stdio URI {uri:?}: path must be absolute"
+        )));
+    }
+    let path = percent_decode(path);
+    match scheme {
+        "fifo" => Ok(Target::Fifo(path)),
+        "file" => Ok(Target::File(path)),
+        "binary" => {
+            let mut args = Vec::new();
+            for kv in query.split('&').filter(|s| !s.is_empty()) {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                args.push(percent_decode(k));
+                if !v.is_empty() {
+                    args.push(percent_decode(v));
+                }
+            }
+            Ok(Target::Binary { path, args })
+        }
+        other => Err(ShimError::InvalidArgument(format!(
+            "stdio URI {uri:?}: unsupported scheme {other:?} (fifo path, binary:// or file://)"
+        ))),
+    }
+}
+
+fn io_err(what: &str, path: &str, e: std::io::Error) -> ShimError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ShimError::InvalidArgument(format!("{what} {path}: {e}"))
+    } else {
+        ShimError::Internal(format!("{what} {path}: {e}"))
+    }
+}
+
+fn open_null() -> Result<OwnedFd> {
+    Ok(OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| io_err("open", "/dev/null", e))?
+        .into())
+}
+
+/// Opens a FIFO for writing without blocking on a reader: O_RDWR never waits.
+fn open_out_fifo(path: &str) -> Result<OwnedFd> {
+    Ok(OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err("open stdio fifo", path, e))?
+        .into())
+}
+
+fn open_file(path: &str) -> Result<OwnedFd> {
+    if let Some(parent) = Path::new(path).parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| io_err("create", &parent.display().to_string(), e))?;
+    }
+    Ok(OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| io_err("open log file", path, e))?
+        .into())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ShimError::Internal(format!("pipe: {e}")))
+}
+
+/// Starts a containerd logging binary: fd 3 = stdout, fd 4 = stderr, fd 5 = "ready" pipe
+/// the driver closes once it is set up. Returns the write ends for the process.
+fn start_binary(path: &str, args: &[String], ns: &str, id: &str) -> Result<(OwnedFd, OwnedFd)> {
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
+    let mut cmd = Command::new(path);
+    cmd.args(args)
+        .env("CONTAINER_ID", id)
+        .env("CONTAINER_NAMESPACE", ns)
+        .stdin(PStdio::null())
+        .stdout(PStdio::null())
+        .stderr(PStdio::null());
+    // SAFETY: only async-signal-safe dup2 calls run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the sources out of the way first so dup2 cannot clobber one with another.
+            let mut hi = [0; 3];
+            for (i, fd) in fds.iter().enumerate() {
+                hi[i] = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                if hi[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in hi.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    // The log driver is reaped by the shim's reaper like any other child.
+    cmd.spawn()
+        .map_err(|e| io_err("start logging binary", path, e))?;
+    drop((out_r, err_r, ready_w));
+    // Wait (bounded) until the driver closes its ready pipe.
+    let mut f = File::from(ready_r);
+    let fd = f.as_raw_fd();
+    let mut pfd = [nix::poll::PollFd::new(
+        // SAFETY: fd belongs to `f`, alive for this call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)).unwrap_or(0);
+    if ready == 0 {
+        return Err(ShimError::Internal(format!(
+            "logging binary {path} did not signal readiness within 10s"
+        )));
+    }
+    let mut b = [0u8; 1];
+    let _ = std::io::Read::read(&mut f, &mut b);
+    Ok((out_w, err_w))
+}
+
+/// Opens everything a process needs. Blocking (waits for a log driver): call from a
+/// blocking context.
+pub fn prepare(io: &IoPaths, ns: &str, id: &str) -> Result<Prepared> {
+    let mut stdin_pipe = None;
+    if io.terminal {
+        return Ok(Prepared {
+            child: Vec::new(),
+            stdin_pipe,
+        });
+    }
+    let stdin = if io.stdin.is_empty() {
+        open_null()?
+    } else {
+        // The FIFO is copied into a pipe: the process sees EOF when containerd's writer
+        // closes or on CloseIO, whichever comes first, and never before the writer opened.
+        let (r, w) = pipe()?;
+        stdin_pipe = Some(w);
+        r
+    };
+    let out_t = parse_target(&io.stdout)?;
+    let err_t = parse_target(&io.stderr)?;
+    let (stdout, stderr) = match (&out_t, &err_t) {
+        (Target::Binary { path, args }, _) => start_binary(path, args, ns, id)?,
+        (Target::File(p), Target::File(q)) if p == q => {
+            let f = open_file(p)?;
+            let g = f.try_clone().map_err(|e| io_err("dup", p, e))?;
+            (f, g)
+        }
+        _ => (open_target(&out_t)?, open_target(&err_t)?),
+    };
+    Ok(Prepared {
+        child: vec![stdin, stdout, stderr],
+        stdin_pipe,
+    })
+}
+
+fn open_target(t: &Target) -> Result<OwnedFd> {
+    match t {
+        Target::Null => open_null(),
+        Target::Fifo(p) => open_out_fifo(p),
+        Target::File(p) => open_file(p),
+        Target::Binary { .. } => Err(ShimError::InvalidArgument(
+            "binary:// must be given for stdout".into(),
+        )),
+    }
+}
+
+/// Copies the stdin FIFO into the process's stdin pipe until EOF, or until the returned
+/// sender is used or dropped (CloseIO, process exit).
+pub fn copy_stdin(path: String, pipe_w: OwnedFd) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let p = path.clone();
+        // Opening a FIFO for reading blocks until a writer appears: that is the point.
+        let mut open = tokio::task::spawn_blocking(move || {
+            OpenOptions::new().read(true).open(&p).map(OwnedFd::from)
+        });
+        let reader = tokio::select! {
+            r = &mut open => r,
+            _ = &mut rx => {
+                // Unblock the pending open so its thread ends too.
+                let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path);
+                return;
+            }
+        };
+        let Ok(Ok(reader)) = reader else { return };
+        set_nonblocking(&reader);
+        set_nonblocking(&pipe_w);
+        // SAFETY: both are OwnedFds moved into their AsyncFd: open and unchanged while it lives.
+        let (Ok(reader), Ok(writer)) = (unsafe { AsyncFd::register(reader) }, unsafe {
+            AsyncFd::register(pipe_w)
+        }) else {
+            return;
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = tokio::select! {
+                r = read_fd(&reader, &mut buf) => r,
+                _ = &mut rx => break,
+            };
+            match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tokio::select! {
+                        r = write_fd(&writer, &buf[..n]) => if r.is_err() { break },
+                        _ = &mut rx => break,
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// A running terminal copy: the master (for resizes) and completion.
+pub struct Tty {
+    pub master: Arc<OwnedFd>,
+    pub done: watch::Receiver<bool>,
+    pub stdin_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl flag changes on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+async fn read_fd(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        let mut g = afd.readable().await?;
+        match g.try_io(|inner| {
+            // SAFETY: reading into a live buffer of the given length.
+            let n = unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(r) => return r,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn write_fd(afd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let mut g = afd.writable().await?;
+        match g.try_io(|inner| {
+            // SAFETY: writing from a live buffer of the given length.
+            let n = unsafe { libc::write(inner.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Starts copying between a pty master and the stdio FIFOs.
+pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| ShimError::Internal(format!("dup pty master: {e}")))
+    };
+    let reader = dup(&master)?;
+    let writer = dup(&master)?;
+    set_nonblocking(&reader);
+    let master = Arc::new(master);
+    let (tx, rx) = watch::channel(false);
+    let out_path = io.stdout.clone();
+    // SAFETY: `reader` is an OwnedFd moved into the AsyncFd, so it stays open and the same.
+    let reader = unsafe { AsyncFd::register(reader) }
+        .map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+    tokio::spawn(async move {
+        let mut out = if out_path.is_empty() {
+            None
+        } else {
+            tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(&out_path)
+                .ok()
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match read_fd(&reader, &mut buf).await {
+                Ok(0) | Err(_) => break, // EIO once the last slave fd closes
+                Ok(n) => {
+                    if let Some(o) = out.as_mut() {
+                        if o.write_all(&buf[..n]).await.is_err() {
+                            out = None;
+                        }
+                    }
+                }
+            }
+        }
+        drop(out);
+        let _ = tx.send(true);
+    });
+    let stdin_task = if io.stdin.is_empty() {
+        None
+    } else {
+        let in_path = io.stdin.clone();
+        // SAFETY: `writer` is an OwnedFd moved into the AsyncFd, so it stays open and the same.
+        let writer = unsafe { AsyncFd::register(writer) }
+            .map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+        Some(tokio::spawn(async move {
+            let Ok(mut inp) = tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&in_path)
+            else {
+                return;
+            };
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match inp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if write_fd(&writer, &buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }))
+    };
+    Ok(Tty {
+        master,
+        done: rx,
+        stdin_task,
+    })
+}
+
+/// Waits (bounded) until a terminal copy has drained.
+pub async fn wait_done(mut done: watch::Receiver<bool>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+}
+
+pub fn resize(master: &OwnedFd, width: u32, height: u32) -> Result<()> {
+    let ws = libc::winsize {
+        ws_row: height as u16,
+        ws_col: width as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the winsize struct we pass.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(ShimError::Internal(format!(
+            "resize pty: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        assert!(matches!(parse_target("").unwrap(), Target::Null));
+        assert!(
+            matches!(parse_target("/run/x/stdout").unwrap(), Target::Fifo(p) if p == "/run/x/stdout")
+        );
+        assert!(
+            matches!(parse_target("file:///var/log/a%20b.log").unwrap(), Target::File(p) if p == "/var/log/a b.log")
+        );
+        match parse_target("binary:///usr/bin/logger?id=1&flag").unwrap() {
+            Target::Binary { path, args } => {
+                assert_eq!(path, "/usr/bin/logger");
+                assert_eq!(args, vec!["id", "1", "flag"]);
+            }
+            _ => panic!(),
+        }
+        assert!(parse_target("http://x/y").is_err());
+        assert!(parse_target("file://relative").is_err());
+    }
+
+    #[test]
+    fn file_uri_gets_both_streams() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("logs/out.log");
+        let io = IoPaths {
+            stdout: format!("file://{}", p.display()),
+            stderr: format!("file://{}", p.display()),
+            ..Default::default()
+        };
+        let prep = prepare(&io, "ns", "id").unwrap();
+        assert_eq!(prep.child.len(), 3);
+        let mut f = File::from(prep.child[1].try_clone().unwrap());
+        std::io::Write::write_all(&mut f, b"hello\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "hello\n");
+    }
+
+    #[tokio::test]
+    async fn stdin_fifo_copied_until_writer_closes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("stdin");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let io = IoPaths {
+            stdin: p.display().to_string(),
+            ..Default::default()
+        };
+        let mut prep = prepare(&io, "ns", "id").unwrap();
+        let rd = prep.child.remove(0);
+        let _keep = copy_stdin(io.stdin.clone(), prep.stdin_pipe.take().unwrap());
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            let mut w = OpenOptions::new().write(true).open(&p2).unwrap();
+            std::io::Write::write_all(&mut w, b"xyz").unwrap();
+        });
+        let s = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut File::from(rd), &mut s).unwrap();
+            s
+        })
+        .await
+        .unwrap();
+        assert_eq!(s, "xyz");
+    }
+}
