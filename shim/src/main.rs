@@ -220,6 +220,29 @@ fn main() {
         return;
     }
     let action = args.last().map(String::as_str).unwrap_or("");
+    if args.iter().any(|a| a == "-info" || a == "--info") {
+        // containerd 2.x asks for runtime info; answer with name and version.
+        let info = containerd_shim_protos::types::introspection::RuntimeInfo {
+            name: RUNTIME_ID.to_string(),
+            version: MessageField::some(
+                containerd_shim_protos::types::introspection::RuntimeVersion {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        };
+        match info.write_to_bytes() {
+            Ok(b) => {
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), &b);
+                return;
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-janus-v2 -info: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if action == "start" {
         let res = containerd_shim::parse(&args[1..])
             .map_err(anyhow::Error::from)
@@ -236,24 +259,6 @@ fn main() {
             }
         }
     }
-    let serving = !matches!(action, "start" | "delete") && !args.iter().any(|a| a == "-info");
-    if serving {
-        // SAFETY: no other thread exists yet: the async runtime starts below.
-        match unsafe { runtime::linux::zygote::Zygote::start() } {
-            Ok(z) => {
-                let _ = ZYGOTE.set(z);
-            }
-            Err(e) => {
-                eprintln!("containerd-shim-janus-v2: start zygote: {e}");
-                std::process::exit(1);
-            }
-        }
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(8)
-        .build()
-        .expect("tokio runtime");
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
         Err(e) => {
@@ -277,6 +282,34 @@ fn main() {
         eprintln!("containerd-shim-janus-v2: -socket is required to serve");
         std::process::exit(2);
     }
+    // One malloc arena: the shim is mostly idle and small; per-thread arenas only add RSS.
+    // SAFETY: mallopt only tunes the allocator; called before other threads exist.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    {
+        // SAFETY: no other thread exists yet: the async runtime starts below.
+        match unsafe { runtime::linux::zygote::Zygote::start() } {
+            Ok(z) => {
+                let _ = ZYGOTE.set(z);
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-janus-v2: start zygote: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .thread_stack_size(256 * 1024)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("containerd-shim-janus-v2: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
     if let Err(e) = rt.block_on(serve(flags)) {
         log::error!("{e:#}");
         eprintln!("containerd-shim-janus-v2: {e:#}");

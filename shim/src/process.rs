@@ -93,7 +93,8 @@ impl Proc {
         st.sync = None;
         st.stdin_close = None;
         drop(st);
-        let _ = self.exited.send(true);
+        // send_replace stores the value even when nobody waits yet; send() would drop it.
+        self.exited.send_replace(true);
         true
     }
 

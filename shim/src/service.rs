@@ -51,6 +51,8 @@ pub struct Container {
     pub own_pidns: bool,
     pub init: Arc<Proc>,
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// OOM kills already reported (shared with the OOM watcher thread).
+    pub oom_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Container {
@@ -178,6 +180,23 @@ impl Service {
             return;
         }
         let is_init = p.exec_id.is_empty();
+        if is_init {
+            // An OOM kill the watcher thread has not reported yet must still reach
+            // containerd, and before the exit (CRI derives the OOMKilled reason from it).
+            if let (Some(cg), Some(seen)) = (&c.cgroup, &c.oom_seen) {
+                if let Some(k) = cg.oom_kill_count() {
+                    if cgroups::claim(seen, k) {
+                        self.inner.events.send(
+                            TASK_OOM_EVENT_TOPIC,
+                            TaskOOM {
+                                container_id: c.id.clone(),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+            }
+        }
         if is_init && !c.own_pidns {
             // Without its own pid namespace nothing reaps the container's other processes
             // when init dies: do what the kernel would.
@@ -486,9 +505,9 @@ impl Service {
             cgroup: Some(cgroup.clone()),
             init,
             execs: Mutex::new(HashMap::new()),
+            oom_seen: self.watch_oom(&req.id, &cgroup),
         });
         self.containers().insert(req.id.clone(), c);
-        self.watch_oom(&req.id, &cgroup);
         self.inner.events.send(
             TASK_CREATE_EVENT_TOPIC,
             TaskCreate {
@@ -511,14 +530,15 @@ impl Service {
         Ok(pid as u32)
     }
 
-    fn watch_oom(&self, id: &str, cg: &Cgroup) {
+    fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<Arc<std::sync::atomic::AtomicU64>> {
         let mut w = match cg.oom_watcher() {
             Ok(w) => w,
             Err(e) => {
                 log::warn!("no OOM events for {id}: {e}");
-                return;
+                return None;
             }
         };
+        let seen = w.counter();
         let events = self.inner.events.clone();
         let id = id.to_string();
         let _ = std::thread::Builder::new()
@@ -535,6 +555,7 @@ impl Service {
                     );
                 }
             });
+        Some(seen)
     }
 
     async fn start_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<u32> {

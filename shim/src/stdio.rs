@@ -383,7 +383,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
             }
         }
         drop(out);
-        let _ = tx.send(true);
+        tx.send_replace(true);
     });
     let stdin_task = if io.stdin.is_empty() {
         None

@@ -8,6 +8,8 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
@@ -713,6 +715,21 @@ impl Cgroup {
         Ok(s)
     }
 
+    /// The cgroup's OOM-kill counter, if the kernel keeps one.
+    pub fn oom_kill_count(&self) -> Option<u64> {
+        match self {
+            Cgroup::V1 { .. } => {
+                let d = self.v1("memory")?;
+                parse_kv(&read(d, "memory.oom_control")?)
+                    .get("oom_kill")
+                    .copied()
+            }
+            Cgroup::V2 { dir, .. } => parse_kv(&read(dir, "memory.events")?)
+                .get("oom_kill")
+                .copied(),
+        }
+    }
+
     /// Starts watching for OOM kills. Returns a blocking watcher; each `wait()` returns when
     /// the cgroup saw a new OOM kill, `false` once the cgroup is gone.
     pub fn oom_watcher(&self) -> Result<OomWatcher> {
@@ -740,32 +757,47 @@ impl Cgroup {
                     efd,
                     _oc: oc,
                     dir,
-                    seen: 0,
+                    seen: Arc::new(AtomicU64::new(0)),
                 })
             }
             Cgroup::V2 { dir, .. } => Ok(OomWatcher::V2 {
                 dir: dir.clone(),
-                seen: 0,
+                seen: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
 }
 
 /// Blocking OOM watcher, run on its own thread by the shim.
+///
+/// `seen` is the count of OOM kills already reported. It is shared so that the exit path can
+/// report a kill the watcher has not got to yet (the cgroup may be gone by then): whoever
+/// raises it with `claim` reports the event, so each kill is reported once.
 pub enum OomWatcher {
     V1 {
         efd: OwnedFd,
         _oc: fs::File,
         dir: PathBuf,
-        seen: u64,
+        seen: Arc<AtomicU64>,
     },
     V2 {
         dir: PathBuf,
-        seen: u64,
+        seen: Arc<AtomicU64>,
     },
 }
 
+/// Raises the reported count to `count`; true if that reports new kills.
+pub fn claim(seen: &AtomicU64, count: u64) -> bool {
+    seen.fetch_max(count, Ordering::SeqCst) < count
+}
+
 impl OomWatcher {
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        match self {
+            OomWatcher::V1 { seen, .. } | OomWatcher::V2 { seen, .. } => seen.clone(),
+        }
+    }
+
     /// Blocks until a new OOM kill (true) or until the cgroup is removed (false).
     pub fn wait(&mut self) -> bool {
         match self {
@@ -786,10 +818,7 @@ impl OomWatcher {
                 match kills {
                     // Kernels without the counter: every notification is an OOM.
                     None => return true,
-                    Some(k) if k > *seen => {
-                        *seen = k;
-                        return true;
-                    }
+                    Some(k) if claim(seen, k) => return true,
                     _ => {}
                 }
             },
@@ -801,8 +830,7 @@ impl OomWatcher {
                     None => return false,
                 };
                 let k = events.get("oom_kill").copied().unwrap_or(0);
-                if k > *seen {
-                    *seen = k;
+                if claim(seen, k) {
                     return true;
                 }
                 if !wait_modified(&dir.join("memory.events")) {
@@ -1016,6 +1044,15 @@ mod tests {
     }
 
     #[test]
+    fn oom_claims_once() {
+        let seen = AtomicU64::new(0);
+        assert!(claim(&seen, 1));
+        assert!(!claim(&seen, 1));
+        assert!(claim(&seen, 3));
+        assert!(!claim(&seen, 2));
+    }
+
+    #[test]
     fn kv_parsing() {
         let m = parse_kv("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n");
         assert_eq!(m["oom_kill"], 2);
@@ -1081,7 +1118,7 @@ mod tests {
         fs::write(d.join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
         let mut w = OomWatcher::V2 {
             dir: d.clone(),
-            seen: 0,
+            seen: Arc::new(AtomicU64::new(0)),
         };
         assert!(w.wait());
         let d2 = d.clone();

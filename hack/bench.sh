@@ -1,0 +1,102 @@
+#!/bin/bash
+# Janus vs the containerd runc shim, in one run, on one private containerd.
+#
+#   hack/bench.sh [-n N]      (N = samples per runtime, default 20)
+#
+# Measures, alternating the two runtimes so drift hits both alike:
+#   1. `ctr run --rm IMAGE ID /bin/true` wall time (median) and the ratio Janus/runc
+#   2. shim CPU time per container lifecycle: containerd's reaped-children CPU
+#      (cutime+cstime: shim start, server, delete, and for runc the runc binary) per run
+#   3. shim PSS with one running container (Janus: shim + zygote; runc: shim)
+#   4. 20 containers started one after another (`ctr run -d`), total wall time
+# Targets (not asserted): latency <= 0.6x runc, shim CPU <= 5 ms, shim PSS <= 2.5 MiB.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/lib.sh"
+need_root
+
+N=20
+[ "${1:-}" = "-n" ] && N="$2"
+
+ensure_base_deps
+ensure_rust
+(cd "$REPO_ROOT" && cargo build --release -p shim >&2)
+SHIM="$REPO_ROOT/target/release/containerd-shim-janus-v2"
+TAR="$(janus_image_tar)"
+"$HERE/build-image.sh" "$TAR" >&2
+
+DIR="$(mktemp -d /tmp/janus-bench.XXXXXX)"
+cleanup() { containerd_stop "$DIR" || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+containerd_start "$DIR" "$SHIM"
+IMG="$JANUS_TEST_IMAGE"
+c() { timeout 60 ctr --address "$DIR/containerd.sock" -n bench "$@"; }
+c images import --base-name "${IMG%:*}" "$TAR" >/dev/null
+CPID="$(cat "$DIR/containerd.pid")"
+HZ="$(getconf CLK_TCK)"
+
+now_ns() { date +%s%N; }
+children_ticks() { awk '{print $16 + $17}' "/proc/$CPID/stat"; }
+median() { sort -n | awk '{a[NR]=$1} END{if (NR==0) {print 0} else if (NR%2) {print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
+runtime_flag() { [ "$1" = janus ] && echo "--runtime io.containerd.janus.v2" || echo "--runtime io.containerd.runc.v2"; }
+
+declare -A LAT CPU
+for rt in janus runc; do LAT[$rt]=""; CPU[$rt]=0; done
+# warm up both (page cache, first shim start)
+for rt in janus runc; do c run --rm $(runtime_flag $rt) "$IMG" "warm-$rt" /bin/true; done
+
+log "latency + CPU: $N runs each, alternating"
+for i in $(seq 1 "$N"); do
+	for rt in janus runc; do
+		t0="$(children_ticks)"
+		s="$(now_ns)"
+		c run --rm $(runtime_flag $rt) "$IMG" "lat-$rt-$i" /bin/true
+		e="$(now_ns)"
+		sleep 0.05 # let containerd reap the shim so its CPU is counted
+		t1="$(children_ticks)"
+		LAT[$rt]+="$(( (e - s) / 1000 )) "
+		CPU[$rt]=$(( ${CPU[$rt]} + t1 - t0 ))
+	done
+done
+lat_j="$(echo ${LAT[janus]} | tr ' ' '\n' | median)"
+lat_r="$(echo ${LAT[runc]} | tr ' ' '\n' | median)"
+cpu_j="$(awk -v t="${CPU[janus]}" -v n="$N" -v hz="$HZ" 'BEGIN{printf "%.1f", t*1000/hz/n}')"
+cpu_r="$(awk -v t="${CPU[runc]}" -v n="$N" -v hz="$HZ" 'BEGIN{printf "%.1f", t*1000/hz/n}')"
+
+pss_of() { local s=0 p v; for p in "$@"; do v="$(awk '/^Pss:/{print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)"; s=$((s + v)); done; echo "$s"; }
+threads_of() { local s=0 p; for p in "$@"; do s=$((s + $(ls "/proc/$p/task" | wc -l))); done; echo "$s"; }
+log "PSS with one running container"
+c run -d --runtime io.containerd.janus.v2 "$IMG" pss-janus sleep 1000 >/dev/null
+c run -d --runtime io.containerd.runc.v2 "$IMG" pss-runc sleep 1000 >/dev/null
+sleep 3 # idle state: blocking threads retired
+JP=$(pgrep -f "containerd-shim-janus-v2 .*-id pss-janus" | tr '\n' ' ')
+RP=$(pgrep -f "containerd-shim-runc-v2 .*-id pss-runc" | tr '\n' ' ')
+pss_j="$(pss_of $JP)"; pss_r="$(pss_of $RP)"
+thr_j="$(threads_of $JP)"; thr_r="$(threads_of $RP)"
+for id in pss-janus pss-runc; do c task kill -s SIGKILL "$id" >/dev/null 2>&1 || true; done
+sleep 0.3
+for id in pss-janus pss-runc; do c task rm -f "$id" >/dev/null 2>&1 || true; c containers rm "$id" >/dev/null 2>&1 || true; done
+
+log "20 containers started one after another"
+seq20() {
+	local rt="$1" s e i
+	s="$(now_ns)"
+	for i in $(seq 1 20); do c run -d $(runtime_flag "$rt") "$IMG" "s20-$rt-$i" sleep 1000 >/dev/null; done
+	e="$(now_ns)"
+	for i in $(seq 1 20); do c task kill -s SIGKILL "s20-$rt-$i" >/dev/null 2>&1 || true; done
+	sleep 0.5
+	for i in $(seq 1 20); do c task rm -f "s20-$rt-$i" >/dev/null 2>&1 || true; c containers rm "s20-$rt-$i" >/dev/null 2>&1 || true; done
+	echo $(( (e - s) / 1000000 ))
+}
+s20_j="$(seq20 janus)"; s20_r="$(seq20 runc)"
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "n/a"}'; }
+echo
+echo "== Janus vs runc shim (containerd $(containerd --version | awk '{print $3}'), N=$N) =="
+printf '%-44s %12s %12s %8s\n' metric janus runc ratio
+printf '%-44s %12s %12s %8s\n' "ctr run --rm /bin/true, median (ms)" "$(awk -v v="$lat_j" 'BEGIN{printf "%.1f", v/1000}')" "$(awk -v v="$lat_r" 'BEGIN{printf "%.1f", v/1000}')" "$(ratio "$lat_j" "$lat_r")"
+printf '%-44s %12s %12s %8s\n' "shim CPU per lifecycle (ms)" "$cpu_j" "$cpu_r" "$(ratio "$cpu_j" "$cpu_r")"
+printf '%-44s %12s %12s %8s\n' "shim PSS, one container (KiB)" "$pss_j" "$pss_r" "$(ratio "$pss_j" "$pss_r")"
+printf '%-44s %12s %12s %8s\n' "shim threads, one container" "$thr_j" "$thr_r" "$(ratio "$thr_j" "$thr_r")"
+printf '%-44s %12s %12s %8s\n' "20 containers started sequentially (ms)" "$s20_j" "$s20_r" "$(ratio "$s20_j" "$s20_r")"
+echo "targets: latency ratio <= 0.60, shim CPU <= 5 ms, shim PSS <= 2560 KiB"

@@ -1,0 +1,218 @@
+# shellcheck shell=bash
+# Shared helpers for the hack/ scripts. Source it: . "$(dirname "$0")/lib.sh"
+#
+# Provides:
+#   log/die               messages on stderr
+#   need_root             fail unless running as root
+#   ensure_apt PKG...     apt-get install the packages that are not installed yet
+#                         (apt-get update at most once per script run)
+#   ensure_base_deps      the packages every script needs (containerd, runc, busybox-static...)
+#   ensure_rust           fail clearly when cargo is missing
+#   containerd_write_config DIR
+#                         write DIR/config.toml for a private containerd rooted in DIR
+#   containerd_start DIR SHIM_BIN
+#                         start a private containerd (own root, state, socket, config) in DIR,
+#                         with SHIM_BIN linked as containerd-shim-janus-v2 first on its PATH
+#   containerd_stop DIR   stop it (by the PID it recorded) and its leftover shims
+#   containerd_rm_ns_cgroups NS
+#                         remove empty cgroup dirs of containerd namespace NS
+#   ctr_private DIR ARGS  run ctr against it
+#   janus_image_tar       where build-image.sh caches the busybox image
+
+HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+JANUS_TEST_IMAGE="${JANUS_TEST_IMAGE:-janus.test/busybox:latest}"
+
+# quote_args ARGS...: print the arguments as a shell would need them typed (single quotes).
+quote_args() {
+	local a out=()
+	for a in "$@"; do
+		if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+			out+=("$a")
+		else
+			out+=("'${a//\'/\'\\\'\'}'")
+		fi
+	done
+	echo "${out[*]}"
+}
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need_root() {
+	[ "$(id -u)" -eq 0 ] || die "must run as root (containerd, mounts, cgroups)"
+}
+
+_APT_UPDATED=0
+ensure_apt() {
+	local missing=() p
+	for p in "$@"; do
+		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+			missing+=("$p")
+		fi
+	done
+	[ "${#missing[@]}" -eq 0 ] && return 0
+	command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get"
+	if [ "$_APT_UPDATED" -eq 0 ]; then
+		log "apt-get update"
+		apt-get update -q >&2 || die "apt-get update failed"
+		_APT_UPDATED=1
+	fi
+	log "apt-get install ${missing[*]}"
+	apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+		die "apt-get install ${missing[*]} failed"
+}
+
+# Packages needed to build images and run containers.
+ensure_base_deps() {
+	ensure_apt containerd runc busybox-static umoci skopeo jq iproute2 \
+		containernetworking-plugins util-linux tar coreutils gzip
+}
+
+# Packages needed to build the workspace.
+ensure_build_deps() {
+	ensure_apt protobuf-compiler pkg-config build-essential
+}
+
+ensure_rust() {
+	if ! command -v cargo >/dev/null; then
+		if [ -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
+			export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+		else
+			die "cargo not found: install a Rust toolchain (rustup or Debian's cargo) first"
+		fi
+	fi
+}
+
+janus_image_tar() {
+	echo "${JANUS_TEST_IMAGE_TAR:-$REPO_ROOT/target/janus-test/busybox.tar}"
+}
+
+# Locate the shim binary: $JANUS_SHIM, else target/release, else target/debug.
+janus_shim_bin() {
+	local t="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+	if [ -n "${JANUS_SHIM:-}" ]; then
+		echo "$JANUS_SHIM"
+	elif [ -x "$t/release/containerd-shim-janus-v2" ]; then
+		echo "$t/release/containerd-shim-janus-v2"
+	elif [ -x "$t/debug/containerd-shim-janus-v2" ]; then
+		echo "$t/debug/containerd-shim-janus-v2"
+	else
+		return 1
+	fi
+}
+
+# containerd_write_config DIR: version 2 config for a private containerd in DIR.
+containerd_write_config() {
+	local dir="$1"
+	mkdir -p "$dir/root" "$dir/state" "$dir/bin"
+	cat >"$dir/config.toml" <<EOF
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+oom_score = 0
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+]
+
+[grpc]
+  address = "$dir/containerd.sock"
+
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+
+[debug]
+  address = "$dir/debug.sock"
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+
+# ctr's --runtime goes straight to the v2 task manager, which runs containerd-shim-<name>-v2
+# from containerd's PATH ($dir/bin first): no per-runtime tables needed without CRI.
+[plugins."io.containerd.runtime.v2.task"]
+  platforms = ["linux/amd64"]
+EOF
+}
+
+# containerd_start DIR SHIM_BIN: start containerd in the background, wait for its socket.
+containerd_start() {
+	local dir="$1" shim="$2" i
+	containerd_write_config "$dir"
+	ln -sfn "$shim" "$dir/bin/containerd-shim-janus-v2"
+	ln -sfn "$shim" "$dir/bin/containerd-shim-janus-vm-v2"
+	if [ -f "$dir/containerd.pid" ] && kill -0 "$(cat "$dir/containerd.pid")" 2>/dev/null; then
+		log "containerd already running in $dir (pid $(cat "$dir/containerd.pid")), stopping it first"
+		containerd_stop "$dir"
+	fi
+	rm -f "$dir/containerd.sock" "$dir/containerd.sock.ttrpc" "$dir/debug.sock"
+	PATH="$dir/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+		setsid /usr/bin/containerd --config "$dir/config.toml" \
+		>"$dir/containerd.log" 2>&1 </dev/null &
+	echo $! >"$dir/containerd.pid"
+	for i in $(seq 1 200); do
+		if ctr --address "$dir/containerd.sock" version >/dev/null 2>&1; then
+			return 0
+		fi
+		kill -0 "$(cat "$dir/containerd.pid")" 2>/dev/null || {
+			tail -n 30 "$dir/containerd.log" >&2
+			die "containerd exited during startup (log: $dir/containerd.log)"
+		}
+		sleep 0.05
+	done
+	tail -n 30 "$dir/containerd.log" >&2
+	die "containerd did not answer on $dir/containerd.sock within 10s"
+}
+
+# Kill shims whose command line names this containerd's socket or state dir.
+_kill_private_shims() {
+	local dir="$1" p cmd
+	for p in /proc/[0-9]*; do
+		cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+		case "$cmd" in
+		*containerd-shim*"$dir/"*) kill -9 "${p#/proc/}" 2>/dev/null || true ;;
+		esac
+	done
+}
+
+containerd_stop() {
+	local dir="$1" pid i
+	if [ -f "$dir/containerd.pid" ]; then
+		pid="$(cat "$dir/containerd.pid")"
+		if kill -0 "$pid" 2>/dev/null; then
+			kill -TERM "$pid" 2>/dev/null || true
+			for i in $(seq 1 100); do
+				kill -0 "$pid" 2>/dev/null || break
+				sleep 0.05
+			done
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+		rm -f "$dir/containerd.pid"
+	fi
+	_kill_private_shims "$dir"
+}
+
+# containerd_rm_ns_cgroups NS: remove the (empty) per-namespace cgroup parents that runc and
+# Janus leave under /sys/fs/cgroup/<ctrl>/NS.
+containerd_rm_ns_cgroups() {
+	local ns="$1" d
+	for d in /sys/fs/cgroup/*/"$ns" /sys/fs/cgroup/"$ns"; do
+		[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+	done
+	return 0
+}
+
+ctr_private() {
+	local dir="$1"
+	shift
+	ctr --address "$dir/containerd.sock" "$@"
+}

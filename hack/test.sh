@@ -1,0 +1,86 @@
+#!/bin/bash
+# Full check of the workspace, as CI runs it (root, Debian 12):
+#   deps -> release build -> fmt -> clippy -> unit tests -> image -> integration tests.
+# Every step runs (unless what it needs failed); the script ends with a summary and exits
+# non-zero if any step failed.
+#
+# Knobs: JANUS_TEST_THREADS (integration test threads, default 2), JANUS_TEST_FILTER (a cargo
+# test filter for the integration tests, e.g. "runc"), JANUS_IT_TIMEOUT (seconds, default 2400).
+set -uo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/lib.sh"
+cd "$REPO_ROOT" || exit 1
+
+need_root
+set -e
+ensure_base_deps
+ensure_build_deps
+ensure_rust
+set +e
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+THREADS="${JANUS_TEST_THREADS:-2}"
+IT_TIMEOUT="${JANUS_IT_TIMEOUT:-2400}"
+
+declare -a NAMES=() RESULTS=() TIMES=()
+FAILED=0
+
+# step NAME CMD...: run, record PASS/FAIL and duration.
+step() {
+	local name="$1" start rc
+	shift
+	echo
+	echo "=== $name: $*"
+	start=$(date +%s)
+	"$@"
+	rc=$?
+	NAMES+=("$name")
+	TIMES+=("$(($(date +%s) - start))s")
+	if [ "$rc" -eq 0 ]; then
+		RESULTS+=("PASS")
+	else
+		RESULTS+=("FAIL (exit $rc)")
+		FAILED=1
+	fi
+	return "$rc"
+}
+
+skip() {
+	NAMES+=("$1")
+	RESULTS+=("SKIPPED: $2")
+	TIMES+=("-")
+	FAILED=1
+}
+
+BUILD_OK=0
+step "release build" cargo build --release --workspace --bins && BUILD_OK=1
+step "rustfmt" cargo fmt --all -- --check
+step "clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "unit tests" cargo test --workspace --exclude janus-tests
+
+IMAGE_OK=0
+step "test image" "$HERE/build-image.sh" "$(janus_image_tar)" && IMAGE_OK=1
+
+if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
+	export JANUS_SHIM="${JANUS_SHIM:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/containerd-shim-janus-v2}"
+	export JANUS_TEST_IMAGE_TAR="$(janus_image_tar)"
+	# shellcheck disable=SC2086
+	step "integration tests" timeout --kill-after=30 "$IT_TIMEOUT" \
+		cargo test -p janus-tests -- --test-threads="$THREADS" ${JANUS_TEST_FILTER:-}
+else
+	skip "integration tests" "release build or test image failed"
+fi
+
+echo
+echo "==================== summary ===================="
+for i in "${!NAMES[@]}"; do
+	printf '  %-20s %-8s %s\n' "${NAMES[$i]}" "${TIMES[$i]}" "${RESULTS[$i]}"
+done
+echo "================================================="
+if [ "$FAILED" -ne 0 ]; then
+	echo "hack/test.sh: FAILED"
+	exit 1
+fi
+echo "hack/test.sh: all steps passed"

@@ -1,0 +1,514 @@
+//! `ctr` against a private containerd, once per runtime: `runc::*` (containerd's Go runc shim,
+//! proves the harness) and `janus::*` (our shim). `janus_only::*` covers Janus-specific options.
+//!
+//! Run: `cargo test -p janus-tests` (all), `cargo test -p janus-tests -- runc` (harness check),
+//! `cargo test -p janus-tests -- janus` (our shim). Needs root, containerd, runc, busybox-static.
+
+use std::time::Duration;
+
+use janus_tests::{cgroup_dir, cgroup_v2_only, Containerd, JANUS, RUNC};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Assert `ctr` exited with `code`, printing everything otherwise.
+#[track_caller]
+fn assert_code(ctd: &Containerd, o: &janus_tests::Out, code: i32) {
+    assert_eq!(
+        o.code(),
+        code,
+        "expected exit code {code}:\n{o}\n--- containerd log ---\n{}",
+        ctd.log_tail(30)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ctr run --rm: output and exit codes
+
+fn run_echo(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("echo");
+    let o = ctd.run_rm(rt, &c, &["echo", "hi"]);
+    assert_code(&ctd, &o, 0);
+    assert_eq!(o.stdout, "hi\n", "{o}");
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
+fn run_exit_0(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exit0");
+    let o = ctd.run_rm(rt, &c, &["true"]);
+    assert_code(&ctd, &o, 0);
+}
+
+fn run_exit_1(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exit1");
+    let o = ctd.run_rm(rt, &c, &["false"]);
+    assert_code(&ctd, &o, 1);
+}
+
+fn run_exit_3(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exit3");
+    let o = ctd.run_rm(rt, &c, &["sh", "-c", "exit 3"]);
+    assert_code(&ctd, &o, 3);
+}
+
+/// A process that kills itself with SIGKILL. It can't be the container's init: the kernel
+/// drops signals without a handler, SIGKILL included, that init gets from inside its own PID
+/// namespace (`sh -c 'kill -9 $$'` as PID 1 just exits 0). So a child shell kills itself and
+/// init returns the child's status (137). Death of init itself by SIGKILL is covered by
+/// `kill_sigkill` and `oom`.
+fn run_exit_137(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exit137");
+    let o = ctd.run_rm(rt, &c, &["sh", "-c", "sh -c 'kill -9 $$'; exit $?"]);
+    assert_code(&ctd, &o, 137);
+}
+
+// ---------------------------------------------------------------------------------------------
+// stdio
+
+fn stdin_pipe(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("stdin");
+    // ctr 1.6 has no -i on `run`: stdin is always forwarded (EOF via CloseIO).
+    let o = ctd.ctr_stdin(&ctd.run_args(rt, &["--rm"], &c, &["cat"]), b"hello\n", &c);
+    assert_code(&ctd, &o, 0);
+    assert_eq!(o.stdout, "hello\n", "{o}");
+}
+
+fn tty(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("tty");
+    let o = ctd.ctr_tty(&ctd.run_args(rt, &["--rm", "-t"], &c, &["sh", "-c", "tty; echo ok"]));
+    assert_code(&ctd, &o, 0);
+    assert_tty_output(&o);
+}
+
+/// Output of `sh -c 'tty; echo ok'` read from a terminal: lines end in CR LF (ONLCR).
+#[track_caller]
+fn assert_tty_output(o: &janus_tests::Out) {
+    let lines: Vec<&str> = o
+        .stdout
+        .split('\n')
+        .map(|l| l.trim_matches(|c| c == '\r' || c == '\0'))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("/dev/pts/")),
+        "no /dev/pts/N from tty:\n{o}"
+    );
+    assert!(lines.contains(&"ok"), "no ok line:\n{o}");
+    assert!(
+        o.stdout.contains("\r\n"),
+        "no CR LF: not a terminal?\n{o:?}"
+    );
+}
+
+fn log_uri_file(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("loguri");
+    let log = ctd.dir.join(format!("{}.log", c.id));
+    let uri = format!("file://{}", log.display());
+    let args = ctd.run_args(
+        rt,
+        &["-d", "--log-uri", &uri],
+        &c,
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2"],
+    );
+    ctd.ctr_ok(&args);
+    ctd.wait_status(&c, "STOPPED", secs(20));
+    // The copy into the file may finish a little after the exit is reported.
+    let mut text = String::new();
+    janus_tests::poll(secs(10), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("to-stdout") && text.contains("to-stderr")).then_some(())
+    });
+    assert!(
+        text.contains("to-stdout") && text.contains("to-stderr"),
+        "log file {} has {text:?}",
+        log.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// exec
+
+fn exec(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exec");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let o = ctd.ctr(&["task", "exec", "--exec-id", "e1", &c, "echo", "hi"]);
+    assert_code(&ctd, &o, 0);
+    assert_eq!(o.stdout, "hi\n", "{o}");
+    // The exec id is free again once the exec is done.
+    let o = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &c,
+        "sh",
+        "-c",
+        "echo again",
+    ]);
+    assert_code(&ctd, &o, 0);
+    assert_eq!(o.stdout, "again\n", "{o}");
+}
+
+fn exec_tty(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("exectty");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let o = ctd.ctr_tty(&[
+        "task",
+        "exec",
+        "-t",
+        "--exec-id",
+        "t1",
+        &c,
+        "sh",
+        "-c",
+        "tty; echo ok",
+    ]);
+    assert_code(&ctd, &o, 0);
+    assert_tty_output(&o);
+}
+
+fn exec_exit_code(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("execexit");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let o = ctd.ctr(&["task", "exec", "--exec-id", "x7", &c, "sh", "-c", "exit 7"]);
+    assert_code(&ctd, &o, 7);
+    // Container still fine.
+    assert_eq!(ctd.task_status(&c).as_deref(), Some("RUNNING"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// signals
+
+fn kill_signals(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("kill");
+    let script = "trap 'echo got USR1' USR1; trap 'echo got TERM; exit 0' TERM; \
+                  echo ready; while :; do sleep 0.1; done";
+    let mut run = ctd.ctr_background(&ctd.run_args(rt, &["--rm"], &c, &["sh", "-c", script]));
+    assert!(
+        run.wait_for_line(secs(30), |l| l == "ready").is_some(),
+        "container never printed ready: {:?} {:?}\n{}",
+        run.lines(),
+        run.stderr_lines(),
+        ctd.log_tail(30)
+    );
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGUSR1", &c]);
+    assert!(
+        run.wait_for_line(secs(10), |l| l == "got USR1").is_some(),
+        "SIGUSR1 not seen by the container: {:?}",
+        run.lines()
+    );
+    // Default signal of `ctr task kill` is SIGTERM.
+    ctd.ctr_ok(&["task", "kill", &c]);
+    let o = run.wait(secs(30)).unwrap();
+    assert_code(&ctd, &o, 0);
+    assert!(o.stdout.contains("got TERM"), "SIGTERM not seen:\n{o}");
+}
+
+fn kill_sigkill(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("sigkill");
+    let mut run = ctd.ctr_background(&ctd.run_args(rt, &["--rm"], &c, &["sleep", "1000"]));
+    ctd.wait_status(&c, "RUNNING", secs(30));
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &c]);
+    let o = run.wait(secs(30)).unwrap();
+    assert_code(&ctd, &o, 137);
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// task state, pause/resume, metrics, update
+
+fn detached_ls_ps(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("detached");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let tasks = ctd.tasks();
+    let t = tasks
+        .iter()
+        .find(|t| t.0 == c.id)
+        .unwrap_or_else(|| panic!("{} not in task ls: {tasks:?}", c.id));
+    assert_eq!(t.2, "RUNNING", "{tasks:?}");
+    assert!(t.1 > 0, "task pid: {tasks:?}");
+    // The pid is a real host process running sleep.
+    let cmd = std::fs::read(format!("/proc/{}/cmdline", t.1)).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmd).contains("sleep"),
+        "pid {} is not sleep: {:?}",
+        t.1,
+        String::from_utf8_lossy(&cmd)
+    );
+    let ps = ctd.ctr_ok(&["task", "ps", &c]);
+    let pids: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(pids.contains(&t.1), "task ps does not list {}:\n{ps}", t.1);
+}
+
+fn pause_resume(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("pause");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    ctd.ctr_ok(&["task", "pause", &c]);
+    ctd.wait_status(&c, "PAUSED", secs(10));
+    ctd.ctr_ok(&["task", "resume", &c]);
+    ctd.wait_status(&c, "RUNNING", secs(10));
+    let o = ctd.ctr(&["task", "exec", "--exec-id", "after", &c, "echo", "alive"]);
+    assert_code(&ctd, &o, 0);
+    assert_eq!(o.stdout, "alive\n", "{o}");
+}
+
+fn metrics(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("metrics");
+    // Burn a little CPU and memory first so both counters are clearly non-zero.
+    ctd.run_detached(
+        rt,
+        &[],
+        &c,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 2000000 /dev/zero | tr '\\0' a); sleep 1000",
+        ],
+    );
+    thread_sleep(SEC / 2);
+    let table = ctd.ctr_ok(&["task", "metrics", &c]);
+    let json = ctd.ctr_ok(&["task", "metrics", "--format", "json", &c]);
+    let v: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("metrics json: {e}:\n{json}"));
+    let num = |p: &str| v.pointer(p).and_then(|x| x.as_u64());
+    // cgroup v1 (containerd v1.Metrics) or v2 (v2.Metrics) layouts.
+    let mem = num("/memory/usage/usage").or_else(|| num("/memory/usage"));
+    let cpu = num("/cpu/usage/total").or_else(|| num("/cpu/usage_usec"));
+    assert!(
+        mem.unwrap_or(0) > 0,
+        "no memory usage in metrics:\n{json}\n{table}"
+    );
+    assert!(
+        cpu.unwrap_or(0) > 0,
+        "no cpu usage in metrics:\n{json}\n{table}"
+    );
+    assert!(
+        table.contains("memory") && (table.contains("cpuacct.usage") || table.contains("cpu.")),
+        "table output:\n{table}"
+    );
+}
+
+fn update_memory(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("update");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let pid = ctd.task_pid(&c).expect("task pid");
+    let limit: u64 = 64 << 20;
+    // ctr 1.6 has no `task update`: Tasks.Update over containerd's gRPC API.
+    ctd.update_task(&c, &serde_json::json!({ "memory": { "limit": limit } }))
+        .unwrap_or_else(|e| panic!("{e:#}\n--- containerd log ---\n{}", ctd.log_tail(30)));
+    let file = if cgroup_v2_only() {
+        cgroup_dir(pid, "").unwrap().join("memory.max")
+    } else {
+        cgroup_dir(pid, "memory")
+            .unwrap()
+            .join("memory.limit_in_bytes")
+    };
+    let got = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    assert_eq!(got.trim(), limit.to_string(), "{}", file.display());
+}
+
+fn oom(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("oom");
+    let mut events = ctd.events();
+    // The shell itself holds the 100 MB it reads: it is the one the OOM killer picks.
+    let o = ctd.ctr(&ctd.run_args(
+        rt,
+        &["--rm", "--memory-limit", "33554432"],
+        &c,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    ));
+    assert!(!o.stdout.contains("survived"), "not OOM-killed:\n{o}");
+    assert_code(&ctd, &o, 137);
+    let want = format!("\"container_id\":\"{}\"", c.id);
+    let line = events.wait_for_line(secs(10), |l| l.contains("/tasks/oom") && l.contains(&want));
+    assert!(
+        line.is_some(),
+        "no /tasks/oom event for {}; events:\n{}",
+        c.id,
+        events.lines().join("\n")
+    );
+    let exit = events.wait_for_line(secs(10), |l| l.contains("/tasks/exit") && l.contains(&want));
+    assert!(
+        exit.as_deref()
+            .is_some_and(|l| l.contains("\"exit_status\":137")),
+        "exit event {exit:?}; events:\n{}",
+        events.lines().join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// cleanup
+
+fn no_leaks_after_delete(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("leak");
+    ctd.run_detached(rt, &[], &c, &["sh", "-c", "sleep 1000 & sleep 1000"]);
+    let bundle = ctd.bundle_dir(&c);
+    assert!(bundle.is_dir(), "no bundle dir {}", bundle.display());
+    // While it runs the checks must see it (proves they look in the right places).
+    let live = ctd.leaks(&c);
+    let shim = live.iter().any(|l| l.starts_with("shim process"));
+    let procs = live.iter().filter(|l| l.starts_with("process")).count();
+    let cg = live.iter().any(|l| l.starts_with("cgroup"));
+    let mounts = live.iter().any(|l| l.starts_with("mount"));
+    assert!(
+        shim && procs >= 2 && cg && mounts,
+        "leak detector misses the live container (shim {shim}, processes {procs}, cgroup {cg}, \
+         mounts {mounts}):\n{}",
+        live.join("\n")
+    );
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &c]);
+    ctd.wait_status(&c, "STOPPED", secs(20));
+    ctd.ctr_ok(&["task", "rm", &c]);
+    ctd.ctr_ok(&["containers", "rm", &c]);
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
+/// `ctr task rm -f` of a running task: ctr's WithProcessKill = Wait, Kill(SIGKILL, all), wait
+/// for the exit, then Delete.
+fn force_delete_running(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("rmfrun");
+    ctd.run_detached(rt, &[], &c, &["sleep", "1000"]);
+    let o = ctd.ctr_timeout(&["task", "rm", "-f", &c], secs(20));
+    assert_code(&ctd, &o, 0);
+    assert_eq!(ctd.task_status(&c), None, "task still listed");
+    ctd.ctr_ok(&["containers", "rm", &c]);
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
+/// `ctr task rm -f` of a task that already exited: Wait must return at once and Kill must
+/// report NotFound/FailedPrecondition (or succeed) instead of hanging.
+fn force_delete_stopped(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
+    let c = ctd.container("rmfstop");
+    let args = ctd.run_args(rt, &["-d"], &c, &["true"]);
+    ctd.ctr_ok(&args);
+    ctd.wait_status(&c, "STOPPED", secs(20));
+    let o = ctd.ctr_timeout(&["task", "rm", "-f", &c], secs(20));
+    assert_code(&ctd, &o, 0);
+    assert_eq!(ctd.task_status(&c), None, "task still listed");
+    ctd.ctr_ok(&["containers", "rm", &c]);
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
+fn thread_sleep(d: Duration) {
+    std::thread::sleep(d)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! per_runtime {
+    ($($name:ident),* $(,)?) => {
+        /// containerd's Go runc shim: these prove the harness.
+        mod runc {
+            $( #[test] fn $name() { super::$name(super::RUNC) } )*
+        }
+        /// Our shim.
+        mod janus {
+            $( #[test] fn $name() { super::$name(super::JANUS) } )*
+        }
+    };
+}
+
+per_runtime!(
+    run_echo,
+    run_exit_0,
+    run_exit_1,
+    run_exit_3,
+    run_exit_137,
+    stdin_pipe,
+    tty,
+    log_uri_file,
+    exec,
+    exec_tty,
+    exec_exit_code,
+    kill_signals,
+    kill_sigkill,
+    detached_ls_ps,
+    pause_resume,
+    metrics,
+    update_memory,
+    oom,
+    no_leaks_after_delete,
+    force_delete_running,
+    force_delete_stopped,
+);
+
+mod janus_only {
+    use super::*;
+
+    /// `--runtime-config-path` selects the config file (runtimeoptions.v1.Options.ConfigPath).
+    #[test]
+    fn runtime_config_path() {
+        let ctd = Containerd::for_runtime(JANUS);
+        let cfg = ctd.write_janus_config("mode = \"namespace\"\n");
+        assert!(cfg.is_file());
+        let c = ctd.container("cfgpath");
+        let o = ctd.run_rm_with_config(JANUS, &c, &["echo", "hi"]);
+        assert_code(&ctd, &o, 0);
+        assert_eq!(o.stdout, "hi\n", "{o}");
+        ctd.assert_no_leaks(&c, secs(10));
+    }
+}
+
+#[test]
+fn harness_image_is_busybox_with_hard_links() {
+    // Runtime independent sanity check of the test image, through runc.
+    let ctd = Containerd::for_runtime(RUNC);
+    let c = ctd.container("image");
+    let o = ctd.run_rm(
+        RUNC,
+        &c,
+        &[
+            "sh",
+            "-c",
+            "stat -c '%h %i' /bin/busybox /bin/ls /bin/sh; id user; id nobody",
+        ],
+    );
+    assert_code(&ctd, &o, 0);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(lines.len() >= 5, "{o}");
+    let inode = |l: &str| l.split_whitespace().nth(1).map(str::to_string);
+    assert_eq!(
+        inode(lines[0]),
+        inode(lines[1]),
+        "applets are not hard links:\n{o}"
+    );
+    assert_eq!(
+        inode(lines[0]),
+        inode(lines[2]),
+        "applets are not hard links:\n{o}"
+    );
+    assert!(lines[3].starts_with("uid=1000(user) gid=1000(user)"), "{o}");
+    assert!(lines[4].starts_with("uid=65534(nobody)"), "{o}");
+}
