@@ -26,11 +26,25 @@ TAR="$(janus_image_tar)"
 "$HERE/build-image.sh" "$TAR" >&2
 
 DIR="$(mktemp -d /tmp/janus-bench.XXXXXX)"
-cleanup() { containerd_stop "$DIR" || true; rm -rf "$DIR"; }
+NS="bench-$$"
+cleanup() {
+	local id
+	for id in $(ctr --address "$DIR/containerd.sock" -n "$NS" tasks ls -q 2>/dev/null); do
+		ctr --address "$DIR/containerd.sock" -n "$NS" tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+	done
+	sleep 0.5
+	for id in $(ctr --address "$DIR/containerd.sock" -n "$NS" containers ls -q 2>/dev/null); do
+		ctr --address "$DIR/containerd.sock" -n "$NS" tasks rm -f "$id" >/dev/null 2>&1 || true
+		ctr --address "$DIR/containerd.sock" -n "$NS" containers rm "$id" >/dev/null 2>&1 || true
+	done
+	containerd_stop "$DIR" || true
+	grep -F "$DIR/" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+	rm -rf "$DIR" "/run/containerd/runc/$NS"
+}
 trap cleanup EXIT
 containerd_start "$DIR" "$SHIM"
 IMG="$JANUS_TEST_IMAGE"
-c() { timeout 60 ctr --address "$DIR/containerd.sock" -n bench "$@"; }
+c() { timeout 60 ctr --address "$DIR/containerd.sock" -n "$NS" "$@"; }
 c images import --base-name "${IMG%:*}" "$TAR" >/dev/null
 CPID="$(cat "$DIR/containerd.pid")"
 HZ="$(getconf CLK_TCK)"

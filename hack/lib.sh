@@ -73,7 +73,7 @@ ensure_base_deps() {
 
 # Packages needed to build the workspace.
 ensure_build_deps() {
-	ensure_apt protobuf-compiler pkg-config build-essential
+	ensure_apt protobuf-compiler pkg-config build-essential libseccomp-dev
 }
 
 ensure_rust() {

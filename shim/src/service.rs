@@ -43,8 +43,7 @@ pub struct Container {
     pub bundle: PathBuf,
     pub rootfs: PathBuf,
     pub rootfs_mounted: bool,
-    /// The bundle spec, kept for exec defaults and hooks.
-    #[allow(dead_code)]
+    /// The bundle spec, kept for exec processes (seccomp) and hooks.
     pub spec: Spec,
     pub cgroup: Option<Cgroup>,
     pub namespaces: Vec<LinuxNamespaceType>,
@@ -449,6 +448,7 @@ impl Service {
                 (fmt(linux.uid_mappings()), fmt(linux.gid_mappings()))
             });
             let process = spec2.process().clone().unwrap_or_default();
+            let seccomp = linux.seccomp().clone();
             let req = SpawnRequest {
                 kind: SpawnKind::Init {
                     spec: Box::new(spec2),
@@ -457,6 +457,7 @@ impl Service {
                 },
                 process,
                 terminal: io.terminal,
+                seccomp,
             };
             match me.spawn_blocking_setup(req, &io, &id, "", Some(&cg), maps) {
                 Ok((pid, sync, master, keeper)) => Ok((pid, sync, master, keeper, cg, mounted)),
@@ -610,6 +611,7 @@ impl Service {
             },
             process: spec,
             terminal: p.io.terminal,
+            seccomp: c.spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
         };
         let me = self.clone();
         let io = p.io.clone();

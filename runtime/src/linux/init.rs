@@ -59,7 +59,7 @@ pub(crate) fn run_exec(req: SpawnRequest, sync: &Channel, stdio: Vec<OwnedFd>) -
     wait_go(sync);
     let r = (|| {
         setup_stdio(&req, sync, stdio, false)?;
-        finish_and_exec(&req.process, sync)
+        finish_and_exec(&req.process, req.seccomp.as_ref(), sync)
     })();
     if let Err(e) = r {
         fail(sync, e)
@@ -128,7 +128,7 @@ fn init(
         }
     }
     setup_stdio(req, sync, stdio, true)?;
-    finish_and_exec(&req.process, sync)
+    finish_and_exec(&req.process, req.seccomp.as_ref(), sync)
 }
 
 fn setup_rootfs(
@@ -599,7 +599,12 @@ fn setup_stdio(
 }
 
 /// Process attributes, then wait for Start and exec.
-fn finish_and_exec(p: &Process, sync: &Channel) -> Result<()> {
+fn finish_and_exec(
+    p: &Process,
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+    sync: &Channel,
+) -> Result<()> {
+    let nnp = p.no_new_privileges().unwrap_or(false);
     for r in p.rlimits().iter().flatten() {
         let res = rlimit_resource(&rlimit_name(r.typ()))?;
         let lim = libc::rlimit {
@@ -627,6 +632,11 @@ fn finish_and_exec(p: &Process, sync: &Channel) -> Result<()> {
         Some(c) => Some(ProcessCaps::from_spec(c)?),
         None => None,
     };
+    // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while we still
+    // have it (as runc does); the few syscalls left before exec are in any sane profile.
+    if let (Some(sc), false) = (seccomp, nnp) {
+        super::seccomp::load(sc)?;
+    }
     if let Some(c) = &caps {
         c.apply_bounding()?;
     }
@@ -654,7 +664,7 @@ fn finish_and_exec(p: &Process, sync: &Channel) -> Result<()> {
             }
         }
     }
-    if p.no_new_privileges().unwrap_or(false) {
+    if nnp {
         // SAFETY: prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return Err(Error::io("no_new_privs", std::io::Error::last_os_error()));
@@ -690,6 +700,10 @@ fn finish_and_exec(p: &Process, sync: &Channel) -> Result<()> {
     };
     // SIGPIPE and friends were set up by the shim's runtime: give the process defaults.
     reset_signals();
+    if let (Some(sc), true) = (seccomp, nnp) {
+        // Last, so that only execve runs under the filter.
+        super::seccomp::load(sc)?;
+    }
     let e = nix::unistd::execve(&c_prog, &c_args, &c_env).unwrap_err();
     Err(Error::InvalidSpec(format!("exec {}: {e}", prog.display())))
 }

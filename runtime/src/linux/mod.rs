@@ -12,6 +12,7 @@ pub mod cgroups;
 mod error;
 mod init;
 pub mod mounts;
+pub mod seccomp;
 pub mod spec;
 pub mod sync;
 pub mod zygote;

@@ -65,6 +65,10 @@ pub fn validate(spec: &Spec) -> Result<()> {
             )));
         }
     }
+    if let Some(sc) = linux.seccomp() {
+        // Compile once here so a bad profile fails Create, not the container process.
+        super::seccomp::build(sc)?;
+    }
     if let Some(s) = linux.sysctl() {
         for k in s.keys() {
             if k.contains('/') || k.contains("..") {

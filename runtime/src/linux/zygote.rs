@@ -39,6 +39,8 @@ pub struct SpawnRequest {
     pub kind: SpawnKind,
     pub process: Process,
     pub terminal: bool,
+    /// The container's seccomp filter (exec processes get the container's too).
+    pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
 
 /// Handle to the zygote process.
