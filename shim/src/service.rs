@@ -24,7 +24,7 @@ use runtime::linux::cgroups::{self, Cgroup};
 use runtime::linux::spec::NsPlan;
 use runtime::linux::sync::{Channel, Msg};
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
-use runtime::linux::{mounts, spec as rtspec};
+use runtime::linux::{hooks, mounts, spec as rtspec};
 
 use crate::config::{Config, Mode};
 use crate::error::{Result, ShimError};
@@ -35,6 +35,32 @@ use crate::process::{now, Proc, Status};
 use crate::stdio::{self, IoPaths};
 
 pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
+
+/// A container's hooks with what their state document needs.
+type RuntimeHooks = (
+    oci_spec::runtime::Hooks,
+    PathBuf,
+    Option<HashMap<String, String>>,
+);
+
+/// Runs runtime-namespace hooks whose failure only warrants a warning (poststart, poststop).
+fn run_hooks_warn(c: &Container, phase: &str, pid: i32, status: &str) {
+    let Some(h) = c.spec.hooks() else { return };
+    let list = match phase {
+        "poststart" => h.poststart().clone(),
+        _ => h.poststop().clone(),
+    }
+    .unwrap_or_default();
+    if list.is_empty() {
+        return;
+    }
+    let state = hooks::state_json(&c.id, status, pid, &c.bundle, c.spec.annotations().as_ref());
+    if let Some(z) = ZYGOTE.get() {
+        if let Err(e) = z.run_hooks(list, state, phase) {
+            log::warn!("container {}: {e}", c.id);
+        }
+    }
+}
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -238,6 +264,8 @@ impl Service {
 
     /// Spawns a process through the zygote up to the point where it waits for Start.
     /// Returns its pid, the channel to release it and the pty master, if any.
+    // Each argument is a distinct part of one setup handshake; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_blocking_setup(
         &self,
         req: SpawnRequest,
@@ -246,6 +274,7 @@ impl Service {
         exec_id: &str,
         cgroup: Option<&Cgroup>,
         id_maps: Option<(String, String)>,
+        runtime_hooks: Option<RuntimeHooks>,
     ) -> Result<(i32, Channel, Option<OwnedFd>, Option<OwnedFd>)> {
         let zygote = ZYGOTE
             .get()
@@ -300,6 +329,19 @@ impl Service {
         loop {
             match ours.recv::<Msg>().map_err(|e| kill(e.into()))? {
                 Some((Msg::Pty, mut fds)) if !fds.is_empty() => master = Some(fds.remove(0)),
+                Some((Msg::Hooks, _)) => {
+                    if let Some((hooks, bundle, annotations)) = &runtime_hooks {
+                        let state =
+                            hooks::state_json(id, "creating", pid, bundle, annotations.as_ref());
+                        let prestart = hooks.prestart().clone().unwrap_or_default();
+                        let create_runtime = hooks.create_runtime().clone().unwrap_or_default();
+                        zygote
+                            .run_hooks(prestart, state.clone(), "prestart")
+                            .and_then(|_| zygote.run_hooks(create_runtime, state, "createRuntime"))
+                            .map_err(|e| kill(e.into()))?;
+                    }
+                    ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?;
+                }
                 Some((Msg::Ready, _)) => break,
                 Some((Msg::Error { message, invalid }, _)) => {
                     return Err(kill(child_error(message, invalid)))
@@ -371,6 +413,7 @@ impl Service {
         };
         let plan = NsPlan::from_spec(&spec)?;
         let new_user = plan.new_user();
+        lsm_warnings(&req.id, &spec);
         let linux = spec.linux().clone().unwrap_or_default();
         let rel = cgroups::normalize_path(
             linux
@@ -407,6 +450,7 @@ impl Service {
         let me = self.clone();
         let spec2 = spec.clone();
         let rootfs2 = rootfs.clone();
+        let bundle2 = bundle.clone();
         let (pid, sync, master, keeper, cgroup, mounted) = blocking(move || {
             let mut mounted = false;
             let cleanup = |cg: Option<&Cgroup>, mounted: bool| {
@@ -449,8 +493,12 @@ impl Service {
             });
             let process = spec2.process().clone().unwrap_or_default();
             let seccomp = linux.seccomp().clone();
+            let spec_hooks = spec2.hooks().clone();
+            let annotations = spec2.annotations().clone();
             let req = SpawnRequest {
                 kind: SpawnKind::Init {
+                    id: id.clone(),
+                    bundle: bundle2.clone(),
                     spec: Box::new(spec2),
                     rootfs: rootfs2.clone(),
                     cgroup_dirs: cg.dirs(),
@@ -459,7 +507,8 @@ impl Service {
                 terminal: io.terminal,
                 seccomp,
             };
-            match me.spawn_blocking_setup(req, &io, &id, "", Some(&cg), maps) {
+            let rh = spec_hooks.map(|h| (h, bundle2.clone(), annotations));
+            match me.spawn_blocking_setup(req, &io, &id, "", Some(&cg), maps, rh) {
                 Ok((pid, sync, master, keeper)) => Ok((pid, sync, master, keeper, cg, mounted)),
                 Err(e) => {
                     cleanup(Some(&cg), mounted);
@@ -574,6 +623,13 @@ impl Service {
             let sync = sync
                 .ok_or_else(|| ShimError::FailedPrecondition("container already started".into()))?;
             blocking(move || Service::release(&sync)).await?;
+            let c2 = c.clone();
+            let pid0 = p.pid();
+            blocking(move || {
+                run_hooks_warn(&c2, "poststart", pid0, "running");
+                Ok(())
+            })
+            .await?;
             let pid = {
                 let mut st = p.lock();
                 if st.status == Status::Created {
@@ -620,7 +676,7 @@ impl Service {
         let cg = c.cgroup.clone();
         let (pid, master, keeper) = blocking(move || {
             let (pid, sync, master, keeper) =
-                me.spawn_blocking_setup(req, &io, &id, &exec_id, cg.as_ref(), None)?;
+                me.spawn_blocking_setup(req, &io, &id, &exec_id, cg.as_ref(), None, None)?;
             if let Err(e) = Service::release(&sync) {
                 me.unregister(pid);
                 // SAFETY: kill(2) has no memory effects.
@@ -700,6 +756,7 @@ impl Service {
             if let Some(cg) = &c2.cgroup {
                 cg.destroy()?;
             }
+            run_hooks_warn(&c2, "poststop", c2.init.pid(), "stopped");
             if c2.rootfs_mounted {
                 mounts::unmount_all(&c2.rootfs)?;
             }
@@ -726,6 +783,39 @@ impl Service {
             exited_at: MessageField::from_option(st.exited_at.clone()),
             ..Default::default()
         })
+    }
+}
+
+/// AppArmor and SELinux settings are accepted; on a host without the LSM they cannot apply,
+/// which deserves a warning rather than a refusal (kubelet sets them by default).
+fn lsm_warnings(id: &str, spec: &Spec) {
+    let apparmor = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.apparmor_profile().clone())
+        .filter(|p| !p.is_empty() && p != "unconfined");
+    if let Some(p) = apparmor {
+        if !Path::new("/sys/kernel/security/apparmor").exists() {
+            log::warn!("container {id}: apparmorProfile {p:?} ignored: AppArmor is not enabled on this host");
+        } else {
+            log::warn!(
+                "container {id}: apparmorProfile {p:?} is not applied by this Janus version"
+            );
+        }
+    }
+    let selinux = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.selinux_label().clone())
+        .filter(|l| !l.is_empty());
+    if let Some(l) = selinux {
+        if !Path::new("/sys/fs/selinux/enforce").exists() {
+            log::warn!(
+                "container {id}: selinuxLabel {l:?} ignored: SELinux is not enabled on this host"
+            );
+        } else {
+            log::warn!("container {id}: selinuxLabel {l:?} is not applied by this Janus version");
+        }
     }
 }
 

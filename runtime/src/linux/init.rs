@@ -59,7 +59,7 @@ pub(crate) fn run_exec(req: SpawnRequest, sync: &Channel, stdio: Vec<OwnedFd>) -
     wait_go(sync);
     let r = (|| {
         setup_stdio(&req, sync, stdio, false)?;
-        finish_and_exec(&req.process, req.seccomp.as_ref(), sync)
+        finish_and_exec(&req.process, req.seccomp.as_ref(), sync, &|| Ok(()))
     })();
     if let Err(e) = r {
         fail(sync, e)
@@ -75,6 +75,8 @@ fn init(
     plan: &NsPlan,
 ) -> Result<()> {
     let SpawnKind::Init {
+        id,
+        bundle,
         spec,
         rootfs,
         cgroup_dirs,
@@ -107,7 +109,34 @@ fn init(
     unshare(plan.unshare_flags()).ctx(|| "unshare namespaces".into())?;
 
     let linux = spec.linux().as_ref();
-    setup_rootfs(spec, rootfs, cgroup_dirs, plan)?;
+    // /proc is still the host's here: this is our pid as the shim and hooks see it.
+    let host_pid: i32 = fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_string_lossy().parse().ok())
+        .unwrap_or(0);
+    let state = |status: &str| {
+        super::hooks::state_json(id, status, host_pid, bundle, spec.annotations().as_ref())
+    };
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    let before_pivot = || -> Result<()> {
+        let runtime_hooks = hooks.prestart().as_ref().is_some_and(|h| !h.is_empty())
+            || hooks
+                .create_runtime()
+                .as_ref()
+                .is_some_and(|h| !h.is_empty());
+        if runtime_hooks {
+            sync.send(&Msg::Hooks, &[])?;
+            match sync.recv::<Msg>()? {
+                Some((Msg::Go, _)) => {}
+                _ => std::process::exit(1),
+            }
+        }
+        if let Some(h) = hooks.create_container() {
+            super::hooks::run_all(h, &state("created"), "createContainer")?;
+        }
+        Ok(())
+    };
+    setup_rootfs(spec, rootfs, cgroup_dirs, plan, &before_pivot)?;
 
     if plan.new.contains(&LinuxNamespaceType::Uts) {
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
@@ -120,15 +149,22 @@ fn init(
             }
         }
     }
-    if let Some(sysctl) = linux.and_then(|l| l.sysctl().as_ref()) {
-        for (k, v) in sysctl {
-            let p = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
-            fs::write(&p, v)
-                .map_err(|e| Error::InvalidSpec(format!("linux.sysctl {k}={v}: {e}")))?;
+    if let Some(p) = linux.and_then(|l| l.personality().as_ref()) {
+        let domain = match p.domain() {
+            oci_spec::runtime::LinuxPersonalityDomain::PerLinux32 => 0x0008, // PER_LINUX32
+            oci_spec::runtime::LinuxPersonalityDomain::PerLinux => 0x0000,
+        };
+        // SAFETY: personality(2) takes a plain integer.
+        if unsafe { libc::personality(domain) } < 0 {
+            return Err(Error::io("personality", std::io::Error::last_os_error()));
         }
     }
     setup_stdio(req, sync, stdio, true)?;
-    finish_and_exec(&req.process, req.seccomp.as_ref(), sync)
+    let start_hooks = hooks.start_container().clone().unwrap_or_default();
+    let st = state("running");
+    finish_and_exec(&req.process, req.seccomp.as_ref(), sync, &|| {
+        super::hooks::run_all(&start_hooks, &st, "startContainer")
+    })
 }
 
 fn setup_rootfs(
@@ -136,6 +172,7 @@ fn setup_rootfs(
     rootfs: &Path,
     cgroup_dirs: &[(String, PathBuf)],
     plan: &NsPlan,
+    before_pivot: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let linux = spec.linux().as_ref();
     let prop = linux
@@ -204,6 +241,7 @@ fn setup_rootfs(
         create_device_at(&dst, d, plan.new_user())?;
     }
 
+    before_pivot()?;
     // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "."
     // then drops it without needing a directory for it inside the rootfs.
     let newroot = fs::File::open(rootfs).ctx(|| format!("open {}", rootfs.display()))?;
@@ -226,6 +264,14 @@ fn setup_rootfs(
     if let Some(p) = prop {
         mount(None::<&str>, "/", None::<&str>, p, None::<&str>)
             .ctx(|| "set rootfs propagation".into())?;
+    }
+    // sysctls before readonlyPaths, which usually include /proc/sys.
+    if let Some(sysctl) = linux.and_then(|l| l.sysctl().as_ref()) {
+        for (k, v) in sysctl {
+            let p = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
+            fs::write(&p, v)
+                .map_err(|e| Error::InvalidSpec(format!("linux.sysctl {k}={v}: {e}")))?;
+        }
     }
     if let Some(l) = linux {
         for p in l.masked_paths().iter().flatten() {
@@ -603,6 +649,7 @@ fn finish_and_exec(
     p: &Process,
     seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
     sync: &Channel,
+    after_start: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let nnp = p.no_new_privileges().unwrap_or(false);
     for r in p.rlimits().iter().flatten() {
@@ -687,6 +734,7 @@ fn finish_and_exec(
         Ok(Some((Msg::Start, _))) => {}
         _ => std::process::exit(1),
     }
+    after_start()?;
     // Everything but stdio closes on exec, the sync channel too: its EOF tells the shim
     // that exec succeeded.
     // SAFETY: close_range only marks descriptors close-on-exec.

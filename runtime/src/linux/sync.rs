@@ -26,6 +26,9 @@ pub enum Msg {
     Pid(i32),
     /// Shim -> child: cgroup placement and id mappings are done, continue setup.
     Go,
+    /// Child -> shim: namespaces and mounts are ready: run prestart/createRuntime hooks,
+    /// then answer `Go`.
+    Hooks,
     /// Child -> shim: the pty master follows as an fd.
     Pty,
     /// Child -> shim: setup finished, waiting for `Start`.

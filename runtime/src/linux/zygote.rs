@@ -19,11 +19,19 @@ use super::sync::{Channel, Msg};
 pub enum SpawnKind {
     /// A container's init process.
     Init {
+        id: String,
+        bundle: PathBuf,
         spec: Box<Spec>,
         /// Absolute host path of the (already mounted) rootfs.
         rootfs: PathBuf,
         /// The container's cgroup directories on the host, for its /sys/fs/cgroup.
         cgroup_dirs: Vec<(String, PathBuf)>,
+    },
+    /// Runs hooks in the runtime's namespaces and reports `Ready` or `Error`.
+    Hooks {
+        hooks: Vec<oci_spec::runtime::Hook>,
+        state: String,
+        phase: String,
     },
     /// An extra process in the namespaces of a running container.
     Exec {
@@ -87,6 +95,36 @@ impl Zygote {
         let _ = nix::sys::wait::waitpid(self.pid, None);
     }
 
+    /// Runs hooks from a zygote child (in the runtime's namespaces) and waits for them.
+    pub fn run_hooks(
+        &self,
+        hooks: Vec<oci_spec::runtime::Hook>,
+        state: String,
+        phase: &str,
+    ) -> Result<()> {
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let (ours, theirs) = Channel::pair()?;
+        let req = SpawnRequest {
+            kind: SpawnKind::Hooks {
+                hooks,
+                state,
+                phase: phase.to_string(),
+            },
+            process: Process::default(),
+            terminal: false,
+            seccomp: None,
+        };
+        self.spawn(&req, &theirs, &[])?;
+        drop(theirs);
+        match ours.recv::<Msg>()? {
+            Some((Msg::Ready, _)) => Ok(()),
+            Some((Msg::Error { message, .. }, _)) => Err(Error::Child(message)),
+            _ => Err(Error::Child(format!("{phase} hooks: runner died"))),
+        }
+    }
+
     /// Hands a spawn request to the zygote. The result arrives on `sync`'s peer.
     pub fn spawn(&self, req: &SpawnRequest, child_sync: &Channel, stdio: &[RawFd]) -> Result<()> {
         let mut fds = vec![child_sync.fd()];
@@ -117,6 +155,9 @@ fn zygote_main(chan: Channel) -> ! {
         }
         libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
         libc::prctl(libc::PR_SET_NAME, c"janus-zygote".as_ptr());
+        // Intermediates are reaped by the kernel: the zygote never waits, so a slow hook
+        // in one request does not hold up the next.
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
     }
     loop {
         let (req, mut fds) = match chan.recv::<SpawnRequest>() {
@@ -130,13 +171,14 @@ fn zygote_main(chan: Channel) -> ! {
         // SAFETY: single-threaded process.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
+                // SAFETY: restoring the default disposition; our children must be waitable.
+                unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
                 let sync = Channel::from_owned(fds.remove(0));
                 drop(chan);
                 intermediate(req, sync, fds)
             }
-            Ok(ForkResult::Parent { child }) => {
+            Ok(ForkResult::Parent { .. }) => {
                 drop(fds);
-                let _ = nix::sys::wait::waitpid(child, None);
             }
             Err(e) => {
                 let sync = Channel::from_owned(fds.remove(0));
@@ -160,6 +202,22 @@ impl Channel {
 }
 
 fn intermediate(req: SpawnRequest, sync: Channel, stdio: Vec<OwnedFd>) -> ! {
+    if let SpawnKind::Hooks {
+        hooks,
+        state,
+        phase,
+    } = &req.kind
+    {
+        let msg = match super::hooks::run_all(hooks, state, phase) {
+            Ok(()) => Msg::Ready,
+            Err(e) => Msg::Error {
+                message: e.to_string(),
+                invalid: false,
+            },
+        };
+        let _ = sync.send(&msg, &[]);
+        std::process::exit(0)
+    }
     match run_intermediate(req, &sync, stdio) {
         Ok(pid) => {
             let _ = sync.send(&Msg::Pid(pid), &[]);
@@ -244,6 +302,7 @@ fn run_intermediate(req: SpawnRequest, sync: &Channel, stdio: Vec<OwnedFd>) -> R
             }
             Ok(pid)
         }
+        SpawnKind::Hooks { .. } => Err(Error::Child("hooks are not a process".into())),
         SpawnKind::Exec {
             init_pid,
             namespaces,
