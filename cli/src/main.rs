@@ -1,0 +1,281 @@
+//! `janus`: operator commands. `janus check` tells what is wrong on a node.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use runtime::linux::cgroups;
+
+const DEFAULT_CONFIG: &str = "/etc/janus/config.toml";
+const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+const SHIM: &str = "containerd-shim-janus-v2";
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn line(&mut self, level: Level, what: &str, detail: impl AsRef<str>) {
+        let tag = match level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fail => {
+                self.failed = true;
+                "FAIL"
+            }
+        };
+        println!("[{tag}] {what:<22} {}", detail.as_ref());
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: janus check [--address CONTAINERD_SOCKET] [--config FILE] [--shim PATH]\n\
+         \n  check   report what this node needs for Janus and whether it is there"
+    );
+    ExitCode::from(2)
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|c| c.is_file())
+    })
+}
+
+fn run(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn check(address: &str, config: &Path, shim: Option<PathBuf>) -> ExitCode {
+    let mut r = Report { failed: false };
+    let root = nix::unistd::geteuid().is_root();
+    r.line(
+        if root { Level::Ok } else { Level::Fail },
+        "privileges",
+        if root {
+            "running as root"
+        } else {
+            "not root: the shim needs root (namespaces, mounts, cgroups)"
+        },
+    );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    r.line(Level::Ok, "host kernel", kernel.trim());
+
+    // cgroups
+    match cgroups::host_mode() {
+        cgroups::Mode::V2 => r.line(Level::Ok, "cgroups", "v2 (unified)"),
+        cgroups::Mode::V1 => {
+            let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let ctrls: Vec<String> = cgroups::v1_mounts(&mi).into_keys().collect();
+            let need = [
+                "memory", "cpu", "cpuacct", "pids", "freezer", "devices", "cpuset",
+            ];
+            let missing: Vec<&str> = need
+                .iter()
+                .copied()
+                .filter(|c| !ctrls.iter().any(|x| x == c))
+                .collect();
+            let hybrid = Path::new("/sys/fs/cgroup/unified").exists();
+            if missing.is_empty() {
+                r.line(
+                    Level::Ok,
+                    "cgroups",
+                    format!(
+                        "v1{} with {}",
+                        if hybrid { " (hybrid)" } else { "" },
+                        ctrls.join(",")
+                    ),
+                );
+            } else {
+                r.line(
+                    Level::Fail,
+                    "cgroups",
+                    format!(
+                        "v1 controllers missing: {} (mount them under /sys/fs/cgroup)",
+                        missing.join(",")
+                    ),
+                );
+            }
+        }
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    r.line(
+        if fs.contains("overlay") {
+            Level::Ok
+        } else {
+            Level::Warn
+        },
+        "overlayfs",
+        if fs.contains("overlay") {
+            "available (containerd's default snapshotter)"
+        } else {
+            "not loaded: `modprobe overlay` (containerd's overlayfs snapshotter needs it)"
+        },
+    );
+    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    r.line(
+        if userns > 0 { Level::Ok } else { Level::Warn },
+        "user namespaces",
+        if userns > 0 {
+            format!("enabled (max {userns})")
+        } else {
+            "disabled: specs with a user namespace will fail".to_string()
+        },
+    );
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.contains("Seccomp:"))
+        .unwrap_or(false);
+    r.line(
+        if seccomp { Level::Ok } else { Level::Warn },
+        "seccomp",
+        if seccomp {
+            "supported by the kernel"
+        } else {
+            "not supported: seccomp profiles will fail"
+        },
+    );
+
+    // containerd and the shim
+    match run("containerd", &["--version"]) {
+        Some(v) => r.line(Level::Ok, "containerd", v),
+        None => r.line(
+            Level::Fail,
+            "containerd",
+            "not found on PATH: `apt-get install containerd`",
+        ),
+    }
+    if Path::new(address).exists() {
+        match run("ctr", &["--address", address, "version"]) {
+            Some(_) => r.line(Level::Ok, "containerd socket", format!("{address} answers")),
+            None => r.line(
+                Level::Fail,
+                "containerd socket",
+                format!("{address} exists but does not answer (is containerd running?)"),
+            ),
+        }
+    } else {
+        r.line(
+            Level::Warn,
+            "containerd socket",
+            format!("{address} not found (containerd not running, or pass --address)"),
+        );
+    }
+    let shim = shim.or_else(|| find_in_path(SHIM));
+    match shim {
+        Some(p) => match run(p.to_str().unwrap_or(SHIM), &["-v"]) {
+            Some(v) => r.line(Level::Ok, "shim", format!("{} ({})", p.display(), v.lines().nth(1).unwrap_or("").trim())),
+            None => r.line(Level::Fail, "shim", format!("{} does not run", p.display())),
+        },
+        None => r.line(
+            Level::Fail,
+            "shim",
+            format!("{SHIM} not on PATH: install it where containerd finds it (containerd 1.6 ignores runtime_path)"),
+        ),
+    }
+
+    // config
+    match std::fs::read_to_string(config) {
+        Ok(text) => match text.parse::<toml::Table>() {
+            Ok(t) => {
+                let mode = t
+                    .get("mode")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("namespace");
+                let level = if mode == "vm" { Level::Warn } else { Level::Ok };
+                let note = if mode == "vm" {
+                    " (VM mode is not built yet: Create will fail)"
+                } else {
+                    ""
+                };
+                r.line(
+                    level,
+                    "config",
+                    format!("{}: mode = {mode}{note}", config.display()),
+                );
+            }
+            Err(e) => r.line(
+                Level::Fail,
+                "config",
+                format!("{}: {}", config.display(), e.to_string().replace('\n', " ")),
+            ),
+        },
+        Err(_) => r.line(
+            Level::Ok,
+            "config",
+            format!("{} absent: defaults (mode = namespace)", config.display()),
+        ),
+    }
+
+    // VM mode prerequisites (informational until VM mode lands)
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
+    let kvm = Path::new("/dev/kvm").exists();
+    let accel = match (hw, kvm) {
+        (true, true) => "KVM usable (vmx/svm present, /dev/kvm exists)".to_string(),
+        (false, true) => {
+            "/dev/kvm exists but the CPU shows no vmx/svm: VMs would use TCG (software emulation)"
+                .to_string()
+        }
+        (_, false) => "no /dev/kvm: VMs would use TCG (software emulation)".to_string(),
+    };
+    r.line(Level::Ok, "virtualization", accel);
+    r.line(
+        Level::Warn,
+        "VM mode",
+        "not built in this version (namespace mode only)",
+    );
+
+    println!();
+    if r.failed {
+        println!("janus check: problems found (see FAIL lines)");
+        ExitCode::from(1)
+    } else {
+        println!("janus check: ready for namespace mode");
+        ExitCode::SUCCESS
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        return usage();
+    };
+    match cmd.as_str() {
+        "check" => {
+            let mut address = DEFAULT_ADDRESS.to_string();
+            let mut config = PathBuf::from(DEFAULT_CONFIG);
+            let mut shim = None;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match (a.as_str(), it.next()) {
+                    ("--address", Some(v)) => address = v.clone(),
+                    ("--config", Some(v)) => config = PathBuf::from(v),
+                    ("--shim", Some(v)) => shim = Some(PathBuf::from(v)),
+                    _ => return usage(),
+                }
+            }
+            check(&address, &config, shim)
+        }
+        "-v" | "--version" | "version" => {
+            println!("janus {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => usage(),
+    }
+}

@@ -1,0 +1,63 @@
+//! `janus check` against a private containerd.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use janus_tests::{shim_binary, workspace_root, Containerd, JANUS};
+
+fn janus_cli() -> PathBuf {
+    if let Some(p) = std::env::var_os("JANUS_CLI") {
+        return PathBuf::from(p);
+    }
+    let t = workspace_root().join("target");
+    for p in [t.join("release/janus"), t.join("debug/janus")] {
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("janus CLI not built: run `cargo build --release -p cli` (hack/test.sh does)");
+}
+
+#[test]
+fn check_passes_on_this_node() {
+    let ctd = Containerd::for_runtime(JANUS);
+    let shim = shim_binary().expect("shim binary");
+    let o = Command::new(janus_cli())
+        .args(["check", "--address"])
+        .arg(&ctd.address)
+        .arg("--shim")
+        .arg(&shim)
+        .arg("--config")
+        .arg(&ctd.janus_config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("containerd socket") && out.contains("answers"),
+        "{out}"
+    );
+    assert!(out.contains("ready for namespace mode"), "{out}");
+}
+
+#[test]
+fn check_fails_with_a_reason_on_a_broken_config() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("bad.toml");
+    std::fs::write(&cfg, "mode = \n").unwrap();
+    let o = Command::new(janus_cli())
+        .args(["check", "--address", "/nonexistent.sock", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("[FAIL] config") && out.contains("bad.toml"),
+        "{out}"
+    );
+}
