@@ -285,6 +285,10 @@ fn main() {
     // One malloc arena: the shim is mostly idle and small; per-thread arenas only add RSS.
     // SAFETY: mallopt only tunes the allocator; called before other threads exist.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    // Large buffers go to mmap and back to the kernel when freed, instead of growing a heap
+    // that never shrinks (glibc raises this threshold dynamically otherwise).
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024) };
     {
         // SAFETY: no other thread exists yet: the async runtime starts below.
         match unsafe { runtime::linux::zygote::Zygote::start() } {

@@ -108,7 +108,29 @@ impl Channel {
 
     /// Receives one message. `Ok(None)` means the peer closed its end.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<Option<(T, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MSG];
+        // Size the buffer to the message: a fixed 1 MiB buffer per call stayed resident in
+        // the malloc heap of every shim and zygote.
+        let size = loop {
+            let mut probe = [0u8; 1];
+            // SAFETY: recv(2) into a live 1-byte buffer; MSG_PEEK|MSG_TRUNC returns the
+            // full length of the next packet without consuming it.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    probe.as_mut_ptr().cast(),
+                    probe.len(),
+                    libc::MSG_PEEK | libc::MSG_TRUNC,
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(super::Error::io("receive message", e));
+            }
+        };
+        let mut buf = vec![0u8; size.clamp(1, MAX_MSG)];
         let mut cmsg = nix::cmsg_space!([RawFd; 8]);
         let (n, fds) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
