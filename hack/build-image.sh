@@ -1,12 +1,17 @@
 #!/bin/bash
 # Build a busybox OCI image archive from Debian's busybox-static, without network or registry.
 #
-#   hack/build-image.sh OUT_TAR
+#   hack/build-image.sh OUT_TAR [busybox|pause]
+#
+# KIND busybox (default): janus.test/busybox:latest ($JANUS_TEST_IMAGE), Cmd ["/bin/sh"].
+# KIND pause: janus.test/pause:latest ($JANUS_TEST_PAUSE_IMAGE), the CRI sandbox ("pause") image
+#   of the CRI tests: the same rootfs, with an entrypoint that sleeps until SIGTERM/SIGINT and then
+#   exits 0 (its one child, the sleep, is killed first, so nothing outlives it even with hostPID).
 #
 # The result is an OCI image layout packed as a tar (oci-layout, index.json, blobs/sha256/...).
 # Its only manifest is annotated org.opencontainers.image.ref.name=latest (the tag). With
 # containerd 1.6.20 either of these imports it as janus.test/busybox:latest:
-#   ctr -n NS images import --base-name janus.test/busybox OUT_TAR
+#   ctr -n NS images import --base-name janus.test/busybox OUT_TAR   (pause: janus.test/pause)
 #       -> one image, target = the manifest (what the test harness uses)
 #   ctr -n NS images import --index-name janus.test/busybox:latest OUT_TAR
 #       -> image janus.test/busybox:latest with target = a new index, plus an extra image
@@ -26,11 +31,22 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/lib.sh"
 
-[ $# -eq 1 ] || die "usage: $0 OUT_TAR"
+[ $# -eq 1 ] || [ $# -eq 2 ] || die "usage: $0 OUT_TAR [busybox|pause]"
 OUT="$1"
+KIND="${2:-busybox}"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 SCRIPT="$HERE/build-image.sh"
-IMAGE_NAME="${JANUS_TEST_IMAGE:-janus.test/busybox:latest}"
+# The pause entrypoint: PID 1 of the sandbox. `wait` returns when a trapped signal arrives.
+PAUSE_SCRIPT='trap "kill \$c 2>/dev/null; exit 0" TERM INT; sleep 2147483647 & c=$!; wait $c'
+case "$KIND" in
+busybox)
+	IMAGE_NAME="${JANUS_TEST_IMAGE:-janus.test/busybox:latest}"
+	;;
+pause)
+	IMAGE_NAME="${JANUS_TEST_PAUSE_IMAGE:-janus.test/pause:latest}"
+	;;
+*) die "unknown image kind $KIND (busybox or pause)" ;;
+esac
 
 mkdir -p "$(dirname "$OUT")"
 exec 9>"$OUT.lock"
@@ -114,15 +130,18 @@ blob() {
 read -r LAYER_DIGEST LAYER_SIZE < <(blob "$WORK/layer.tar.gz")
 
 # --- config ---------------------------------------------------------------------------------
-jq -n -c --arg diff "$DIFF_ID" '{
+IMAGE_PATH_ENV='["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]'
+if [ "$KIND" = pause ]; then
+	CONFIG_JSON="$(jq -n -c --argjson env "$IMAGE_PATH_ENV" --arg s "$PAUSE_SCRIPT" \
+		'{Env: $env, Entrypoint: ["/bin/sh", "-c", $s], WorkingDir: "/"}')"
+else
+	CONFIG_JSON="$(jq -n -c --argjson env "$IMAGE_PATH_ENV" '{Env: $env, Cmd: ["/bin/sh"], WorkingDir: "/"}')"
+fi
+jq -n -c --arg diff "$DIFF_ID" --argjson cfg "$CONFIG_JSON" '{
 	created: "1970-01-01T00:00:00Z",
 	architecture: "amd64",
 	os: "linux",
-	config: {
-		Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-		Cmd: ["/bin/sh"],
-		WorkingDir: "/"
-	},
+	config: $cfg,
 	rootfs: { type: "layers", diff_ids: [$diff] },
 	history: [{ created: "1970-01-01T00:00:00Z", created_by: "janus hack/build-image.sh (Debian busybox-static)" }]
 }' >"$WORK/config.json"

@@ -18,6 +18,9 @@
 #                         remove empty cgroup dirs of containerd namespace NS
 #   ctr_private DIR ARGS  run ctr against it
 #   janus_image_tar       where build-image.sh caches the busybox image
+#   apt_update_once       apt-get update at most once per script run
+#   host_tsc_khz          host TSC frequency in kHz (for the guest's tsc_early_khz=)
+#   janus_pause_tar       where build-image.sh caches the pause image (CRI tests)
 
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
@@ -88,6 +91,11 @@ ensure_rust() {
 
 janus_image_tar() {
 	echo "${JANUS_TEST_IMAGE_TAR:-$REPO_ROOT/target/janus-test/busybox.tar}"
+}
+
+# The CRI sandbox (pause) image archive of the CRI tests (build-image.sh OUT pause).
+janus_pause_tar() {
+	echo "${JANUS_TEST_PAUSE_TAR:-$REPO_ROOT/target/janus-test/pause.tar}"
 }
 
 # Locate the shim binary: $JANUS_SHIM, else target/release, else target/debug.
@@ -215,4 +223,27 @@ ctr_private() {
 	local dir="$1"
 	shift
 	ctr --address "$dir/containerd.sock" "$@"
+}
+
+# apt_update_once: apt-get update, at most once per script run (shared with ensure_apt).
+apt_update_once() {
+	[ "$_APT_UPDATED" -eq 1 ] && return 0
+	log "apt-get update"
+	apt-get update -q >&2 || die "apt-get update failed"
+	_APT_UPDATED=1
+}
+
+# host_tsc_khz: the host TSC frequency in kHz, for the guest's tsc_early_khz= (QEMU microvm
+# under TCG otherwise fails TSC calibration in ~1 boot of 6 and hangs). Taken from the kernel's
+# "tsc: Refined/Detected TSC clocksource ... MHz" line when dmesg is readable, else from
+# /proc/cpuinfo's "cpu MHz" (equal to the TSC rate only with constant_tsc/tsc_known_freq, as in
+# this VM; on bare metal with frequency scaling prefer the dmesg line). Prints nothing when
+# neither is available.
+host_tsc_khz() {
+	local mhz
+	mhz="$(dmesg 2>/dev/null | sed -n 's/.*tsc: Refined TSC clocksource calibration: \([0-9.]*\) MHz.*/\1/p' | tail -n1)" || true
+	[ -n "$mhz" ] || mhz="$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9.]*\) MHz processor.*/\1/p' | tail -n1)" || true
+	[ -n "$mhz" ] || mhz="$(sed -n 's/^cpu MHz[[:space:]]*: *\([0-9.]*\)$/\1/p' /proc/cpuinfo | head -n1)" || true
+	[ -n "$mhz" ] || return 0
+	awk -v m="$mhz" 'BEGIN { printf "%d\n", m * 1000 + 0.5 }'
 }

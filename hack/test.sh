@@ -1,6 +1,7 @@
 #!/bin/bash
 # Full check of the workspace, as CI runs it (root, Debian 12):
-#   deps -> release build -> fmt -> clippy -> unit tests -> image -> integration tests.
+#   deps -> release build -> fmt -> clippy -> unit tests -> images -> integration tests
+#   (ctr suite, CRI suite, deploy/ checks: all of `cargo test -p janus-tests`).
 # Every step runs (unless what it needs failed); the script ends with a summary and exits
 # non-zero if any step failed.
 #
@@ -61,16 +62,21 @@ step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "unit tests" cargo test --workspace --exclude janus-tests
 
 IMAGE_OK=0
-step "test image" "$HERE/build-image.sh" "$(janus_image_tar)" && IMAGE_OK=1
+build_test_images() {
+	"$HERE/build-image.sh" "$(janus_image_tar)" busybox &&
+		"$HERE/build-image.sh" "$(janus_pause_tar)" pause
+}
+step "test images" build_test_images && IMAGE_OK=1
 
 if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	export JANUS_SHIM="${JANUS_SHIM:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/containerd-shim-janus-v2}"
 	export JANUS_TEST_IMAGE_TAR="$(janus_image_tar)"
+	export JANUS_TEST_PAUSE_TAR="$(janus_pause_tar)"
 	# shellcheck disable=SC2086
 	step "integration tests" timeout --kill-after=30 "$IT_TIMEOUT" \
 		cargo test -p janus-tests -- --test-threads="$THREADS" ${JANUS_TEST_FILTER:-}
 else
-	skip "integration tests" "release build or test image failed"
+	skip "integration tests" "release build or test images failed"
 fi
 
 echo

@@ -134,6 +134,9 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             _ = exit.wait() => break,
         }
     }
+    // Let the reply to Shutdown (or the last Delete) reach containerd before the
+    // connections close.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let _ = server.shutdown().await;
     let _ = std::fs::remove_file(&path);
     if let Some(z) = ZYGOTE.get() {

@@ -15,6 +15,11 @@
 //! - `JANUS_TEST_TIMEOUT`: seconds a single ctr command may take (default 60).
 //! - `JANUS_TEST_LOG_LEVEL`: containerd log level (default `info`).
 //! - `JANUS_TEST_KEEP`: keep the instance directory after the test.
+//!
+//! [`cri`] adds the CRI variant: containerd's CRI plugin enabled, CNI bridge networking, a local
+//! pause image, and a gRPC CRI client (as kubelet uses it) with the streaming (Exec/Attach) client.
+
+pub mod cri;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -35,6 +40,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 /// The test image, imported into every instance.
 pub const IMAGE: &str = "janus.test/busybox:latest";
+/// The CRI sandbox ("pause") image, imported into CRI instances (`sandbox_image`).
+pub const PAUSE_IMAGE: &str = "janus.test/pause:latest";
 /// containerd's Go runc shim: proves the harness.
 pub const RUNC: &str = "io.containerd.runc.v2";
 /// Our shim.
@@ -118,24 +125,44 @@ pub fn image_tar_path() -> PathBuf {
         .unwrap_or_else(|| workspace_target().join("janus-test").join("busybox.tar"))
 }
 
+/// Path of the cached pause image archive (`JANUS_TEST_PAUSE_TAR`, default
+/// `<workspace>/target/janus-test/pause.tar`).
+pub fn pause_tar_path() -> PathBuf {
+    std::env::var_os("JANUS_TEST_PAUSE_TAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("janus-test").join("pause.tar"))
+}
+
 /// Build (once per process; the script itself caches and locks) the busybox image archive.
 pub fn ensure_image() -> Result<PathBuf> {
     static IMAGE_TAR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    IMAGE_TAR
-        .get_or_init(|| {
-            let out = image_tar_path();
-            let script = workspace_root().join("hack").join("build-image.sh");
-            let mut cmd = Command::new("bash");
-            cmd.arg(&script).arg(&out);
-            let o = run_with_timeout(cmd, None, Duration::from_secs(600))
-                .map_err(|e| format!("running {}: {e:#}", script.display()))?;
-            if !o.status.success() {
-                return Err(format!("{} failed:\n{}", script.display(), o));
-            }
-            Ok(out)
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
+    build_image_once(&IMAGE_TAR, image_tar_path(), "busybox")
+}
+
+/// Build (once per process) the pause image archive for CRI sandboxes.
+pub fn ensure_pause_image() -> Result<PathBuf> {
+    static PAUSE_TAR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    build_image_once(&PAUSE_TAR, pause_tar_path(), "pause")
+}
+
+fn build_image_once(
+    cell: &OnceLock<std::result::Result<PathBuf, String>>,
+    out: PathBuf,
+    kind: &str,
+) -> Result<PathBuf> {
+    cell.get_or_init(|| {
+        let script = workspace_root().join("hack").join("build-image.sh");
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(&out).arg(kind);
+        let o = run_with_timeout(cmd, None, Duration::from_secs(600))
+            .map_err(|e| format!("running {}: {e:#}", script.display()))?;
+        if !o.status.success() {
+            return Err(format!("{} failed:\n{}", script.display(), o));
+        }
+        Ok(out)
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,8 +630,12 @@ pub struct Containerd {
     pub state: PathBuf,
     /// gRPC socket.
     pub address: PathBuf,
-    /// The containerd namespace all helpers use (unique per instance).
+    /// The containerd namespace all helpers use (unique per instance; `k8s.io` with CRI).
     pub namespace: String,
+    /// Unique name of this instance (`jt-<pid>-<seq>`): log file names, CRI cgroup root.
+    pub name: String,
+    /// CRI set-up (CNI network, cgroup root...), when started with [`Options::cri`].
+    pub cri_env: Option<cri::CriEnv>,
     /// Janus runtime config file (`mode = "namespace"`).
     pub janus_config: PathBuf,
     /// The shim binary linked into containerd's PATH, when one was found.
@@ -621,6 +652,8 @@ pub struct Containerd {
 pub struct Options {
     /// Fail unless the Janus shim binary is found.
     pub require_janus: bool,
+    /// Enable the CRI plugin (namespace `k8s.io`, CNI bridge network, pause image): see [`cri`].
+    pub cri: bool,
 }
 
 impl Options {
@@ -628,6 +661,7 @@ impl Options {
     pub fn for_runtime(runtime: &str) -> Self {
         Options {
             require_janus: runtime.contains("janus"),
+            cri: false,
         }
     }
 }
@@ -660,6 +694,9 @@ impl Containerd {
             Err(_) => None,
         };
         let image = ensure_image()?;
+        if opts.cri {
+            ensure_pause_image()?;
+        }
         let permit = Permit::acquire();
 
         let dir = tempfile::Builder::new()
@@ -667,7 +704,14 @@ impl Containerd {
             .tempdir()
             .context("creating instance dir")?
             .keep();
-        let namespace = format!("jt-{}-{}", std::process::id(), next_seq());
+        let name = format!("jt-{}-{}", std::process::id(), next_seq());
+        // CRI works in containerd's `k8s.io` namespace; its isolation comes from the cgroup
+        // root, runc root, CNI network and bridge of the instance instead (see `cri::CriEnv`).
+        let namespace = if opts.cri {
+            cri::CRI_NAMESPACE.to_string()
+        } else {
+            name.clone()
+        };
         let root = dir.join("root");
         let state = dir.join("state");
         let bin = dir.join("bin");
@@ -683,7 +727,15 @@ impl Containerd {
         let janus_config = dir.join("janus.toml");
         fs::write(&janus_config, "mode = \"namespace\"\n")?;
         let config = dir.join("config.toml");
-        fs::write(&config, containerd_config(&dir, &root, &state, &address))?;
+        let mut config_text = containerd_config(&dir, &root, &state, &address, opts.cri);
+        let cri_env = if opts.cri {
+            let env = cri::CriEnv::setup(&dir, &name)?;
+            config_text.push_str(&env.containerd_config(&janus_config));
+            Some(env)
+        } else {
+            None
+        };
+        fs::write(&config, config_text)?;
 
         let log_file = fs::File::create(&log)?;
         let mut cmd = Command::new(CONTAINERD);
@@ -702,6 +754,8 @@ impl Containerd {
             state,
             address,
             namespace,
+            name,
+            cri_env,
             janus_config,
             shim,
             child: Some(child),
@@ -710,7 +764,10 @@ impl Containerd {
             _permit: permit,
         };
         ctd.wait_ready()?;
-        ctd.import_image(&image)?;
+        if !opts.cri {
+            // (CRI instances import once the CRI plugin is ready: `cri::Cri::start`.)
+            ctd.import_image(&image, IMAGE)?;
+        }
         Ok(ctd)
     }
 
@@ -745,8 +802,8 @@ impl Containerd {
         }
     }
 
-    fn import_image(&self, tar: &Path) -> Result<()> {
-        let base = IMAGE.rsplit_once(':').map(|(b, _)| b).unwrap_or(IMAGE);
+    fn import_image(&self, tar: &Path, image: &str) -> Result<()> {
+        let base = image.rsplit_once(':').map(|(b, _)| b).unwrap_or(image);
         let o = self.ctr(&[
             "images",
             "import",
@@ -758,8 +815,8 @@ impl Containerd {
             bail!("importing {}:\n{o}", tar.display());
         }
         let ls = self.ctr(&["images", "ls", "-q"]);
-        if !ls.stdout.lines().any(|l| l.trim() == IMAGE) {
-            bail!("{IMAGE} missing after import:\n{ls}");
+        if !ls.stdout.lines().any(|l| l.trim() == image) {
+            bail!("{image} missing after import:\n{ls}");
         }
         Ok(())
     }
@@ -1100,8 +1157,13 @@ impl Containerd {
             }
         }
         // Leftover shims (their command line names our socket) and container processes
-        // (their root or cwd is under our state dir).
+        // (their root or cwd is under our state dir, or their cgroup is ours: named after our
+        // namespace, or under our CRI cgroup root).
         let addr = self.address.display().to_string();
+        let cg_token = match &self.cri_env {
+            Some(env) => env.cgroup_root.clone(),
+            None => self.namespace.clone(),
+        };
         for _ in 0..3 {
             let mut killed = 0;
             for p in processes() {
@@ -1109,7 +1171,7 @@ impl Containerd {
                     continue;
                 }
                 let ours = contains_token_path(&p.cmdline, &addr)
-                    || contains_token(&p.cgroup, &self.namespace)
+                    || contains_token(&p.cgroup, &cg_token)
                     || p.root.as_ref().is_some_and(|r| r.starts_with(&self.dir))
                     || p.cwd.as_ref().is_some_and(|r| r.starts_with(&self.dir));
                 if ours {
@@ -1140,16 +1202,23 @@ impl Containerd {
         for m in &mounts {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
-        // cgroups of our namespace (runc: /sys/fs/cgroup/<ctrl>/<ns>/<id>).
+        // cgroups of our namespace (runc: /sys/fs/cgroup/<ctrl>/<ns>/<id>), or our CRI cgroup
+        // root (/sys/fs/cgroup/<ctrl>/<root>/<pod>/<id>).
         if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
             for c in rd.flatten() {
-                let p = c.path().join(&self.namespace);
+                let p = c.path().join(&cg_token);
                 if p.is_dir() {
                     rmdir_tree(&p);
                 }
             }
         }
-        let _ = fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.namespace));
+        if self.cri_env.is_none() {
+            // (CRI instances give runc a root of their own under `dir`: `k8s.io` is shared.)
+            let _ = fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.namespace));
+        }
+        if let Some(env) = &self.cri_env {
+            env.teardown();
+        }
         let still_mounted = fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
@@ -1159,7 +1228,7 @@ impl Containerd {
             let keep = workspace_target()
                 .join("janus-test")
                 .join("logs")
-                .join(format!("{}.containerd.log", self.namespace));
+                .join(format!("{}.containerd.log", self.name));
             if fs::create_dir_all(keep.parent().unwrap()).is_ok()
                 && fs::copy(&self.log, &keep).is_ok()
             {
@@ -1210,7 +1279,7 @@ impl Drop for ContainerGuard<'_> {
     }
 }
 
-fn containerd_config(dir: &Path, root: &Path, state: &Path, address: &Path) -> String {
+fn containerd_config(dir: &Path, root: &Path, state: &Path, address: &Path, cri: bool) -> String {
     let level = std::env::var("JANUS_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     format!(
         r#"# Private containerd for Janus integration tests.
@@ -1218,9 +1287,10 @@ version = 2
 root = "{root}"
 state = "{state}"
 oom_score = 0
-# CRI comes later; the snapshotters that can't work here only add noise and start time.
+# CRI only where asked for (see below); the snapshotters that can't work here only add noise
+# and start time.
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+  {cri_plugin}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
@@ -1253,6 +1323,11 @@ disabled_plugins = [
         state = state.display(),
         address = address.display(),
         dir = dir.display(),
+        cri_plugin = if cri {
+            ""
+        } else {
+            "\"io.containerd.grpc.v1.cri\","
+        },
     )
 }
 

@@ -222,13 +222,6 @@ fn setup_rootfs(
             let _ = symlink("/proc/kcore", dev.join("core"));
         }
     }
-    if dev.join("pts/ptmx").exists() {
-        let ptmx = dev.join("ptmx");
-        if fs::symlink_metadata(&ptmx).is_ok() {
-            let _ = fs::remove_file(&ptmx);
-        }
-        let _ = symlink("pts/ptmx", &ptmx);
-    }
     for d in linux
         .and_then(|l| l.devices().as_ref())
         .into_iter()
@@ -239,6 +232,15 @@ fn setup_rootfs(
             fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
         }
         create_device_at(&dst, d, plan.new_user())?;
+    }
+    // After the spec's devices (a privileged spec lists the host's /dev/ptmx): the
+    // container's ptmx is its own devpts instance's.
+    if dev.join("pts/ptmx").exists() {
+        let ptmx = dev.join("ptmx");
+        if fs::symlink_metadata(&ptmx).is_ok() {
+            let _ = fs::remove_file(&ptmx);
+        }
+        let _ = symlink("pts/ptmx", &ptmx);
     }
 
     before_pivot()?;
@@ -558,6 +560,8 @@ fn create_device_at(dst: &Path, d: &LinuxDevice, userns: bool) -> Result<()> {
             let _ = nix::unistd::chown(dst, d.uid().map(Uid::from_raw), d.gid().map(Gid::from_raw));
             Ok(())
         }
+        // Already there (e.g. listed twice, or a node the rootfs ships): keep it, as runc does.
+        Err(nix::errno::Errno::EEXIST) => Ok(()),
         Err(nix::errno::Errno::EPERM) => {
             // In a user namespace mknod is refused: bind the host's node instead.
             fs::File::create(dst).ctx(|| format!("create {}", dst.display()))?;
