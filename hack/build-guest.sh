@@ -4,8 +4,9 @@
 #   hack/build-guest.sh [OUT_DIR]            (default OUT_DIR: target/guest)
 #
 # Environment:
-#   JANUS_GUEST_INIT=/path/to/static/binary  /init of initramfs.cpio (the vm-agent); unset: the
-#                                            test init built from hack/guest/testinit.c
+#   JANUS_GUEST_INIT=/path/to/static/binary  /init of initramfs.cpio; unset: the vm-agent, built
+#                                            statically here (cargo). initramfs-testinit.cpio
+#                                            always holds the test init (hack/guest/testinit.c)
 #   JANUS_GUEST_KERNEL_PKG=linux-image-cloud-amd64
 #                                            the kernel metapackage to resolve
 #   SOURCE_DATE_EPOCH=0                      mtime of every initramfs entry
@@ -309,6 +310,21 @@ build_initramfs() {
 	log "initramfs: built $cpio ($(_human_size "$cpio"), init=$init, $(wc -l <"$out/modules/$rel/modules.order") modules)"
 }
 
+# build_agent: the vm-agent, statically linked (the initramfs has no libc). Only the gnu
+# target exists here, so crt-static on it; libseccomp comes from Debian's static archive.
+# Prints the binary's path.
+build_agent() {
+	ensure_apt libseccomp-dev
+	ensure_rust
+	local triple=x86_64-unknown-linux-gnu
+	(cd "$REPO_ROOT" &&
+		LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+			RUSTFLAGS="-C target-feature=+crt-static" \
+			cargo build --release -p vm-agent --target "$triple" >&2) ||
+		die "building the static vm-agent failed"
+	echo "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$triple/release/vm-agent"
+}
+
 main() {
 	local out="${1:-$REPO_ROOT/target/guest}"
 	mkdir -p "$out"
@@ -321,11 +337,7 @@ main() {
 	if [ -n "${JANUS_GUEST_INIT:-}" ]; then
 		build_initramfs "$(realpath "$JANUS_GUEST_INIT")" "$out/initramfs.cpio"
 	else
-		log "initramfs: JANUS_GUEST_INIT not set: initramfs.cpio uses the test init"
-		if ! cmp -s "$out/initramfs-testinit.cpio" "$out/initramfs.cpio" 2>/dev/null; then
-			cp "$out/initramfs-testinit.cpio" "$out/initramfs.cpio"
-		fi
-		cp "$out/initramfs-testinit.cpio.stamp" "$out/initramfs.cpio.stamp"
+		build_initramfs "$(build_agent)" "$out/initramfs.cpio"
 	fi
 	log "done: $out ($(cat "$out/kernel.release")): vmlinux vmlinuz initramfs.cpio modules/"
 }

@@ -1,0 +1,106 @@
+//! Early boot as PID 1: pseudo filesystems, kernel modules, reaping, power-off.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use nix::mount::{mount, MsFlags};
+
+/// Modules loaded at boot, for GuestDetails.
+pub static MODULES: OnceLock<Vec<String>> = OnceLock::new();
+
+fn mnt(src: &str, dst: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(dst);
+    if let Err(e) = mount(Some(src), dst, Some(fstype), flags, data) {
+        if e != nix::errno::Errno::EBUSY {
+            crate::log_line(&format!("mount {fstype} on {dst}: {e}"));
+        }
+    }
+}
+
+pub fn early() {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mnt("proc", "/proc", "proc", nodev, None);
+    mnt("sysfs", "/sys", "sysfs", nodev, None);
+    mnt(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    mnt(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    mnt("shm", "/dev/shm", "tmpfs", nodev, Some("mode=1777"));
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mnt(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None);
+    // Containers need the memory, cpu, pids, io controllers in the subtree.
+    let _ = std::fs::write(
+        "/sys/fs/cgroup/cgroup.subtree_control",
+        "+cpu +cpuset +memory +pids +io",
+    );
+    MODULES.get_or_init(load_modules);
+    // SAFETY: prctl with integer arguments: we reap orphans as init must anyway.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+fn load_modules() -> Vec<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let order = std::fs::read_to_string(dir.join("modules.order")).unwrap_or_default();
+    let mut loaded = Vec::new();
+    for rel in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = dir.join(rel);
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let Ok(f) = std::fs::File::open(&path) else {
+            crate::log_line(&format!("module {rel}: missing"));
+            continue;
+        };
+        let params = CString::default();
+        // SAFETY: finit_module(2) reads the module from an open fd; params is a valid C string.
+        let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
+            loaded.push(name);
+        } else {
+            crate::log_line(&format!(
+                "module {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    loaded
+}
+
+/// Ends the VM (as PID 1) or the process (when run outside a VM, e.g. in tests).
+pub fn power_off(pid1: bool) -> ! {
+    if pid1 {
+        // SAFETY: sync and reboot(2) have no memory-safety preconditions.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_POWER_OFF);
+        }
+    }
+    std::process::exit(0)
+}

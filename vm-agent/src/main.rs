@@ -1,0 +1,192 @@
+//! vm-agent: PID 1 of a Janus VM.
+//!
+//! Boot: mount the pseudo filesystems (cgroup2 only), load the kernel modules listed in the
+//! initramfs, find the `janus.agent` virtio-serial port, then serve the agent API (ttrpc)
+//! on it. The ttrpc server listens on a unix socket inside the guest and a small pump joins
+//! that socket to the port: ttrpc needs a connection, the port is a character device.
+
+mod init;
+mod service;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+pub const AGENT_PORT: &str = "janus.agent";
+const SERVER_SOCKET: &str = "/run/janus-agent.sock";
+
+fn log_line(msg: &str) {
+    // The serial console is the only log a guest has; keep lines short and prefixed.
+    eprintln!("janus-agent: {msg}");
+}
+
+/// Finds the character device of a named virtio-serial port (no udev in the guest).
+fn find_port(name: &str, timeout: Duration) -> Option<PathBuf> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(dir) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in dir.flatten() {
+                let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if n.trim() == name {
+                    return Some(Path::new("/dev").join(e.file_name()));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl flag changes on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+async fn port_read(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        let mut g = port.readable().await?;
+        match g.try_io(|fd| {
+            // SAFETY: reading into a live buffer of the given length.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(r) => return r,
+            Err(_) => continue,
+        }
+    }
+}
+
+async fn port_write(port: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let mut g = port.writable().await?;
+        match g.try_io(|fd| {
+            // SAFETY: writing from a live buffer of the given length.
+            let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Joins the port to the in-guest ttrpc server, one connection per host session: the port
+/// reads EOF while the host side is not connected.
+async fn pump(port_path: PathBuf) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&port_path)?;
+    let fd: OwnedFd = f.into();
+    set_nonblocking(&fd);
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: open and unchanged while it lives.
+    let port = Arc::new(
+        unsafe { AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))?,
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Wait for the host to send something (EOF = nobody connected yet).
+        let n = match port_read(&port, &mut buf).await {
+            Ok(0) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+            Err(e) => return Err(e),
+        };
+        let conn = UnixStream::connect(SERVER_SOCKET).await?;
+        let (mut rd, mut wr) = conn.into_split();
+        wr.write_all(&buf[..n]).await?;
+        let p2 = port.clone();
+        let to_host = tokio::spawn(async move {
+            let mut b = vec![0u8; 64 * 1024];
+            loop {
+                match rd.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if port_write(&p2, &b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        loop {
+            match port_read(&port, &mut buf).await {
+                Ok(0) => break, // host went away: next session gets a fresh connection
+                Ok(n) => {
+                    if wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(_) => break,
+            }
+        }
+        to_host.abort();
+    }
+}
+
+async fn serve() -> Result<(), String> {
+    let port = tokio::task::spawn_blocking(|| find_port(AGENT_PORT, Duration::from_secs(30)))
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("virtio-serial port {AGENT_PORT} not found"))?;
+    let _ = std::fs::remove_file(SERVER_SOCKET);
+    let svc = service::AgentService::new();
+    let services = protocols::create_agent(Arc::new(svc));
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("unix://{SERVER_SOCKET}"))
+        .map_err(|e| format!("bind {SERVER_SOCKET}: {e}"))?
+        .register_service(services);
+    server
+        .start()
+        .await
+        .map_err(|e| format!("start server: {e}"))?;
+    log_line(&format!("ready on {}", port.display()));
+    pump(port).await.map_err(|e| format!("agent port: {e}"))
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        init::early();
+    }
+    // SAFETY: mallopt tunes the allocator; single-threaded here.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log_line(&format!("runtime: {e}"));
+            init::power_off(pid1)
+        }
+    };
+    if let Err(e) = rt.block_on(serve()) {
+        log_line(&e);
+    }
+    init::power_off(pid1)
+}
