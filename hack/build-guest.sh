@@ -330,7 +330,7 @@ main() {
 	mkdir -p "$out"
 	out="$(cd "$out" && pwd)"
 	GUEST_OUT_DIR="$out"
-	ensure_apt apt coreutils dpkg kmod lz4 cpio binutils file gcc libc6-dev
+	ensure_apt apt coreutils dpkg kmod lz4 cpio binutils file gcc libc6-dev qemu-system-x86
 	build_kernel "$out"
 	build_testinit "$out"
 	build_initramfs "$out/testinit" "$out/initramfs-testinit.cpio"

@@ -59,6 +59,8 @@ BUILD_OK=0
 step "release build" cargo build --release --workspace --bins && BUILD_OK=1
 step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
+# runtime::vm sits behind a feature (the in-guest agent must not link it): lint it too.
+step "clippy (vm)" cargo clippy -p runtime --features vm --all-targets -- -D warnings
 step "unit tests" cargo test --workspace --exclude janus-tests
 
 IMAGE_OK=0
@@ -77,6 +79,17 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 		cargo test -p janus-tests -- --test-threads="$THREADS" ${JANUS_TEST_FILTER:-}
 else
 	skip "integration tests" "release build or test images failed"
+fi
+
+# VM mode: the guest (Debian's cloud kernel, modules, initramfs with the static vm-agent) and
+# the QEMU driver tests, booting it for real (TCG here, KVM where the CPU has vmx/svm).
+GUEST_OK=0
+step "guest image" "$HERE/build-guest.sh" && GUEST_OK=1
+if [ "$GUEST_OK" = 1 ]; then
+	step "vm tests" timeout --kill-after=30 "$IT_TIMEOUT" \
+		cargo test -p runtime --features vm -- --test-threads=1
+else
+	skip "vm tests" "guest image build failed"
 fi
 
 echo

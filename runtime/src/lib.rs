@@ -2,6 +2,9 @@
 //!
 //! `linux` turns an OCI runtime spec into a Linux container in-process (no runc binary):
 //! namespaces, mounts, pivot_root, cgroups, capabilities, rlimits and process management.
-//! The VM sandbox (`vm`) arrives with the VM-mode issues.
+//! `vm` (cargo feature `vm`, off by default so the in-guest agent does not link it) is the
+//! host side of VM mode: the hypervisor trait, the QEMU driver and the agent client.
 
 pub mod linux;
+#[cfg(feature = "vm")]
+pub mod vm;

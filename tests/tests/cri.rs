@@ -897,11 +897,19 @@ fn container_stop_remove(h: &str) {
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+            "trap 'exit 0' TERM; touch /tmp/trap-set; while :; do sleep 0.1; done",
         ],
         |_| {},
     );
     c.wait_running(&id);
+    // PID 1 ignores SIGTERM until its trap exists: stop only once the shell has set it.
+    let deadline = std::time::Instant::now() + secs(10);
+    while c.exec_sync(&id, &["test", "-f", "/tmp/trap-set"]).exit_code != 0 {
+        if std::time::Instant::now() > deadline {
+            c.fail("the container never set its TERM trap");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     c.try_stop_container(&id, 10)
         .unwrap_or_else(|e| c.fail(format!("{e:#}")));
     let st = c.container_status(&id);

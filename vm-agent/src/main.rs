@@ -5,8 +5,10 @@
 //! on it. The ttrpc server listens on a unix socket inside the guest and a small pump joins
 //! that socket to the port: ttrpc needs a connection, the port is a character device.
 
+mod containers;
 mod init;
 mod service;
+mod stdio;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ fn log_line(msg: &str) {
 }
 
 /// Finds the character device of a named virtio-serial port (no udev in the guest).
-fn find_port(name: &str, timeout: Duration) -> Option<PathBuf> {
+pub fn find_port(name: &str, timeout: Duration) -> Option<PathBuf> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(dir) = std::fs::read_dir("/sys/class/virtio-ports") {
@@ -44,7 +46,7 @@ fn find_port(name: &str, timeout: Duration) -> Option<PathBuf> {
     }
 }
 
-fn set_nonblocking(fd: &OwnedFd) {
+pub fn set_nonblocking(fd: &OwnedFd) {
     // SAFETY: fcntl flag changes on a descriptor we own.
     unsafe {
         let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
@@ -52,7 +54,7 @@ fn set_nonblocking(fd: &OwnedFd) {
     }
 }
 
-async fn port_read(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+pub async fn port_read(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {
         let mut g = port.readable().await?;
         match g.try_io(|fd| {
@@ -70,7 +72,7 @@ async fn port_read(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<u
     }
 }
 
-async fn port_write(port: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
+pub async fn port_write(port: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         let mut g = port.writable().await?;
         match g.try_io(|fd| {
@@ -154,7 +156,29 @@ async fn serve() -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("virtio-serial port {AGENT_PORT} not found"))?;
     let _ = std::fs::remove_file(SERVER_SOCKET);
-    let svc = service::AgentService::new();
+    let svc = service::AgentService::new(stdio::Mux::open());
+    let containers = svc.containers();
+    // Reap everything (we are PID 1): container exits go to their records.
+    tokio::spawn(async move {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        else {
+            return;
+        };
+        loop {
+            sig.recv().await;
+            loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) => containers.on_exit(pid.as_raw(), code),
+                    Ok(WaitStatus::Signaled(pid, s, _)) => {
+                        containers.on_exit(pid.as_raw(), 128 + s as i32)
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+    });
     let services = protocols::create_agent(Arc::new(svc));
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("unix://{SERVER_SOCKET}"))
@@ -175,6 +199,14 @@ fn main() {
     }
     // SAFETY: mallopt tunes the allocator; single-threaded here.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    // Containers are forked from a zygote made while we are still single-threaded.
+    // SAFETY: no thread exists yet.
+    match unsafe { runtime::linux::zygote::Zygote::start() } {
+        Ok(z) => {
+            let _ = containers::ZYGOTE.set(z);
+        }
+        Err(e) => log_line(&format!("zygote: {e}")),
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -2,7 +2,11 @@
 //! shutdown; container calls arrive with the VM sandbox (the default trait methods answer
 //! them with an error naming the method).
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::containers::{AgentError, Containers};
+use crate::stdio::Mux;
 
 use async_trait::async_trait;
 use protocols::agent::*;
@@ -10,13 +14,21 @@ use ttrpc::r#async::TtrpcContext;
 
 pub struct AgentService {
     started: Instant,
+    containers: Arc<Containers>,
+    mux: Mux,
 }
 
 impl AgentService {
-    pub fn new() -> Self {
+    pub fn new(mux: Mux) -> Self {
         AgentService {
             started: Instant::now(),
+            containers: Arc::new(Containers::default()),
+            mux,
         }
+    }
+
+    pub fn containers(&self) -> Arc<Containers> {
+        self.containers.clone()
     }
 }
 
@@ -61,6 +73,69 @@ impl protocols::Agent for AgentService {
                 .unwrap_or(1),
             ..Default::default()
         })
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let pid = self.containers.create(&self.mux, req).await?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<StartResponse> {
+        if !req.exec_id.is_empty() {
+            return Err(
+                AgentError::InvalidArgument("exec processes are not supported yet".into()).into(),
+            );
+        }
+        let pid = self.containers.start(&req.container_id).await?;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitResponse> {
+        let c = self.containers.get(&req.container_id)?;
+        c.init.wait().await;
+        let (_, _, code, at) = c.init.snapshot();
+        Ok(WaitResponse {
+            exit_status: code,
+            exited_at_unix_nanos: at,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .signal(&req.container_id, req.signal, req.all)?;
+        Ok(Empty::default())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.remove(&req.container_id).await?;
+        Ok(Empty::default())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {

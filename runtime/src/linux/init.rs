@@ -249,17 +249,29 @@ fn setup_rootfs(
     let newroot = fs::File::open(rootfs).ctx(|| format!("open {}", rootfs.display()))?;
     let oldroot = fs::File::open("/").ctx(|| "open /".into())?;
     nix::unistd::fchdir(&newroot).ctx(|| "fchdir rootfs".into())?;
-    pivot_root(".", ".").ctx(|| "pivot_root".into())?;
-    nix::unistd::fchdir(&oldroot).ctx(|| "fchdir old root".into())?;
-    mount(
-        None::<&str>,
-        ".",
-        None::<&str>,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .ctx(|| "make old root a slave".into())?;
-    umount2(".", MntFlags::MNT_DETACH).ctx(|| "unmount old root".into())?;
+    match pivot_root(".", ".") {
+        Ok(()) => {
+            nix::unistd::fchdir(&oldroot).ctx(|| "fchdir old root".into())?;
+            mount(
+                None::<&str>,
+                ".",
+                None::<&str>,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .ctx(|| "make old root a slave".into())?;
+            umount2(".", MntFlags::MNT_DETACH).ctx(|| "unmount old root".into())?;
+        }
+        // The initial ramfs (a VM guest booted from its initramfs) cannot be pivoted away
+        // from: move the new root over / and chroot into it instead, as runc's no-pivot
+        // mode does. The VM is the isolation boundary there.
+        Err(nix::errno::Errno::EINVAL) if is_initramfs_root() => {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .ctx(|| "move rootfs over /".into())?;
+            nix::unistd::chroot(".").ctx(|| "chroot".into())?;
+        }
+        Err(e) => return Err(Error::sys("pivot_root", e)),
+    }
     chdir("/").ctx(|| "chdir /".into())?;
     drop((newroot, oldroot));
 
@@ -292,6 +304,21 @@ fn setup_rootfs(
         remount_ro(Path::new("/"))?;
     }
     Ok(())
+}
+
+/// Whether / is the kernel's initial rootfs (ramfs/tmpfs), where pivot_root(2) says EINVAL.
+fn is_initramfs_root() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|mi| {
+            mi.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(4) == Some(&"/")
+                    && l.split(" - ")
+                        .nth(1)
+                        .is_some_and(|t| t.starts_with("rootfs ") || t.starts_with("ramfs "))
+            })
+        })
+        .unwrap_or(false)
 }
 
 fn mount_one(
