@@ -363,6 +363,11 @@ impl Cgroup {
     }
 
     fn apply_v1(&self, res: &LinuxResources, update: bool) -> Result<()> {
+        if res.unified().as_ref().is_some_and(|u| !u.is_empty()) {
+            return Err(Error::InvalidSpec(
+                "linux.resources.unified needs cgroup v2; this host runs cgroup v1".into(),
+            ));
+        }
         if let (Some(mem), Some(dir)) = (res.memory(), self.v1("memory")) {
             let swap_supported = dir.join("memory.memsw.limit_in_bytes").exists();
             let limit = mem.limit();
@@ -866,6 +871,28 @@ fn wait_modified(path: &Path) -> bool {
 }
 
 fn apply_v2(dir: &Path, res: &LinuxResources) -> Result<()> {
+    // linux.resources.unified: raw cgroup v2 files, applied last so they override.
+    let unified = |dir: &Path| -> Result<()> {
+        for (k, v) in res.unified().iter().flatten() {
+            if k.contains('/') || k.starts_with('.') {
+                return Err(Error::InvalidSpec(format!(
+                    "linux.resources.unified: bad key {k:?}"
+                )));
+            }
+            if !dir.join(k).exists() {
+                return Err(Error::InvalidSpec(format!(
+                    "linux.resources.unified: {k} does not exist in this cgroup (controller not enabled?)"
+                )));
+            }
+            write(dir, k, v)?;
+        }
+        Ok(())
+    };
+    apply_v2_typed(dir, res)?;
+    unified(dir)
+}
+
+fn apply_v2_typed(dir: &Path, res: &LinuxResources) -> Result<()> {
     if let Some(mem) = res.memory() {
         let fmt = |v: i64| {
             if v < 0 {
@@ -1080,6 +1107,23 @@ mod tests {
             "50000 100000"
         );
         assert_eq!(fs::read_to_string(d.join("pids.max")).unwrap(), "10");
+    }
+
+    #[test]
+    fn v2_unified_overrides_and_checks_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("memory.high"), "max").unwrap();
+        let res: LinuxResources =
+            serde_json::from_str(r#"{"unified":{"memory.high":"1048576"}}"#).unwrap();
+        apply_v2(d, &res).unwrap();
+        assert_eq!(fs::read_to_string(d.join("memory.high")).unwrap(), "1048576");
+        let bad: LinuxResources =
+            serde_json::from_str(r#"{"unified":{"../escape":"1"}}"#).unwrap();
+        assert!(apply_v2(d, &bad).is_err());
+        let missing: LinuxResources =
+            serde_json::from_str(r#"{"unified":{"io.max":"1"}}"#).unwrap();
+        assert!(apply_v2(d, &missing).is_err());
     }
 
     #[test]
