@@ -1117,9 +1117,11 @@ mod tests {
         let res: LinuxResources =
             serde_json::from_str(r#"{"unified":{"memory.high":"1048576"}}"#).unwrap();
         apply_v2(d, &res).unwrap();
-        assert_eq!(fs::read_to_string(d.join("memory.high")).unwrap(), "1048576");
-        let bad: LinuxResources =
-            serde_json::from_str(r#"{"unified":{"../escape":"1"}}"#).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join("memory.high")).unwrap(),
+            "1048576"
+        );
+        let bad: LinuxResources = serde_json::from_str(r#"{"unified":{"../escape":"1"}}"#).unwrap();
         assert!(apply_v2(d, &bad).is_err());
         let missing: LinuxResources =
             serde_json::from_str(r#"{"unified":{"io.max":"1"}}"#).unwrap();
