@@ -185,7 +185,8 @@ containerd_start() {
 _kill_private_shims() {
 	local dir="$1" p cmd
 	for p in /proc/[0-9]*; do
-		cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+		# A process may exit between the glob and the read: the redirection's error is noise.
+		cmd="$({ tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)" || continue
 		case "$cmd" in
 		*containerd-shim*"$dir/"*) kill -9 "${p#/proc/}" 2>/dev/null || true ;;
 		esac
