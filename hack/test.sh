@@ -70,6 +70,11 @@ build_test_images() {
 }
 step "test images" build_test_images && IMAGE_OK=1
 
+# The VM guest (Debian's cloud kernel, modules, initramfs with the static vm-agent): the VM
+# tests and `janus check`'s test boot (in the integration tests) use it.
+GUEST_OK=0
+step "guest image" "$HERE/build-guest.sh" && GUEST_OK=1
+
 if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	export JANUS_SHIM="${JANUS_SHIM:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/containerd-shim-janus-v2}"
 	export JANUS_TEST_IMAGE_TAR="$(janus_image_tar)"
@@ -81,10 +86,8 @@ else
 	skip "integration tests" "release build or test images failed"
 fi
 
-# VM mode: the guest (Debian's cloud kernel, modules, initramfs with the static vm-agent) and
-# the QEMU driver tests, booting it for real (TCG here, KVM where the CPU has vmx/svm).
-GUEST_OK=0
-step "guest image" "$HERE/build-guest.sh" && GUEST_OK=1
+# VM mode: the QEMU driver tests, booting the guest for real (TCG here, KVM where the CPU has
+# vmx/svm).
 if [ "$GUEST_OK" = 1 ]; then
 	step "vm tests" timeout --kill-after=30 "$IT_TIMEOUT" \
 		cargo test -p runtime --features vm -- --test-threads=1

@@ -36,7 +36,7 @@ impl Report {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: janus check [--address CONTAINERD_SOCKET] [--config FILE] [--shim PATH]\n\
+        "usage: janus check [--address CONTAINERD_SOCKET] [--config FILE] [--shim PATH] [--guest-dir DIR]\n\
          \n  check   report what this node needs for Janus and whether it is there"
     );
     ExitCode::from(2)
@@ -57,7 +57,98 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
-fn check(address: &str, config: &Path, shim: Option<PathBuf>) -> ExitCode {
+/// Where the guest kernel and initramfs are looked for: --guest-dir, $JANUS_GUEST_DIR,
+/// /usr/share/janus/guest, or `guest/` next to the binary's target dir (a source checkout).
+fn default_guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("JANUS_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let installed = PathBuf::from("/usr/share/janus/guest");
+    if installed.is_dir() {
+        return installed;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("guest")))
+        .unwrap_or(installed)
+}
+
+/// VM mode prerequisites and a throwaway boot to agent-ready. VM mode is not wired into the
+/// shim yet, so problems here are warnings: namespace mode does not need any of it.
+fn vm_checks(r: &mut Report, guest_dir: &Path) {
+    use runtime::vm::{qemu, Hypervisor, VmConfig};
+    match qemu::find_qemu(None) {
+        Ok(q) => r.line(Level::Ok, "qemu", q.display().to_string()),
+        Err(e) => {
+            r.line(Level::Warn, "qemu", e.to_string());
+            return;
+        }
+    }
+    let vfs = Path::new("/usr/lib/qemu/virtiofsd");
+    r.line(
+        if vfs.is_file() {
+            Level::Ok
+        } else {
+            Level::Warn
+        },
+        "virtiofsd",
+        if vfs.is_file() {
+            vfs.display().to_string()
+        } else {
+            "missing: apt-get install qemu-system-x86 (ships /usr/lib/qemu/virtiofsd)".into()
+        },
+    );
+    // QEMU runs in its own work dir: give it absolute paths.
+    let guest_dir = std::fs::canonicalize(guest_dir).unwrap_or_else(|_| guest_dir.to_path_buf());
+    let cfg = match VmConfig::from_guest_dir(&guest_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            r.line(Level::Warn, "guest image", format!("{e}"));
+            return;
+        }
+    };
+    r.line(
+        Level::Ok,
+        "guest image",
+        format!("{} + {}", cfg.kernel.display(), cfg.initrd.display()),
+    );
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            r.line(Level::Warn, "test boot", format!("no async runtime: {e}"));
+            return;
+        }
+    };
+    let res = rt.block_on(async {
+        let vm = qemu::Qemu::new().start(&cfg).await?;
+        let conn = vm.connect_agent(None).await;
+        let elapsed = vm.started_at().elapsed();
+        let accel = vm.accel();
+        let _ = vm.shutdown(std::time::Duration::from_secs(20)).await;
+        conn.map(|c| (elapsed, accel, c.health.version))
+    });
+    match res {
+        Ok((t, accel, version)) => r.line(
+            Level::Ok,
+            "test boot",
+            format!(
+                "agent {version} ready {} ms after QEMU start ({accel})",
+                t.as_millis()
+            ),
+        ),
+        Err(e) => r.line(Level::Warn, "test boot", format!("{e}")),
+    }
+    r.line(
+        Level::Warn,
+        "VM mode",
+        "the shim does not run pods in VMs yet (namespace mode only)",
+    );
+}
+
+fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) -> ExitCode {
     let mut r = Report { failed: false };
     let root = nix::unistd::geteuid().is_root();
     r.line(
@@ -235,11 +326,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>) -> ExitCode {
         (_, false) => "no /dev/kvm: VMs would use TCG (software emulation)".to_string(),
     };
     r.line(Level::Ok, "virtualization", accel);
-    r.line(
-        Level::Warn,
-        "VM mode",
-        "not built in this version (namespace mode only)",
-    );
+    vm_checks(&mut r, guest_dir);
 
     println!();
     if r.failed {
@@ -261,16 +348,18 @@ fn main() -> ExitCode {
             let mut address = DEFAULT_ADDRESS.to_string();
             let mut config = PathBuf::from(DEFAULT_CONFIG);
             let mut shim = None;
+            let mut guest_dir = default_guest_dir();
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
                 match (a.as_str(), it.next()) {
                     ("--address", Some(v)) => address = v.clone(),
                     ("--config", Some(v)) => config = PathBuf::from(v),
                     ("--shim", Some(v)) => shim = Some(PathBuf::from(v)),
+                    ("--guest-dir", Some(v)) => guest_dir = PathBuf::from(v),
                     _ => return usage(),
                 }
             }
-            check(&address, &config, shim)
+            check(&address, &config, shim, &guest_dir)
         }
         "-v" | "--version" | "version" => {
             println!("janus {}", env!("CARGO_PKG_VERSION"));

@@ -22,6 +22,12 @@ fn janus_cli() -> PathBuf {
 fn check_passes_on_this_node() {
     let ctd = Containerd::for_runtime(JANUS);
     let shim = shim_binary().expect("shim binary");
+    let guest = workspace_root().join("target/guest");
+    assert!(
+        guest.join("initramfs.cpio").is_file(),
+        "{} has no guest image: run hack/build-guest.sh (hack/test.sh does, before this test)",
+        guest.display()
+    );
     let o = Command::new(janus_cli())
         .args(["check", "--address"])
         .arg(&ctd.address)
