@@ -61,7 +61,9 @@ step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 # runtime::vm sits behind a feature (the in-guest agent must not link it): lint it too.
 step "clippy (vm)" cargo clippy -p runtime --features vm --all-targets -- -D warnings
-step "unit tests" cargo test --workspace --exclude janus-tests
+# --lib --bins: the VM integration tests need the guest image (run below); the cli crate turns
+# runtime's vm feature on for the whole workspace build.
+step "unit tests" cargo test --workspace --exclude janus-tests --lib --bins
 
 IMAGE_OK=0
 build_test_images() {
