@@ -26,6 +26,9 @@ THREADS="${JANUS_TEST_THREADS:-2}"
 IT_TIMEOUT="${JANUS_IT_TIMEOUT:-2400}"
 
 declare -a NAMES=() RESULTS=() TIMES=()
+# Everything the steps print also goes here, to count the tests at the end.
+TEST_LOG="$(mktemp /tmp/janus-test-log.XXXXXX)"
+trap 'rm -f "$TEST_LOG"' EXIT
 FAILED=0
 
 # step NAME CMD...: run, record PASS/FAIL and duration.
@@ -35,8 +38,8 @@ step() {
 	echo
 	echo "=== $name: $*"
 	start=$(date +%s)
-	"$@"
-	rc=$?
+	"$@" 2>&1 | tee -a "$TEST_LOG"
+	rc=${PIPESTATUS[0]}
 	NAMES+=("$name")
 	TIMES+=("$(($(date +%s) - start))s")
 	if [ "$rc" -eq 0 ]; then
@@ -103,8 +106,12 @@ for i in "${!NAMES[@]}"; do
 	printf '  %-20s %-8s %s\n' "${NAMES[$i]}" "${TIMES[$i]}" "${RESULTS[$i]}"
 done
 echo "================================================="
+PASSED_N="$(grep -ao 'test result: [A-Za-z]*\. [0-9]* passed' "$TEST_LOG" | awk '{s += $4} END {print s + 0}')"
+FAILED_N="$(grep -ao 'passed; [0-9]* failed' "$TEST_LOG" | awk '{s += $2} END {print s + 0}')"
 if [ "$FAILED" -ne 0 ]; then
 	echo "hack/test.sh: FAILED"
+	echo "tests: $PASSED_N passed, $FAILED_N failed"
 	exit 1
 fi
 echo "hack/test.sh: all steps passed"
+echo "tests: $PASSED_N passed, $FAILED_N failed"
