@@ -951,8 +951,13 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         let wd = WorkDir::new(&dir);
         // A process whose command line names the pidfile, like a QEMU would.
-        let mut child = Command::new("sh")
-            .args(["-c", "sleep 100; true", wd.pidfile.to_str().unwrap()])
+        // One process (no shell whose child would outlive it and hold the test's stdout).
+        fs::write(&wd.pidfile, "").unwrap();
+        let mut child = Command::new("tail")
+            .args(["-f", wd.pidfile.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         fs::write(&wd.pidfile, format!("{}\n", child.id())).unwrap();
