@@ -5,6 +5,11 @@
 //! `vm` (cargo feature `vm`, off by default so the in-guest agent does not link it) is the
 //! host side of VM mode: the hypervisor trait, the QEMU driver and the agent client.
 
+#[cfg(feature = "aio")]
+pub mod aio;
 pub mod linux;
+pub mod status;
 #[cfg(feature = "vm")]
 pub mod vm;
+
+pub use status::Status;

@@ -21,8 +21,9 @@ use containerd_shim_protos::topics::*;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
 use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::spawn;
 use runtime::linux::spec::NsPlan;
-use runtime::linux::sync::{Channel, Msg};
+use runtime::linux::sync::Channel;
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
 use runtime::linux::{hooks, mounts, spec as rtspec};
 
@@ -137,11 +138,34 @@ fn signal_pid(pid: i32, sig: u32) -> Result<()> {
     Ok(())
 }
 
-fn child_error(message: String, invalid: bool) -> ShimError {
-    if invalid {
-        ShimError::InvalidArgument(message)
-    } else {
-        ShimError::Internal(message)
+/// The shim's part of the setup handshake: pid bookkeeping and runtime-namespace hooks.
+struct ShimSetup<'a> {
+    svc: &'a Service,
+    zygote: &'a Zygote,
+    id: &'a str,
+    exec_id: &'a str,
+    runtime_hooks: Option<RuntimeHooks>,
+}
+
+impl spawn::SetupHooks for ShimSetup<'_> {
+    fn register(&mut self, pid: i32) -> Option<i32> {
+        self.svc.register(pid, self.id, self.exec_id)
+    }
+
+    fn unregister(&mut self, pid: i32) {
+        self.svc.unregister(pid)
+    }
+
+    fn runtime_hooks(&mut self, pid: i32) -> runtime::linux::Result<()> {
+        let Some((hooks, bundle, annotations)) = &self.runtime_hooks else {
+            return Ok(());
+        };
+        let state = hooks::state_json(self.id, "creating", pid, bundle, annotations.as_ref());
+        let prestart = hooks.prestart().clone().unwrap_or_default();
+        let create_runtime = hooks.create_runtime().clone().unwrap_or_default();
+        self.zygote.run_hooks(prestart, state.clone(), "prestart")?;
+        self.zygote
+            .run_hooks(create_runtime, state, "createRuntime")
     }
 }
 
@@ -263,7 +287,7 @@ impl Service {
     }
 
     /// Spawns a process through the zygote up to the point where it waits for Start.
-    /// Returns its pid, the channel to release it and the pty master, if any.
+    /// Returns its pid, the channel to release it, the pty master and the stdin pipe, if any.
     // Each argument is a distinct part of one setup handshake; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
     fn spawn_blocking_setup(
@@ -280,95 +304,23 @@ impl Service {
             .get()
             .ok_or_else(|| ShimError::Internal("zygote not running".into()))?;
         let prepared = stdio::prepare(io, &self.inner.namespace, id)?;
-        let (ours, theirs) = Channel::pair()?;
-        ours.set_timeout(Some(SETUP_TIMEOUT))?;
         let fds: Vec<_> = prepared.child.iter().map(|f| f.as_raw_fd()).collect();
-        zygote.spawn(&req, &theirs, &fds)?;
-        drop(theirs);
+        let mut steps = ShimSetup {
+            svc: self,
+            zygote,
+            id,
+            exec_id,
+            runtime_hooks,
+        };
+        let place = spawn::Placement { cgroup, id_maps };
+        let spawned = spawn::spawn(zygote, &req, &fds, place, SETUP_TIMEOUT, &mut steps)?;
         drop(prepared.child);
-        let pid = match ours.recv::<Msg>()? {
-            Some((Msg::Pid(pid), _)) => pid,
-            Some((Msg::Error { message, invalid }, _)) => {
-                return Err(child_error(message, invalid))
-            }
-            Some((m, _)) => return Err(ShimError::Internal(format!("unexpected message {m:?}"))),
-            None => {
-                return Err(ShimError::Internal(
-                    "container process setup failed before it started".into(),
-                ))
-            }
-        };
-        let kill = |e: ShimError| {
-            self.unregister(pid);
-            // SAFETY: kill(2) has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            e
-        };
-        if let Some(code) = self.register(pid, id, exec_id) {
-            return Err(ShimError::Internal(format!(
-                "process exited during setup with status {code}"
-            )));
-        }
-        if let Some(cg) = cgroup {
-            cg.add_proc(pid).map_err(|e| kill(e.into()))?;
-        }
-        if let Some((uid, gid)) = id_maps {
-            std::fs::write(format!("/proc/{pid}/uid_map"), uid).map_err(|e| {
-                kill(ShimError::InvalidArgument(format!(
-                    "linux.uidMappings: {e}"
-                )))
-            })?;
-            std::fs::write(format!("/proc/{pid}/gid_map"), gid).map_err(|e| {
-                kill(ShimError::InvalidArgument(format!(
-                    "linux.gidMappings: {e}"
-                )))
-            })?;
-        }
-        ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?;
-        let mut master = None;
-        loop {
-            match ours.recv::<Msg>().map_err(|e| kill(e.into()))? {
-                Some((Msg::Pty, mut fds)) if !fds.is_empty() => master = Some(fds.remove(0)),
-                Some((Msg::Hooks, _)) => {
-                    if let Some((hooks, bundle, annotations)) = &runtime_hooks {
-                        let state =
-                            hooks::state_json(id, "creating", pid, bundle, annotations.as_ref());
-                        let prestart = hooks.prestart().clone().unwrap_or_default();
-                        let create_runtime = hooks.create_runtime().clone().unwrap_or_default();
-                        zygote
-                            .run_hooks(prestart, state.clone(), "prestart")
-                            .and_then(|_| zygote.run_hooks(create_runtime, state, "createRuntime"))
-                            .map_err(|e| kill(e.into()))?;
-                    }
-                    ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?;
-                }
-                Some((Msg::Ready, _)) => break,
-                Some((Msg::Error { message, invalid }, _)) => {
-                    return Err(kill(child_error(message, invalid)))
-                }
-                Some((m, _)) => {
-                    return Err(kill(ShimError::Internal(format!(
-                        "unexpected message {m:?}"
-                    ))))
-                }
-                None => {
-                    return Err(kill(ShimError::Internal(
-                        "container process died during setup".into(),
-                    )))
-                }
-            }
-        }
-        Ok((pid, ours, master, prepared.stdin_pipe))
-    }
-
-    /// Releases a created process and waits for its exec.
-    fn release(sync: &Channel) -> Result<()> {
-        sync.send(&Msg::Start, &[])?;
-        match sync.recv::<Msg>()? {
-            None => Ok(()),
-            Some((Msg::Error { message, invalid }, _)) => Err(child_error(message, invalid)),
-            Some((m, _)) => Err(ShimError::Internal(format!("unexpected message {m:?}"))),
-        }
+        Ok((
+            spawned.pid,
+            spawned.sync,
+            spawned.pty_master,
+            prepared.stdin_pipe,
+        ))
     }
 
     async fn create_container(&self, req: &CreateTaskRequest) -> Result<u32> {
@@ -622,7 +574,7 @@ impl Service {
             };
             let sync = sync
                 .ok_or_else(|| ShimError::FailedPrecondition("container already started".into()))?;
-            blocking(move || Service::release(&sync)).await?;
+            blocking(move || spawn::release(&sync).map_err(ShimError::from)).await?;
             let c2 = c.clone();
             let pid0 = p.pid();
             blocking(move || {
@@ -677,7 +629,7 @@ impl Service {
         let (pid, master, keeper) = blocking(move || {
             let (pid, sync, master, keeper) =
                 me.spawn_blocking_setup(req, &io, &id, &exec_id, cg.as_ref(), None, None)?;
-            if let Err(e) = Service::release(&sync) {
+            if let Err(e) = spawn::release(&sync).map_err(ShimError::from) {
                 me.unregister(pid);
                 // SAFETY: kill(2) has no memory effects.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -1067,7 +1019,8 @@ impl Task for Service {
             .tty
             .as_ref()
             .ok_or_else(|| ShimError::FailedPrecondition("process has no terminal".into()))?;
-        stdio::resize(&tty.master, req.width, req.height)?;
+        runtime::linux::sync::resize_pty(&tty.master, req.width, req.height)
+            .map_err(ShimError::from)?;
         Ok(Empty::new())
     }
 

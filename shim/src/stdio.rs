@@ -14,7 +14,7 @@ use std::process::{Command, Stdio as PStdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
+use runtime::aio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -264,25 +264,20 @@ pub fn copy_stdin(path: String, pipe_w: OwnedFd) -> tokio::sync::oneshot::Sender
             }
         };
         let Ok(Ok(reader)) = reader else { return };
-        set_nonblocking(&reader);
-        set_nonblocking(&pipe_w);
-        // SAFETY: both are OwnedFds moved into their AsyncFd: open and unchanged while it lives.
-        let (Ok(reader), Ok(writer)) = (unsafe { AsyncFd::register(reader) }, unsafe {
-            AsyncFd::register(pipe_w)
-        }) else {
+        let (Ok(reader), Ok(writer)) = (aio::register(reader), aio::register(pipe_w)) else {
             return;
         };
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             let n = tokio::select! {
-                r = read_fd(&reader, &mut buf) => r,
+                r = aio::read(&reader, &mut buf) => r,
                 _ = &mut rx => break,
             };
             match n {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     tokio::select! {
-                        r = write_fd(&writer, &buf[..n]) => if r.is_err() { break },
+                        r = aio::write_all(&writer, &buf[..n]) => if r.is_err() { break },
                         _ = &mut rx => break,
                     }
                 }
@@ -299,52 +294,6 @@ pub struct Tty {
     pub stdin_task: Option<tokio::task::JoinHandle<()>>,
 }
 
-fn set_nonblocking(fd: &OwnedFd) {
-    // SAFETY: fcntl flag changes on a descriptor we own.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-}
-
-async fn read_fd(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        let mut g = afd.readable().await?;
-        match g.try_io(|inner| {
-            // SAFETY: reading into a live buffer of the given length.
-            let n = unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(r) => return r,
-            Err(_would_block) => continue,
-        }
-    }
-}
-
-async fn write_fd(afd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let mut g = afd.writable().await?;
-        match g.try_io(|inner| {
-            // SAFETY: writing from a live buffer of the given length.
-            let n = unsafe { libc::write(inner.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        }
-    }
-    Ok(())
-}
-
 /// Starts copying between a pty master and the stdio FIFOs.
 pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
     let dup = |fd: &OwnedFd| {
@@ -353,13 +302,10 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
     };
     let reader = dup(&master)?;
     let writer = dup(&master)?;
-    set_nonblocking(&reader);
     let master = Arc::new(master);
     let (tx, rx) = watch::channel(false);
     let out_path = io.stdout.clone();
-    // SAFETY: `reader` is an OwnedFd moved into the AsyncFd, so it stays open and the same.
-    let reader = unsafe { AsyncFd::register(reader) }
-        .map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+    let reader = aio::register(reader).map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
     tokio::spawn(async move {
         let mut out = if out_path.is_empty() {
             None
@@ -371,7 +317,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
         };
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            match read_fd(&reader, &mut buf).await {
+            match aio::read(&reader, &mut buf).await {
                 Ok(0) | Err(_) => break, // EIO once the last slave fd closes
                 Ok(n) => {
                     if let Some(o) = out.as_mut() {
@@ -389,9 +335,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
         None
     } else {
         let in_path = io.stdin.clone();
-        // SAFETY: `writer` is an OwnedFd moved into the AsyncFd, so it stays open and the same.
-        let writer = unsafe { AsyncFd::register(writer) }
-            .map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+        let writer = aio::register(writer).map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
         Some(tokio::spawn(async move {
             let Ok(mut inp) = tokio::net::unix::pipe::OpenOptions::new()
                 .read_write(true)
@@ -404,7 +348,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
                 match inp.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if write_fd(&writer, &buf[..n]).await.is_err() {
+                        if aio::write_all(&writer, &buf[..n]).await.is_err() {
                             break;
                         }
                     }
@@ -422,23 +366,6 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
 /// Waits (bounded) until a terminal copy has drained.
 pub async fn wait_done(mut done: watch::Receiver<bool>, limit: Duration) {
     let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
-}
-
-pub fn resize(master: &OwnedFd, width: u32, height: u32) -> Result<()> {
-    let ws = libc::winsize {
-        ws_row: height as u16,
-        ws_col: width as u16,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads the winsize struct we pass.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
-        return Err(ShimError::Internal(format!(
-            "resize pty: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

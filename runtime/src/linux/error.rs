@@ -16,6 +16,9 @@ pub enum Error {
     /// The container process reported a failure during setup or exec.
     #[error("{0}")]
     Child(String),
+    /// The container process rejected its spec during setup (already worded for the user).
+    #[error("{0}")]
+    ChildRejected(String),
     /// A cgroup operation failed.
     #[error("cgroup: {0}")]
     Cgroup(String),

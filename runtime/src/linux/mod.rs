@@ -14,6 +14,7 @@ pub mod hooks;
 mod init;
 pub mod mounts;
 pub mod seccomp;
+pub mod spawn;
 pub mod spec;
 pub mod sync;
 pub mod zygote;

@@ -14,7 +14,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::error::{IoContext, Result};
+use super::error::{Error, IoContext, Result};
 
 /// Largest message we accept: a spawn request carries a whole OCI spec.
 const MAX_MSG: usize = 1 << 20;
@@ -166,6 +166,21 @@ impl Channel {
             .map_err(|e| super::Error::Child(format!("decode message: {e}")))?;
         Ok(Some((msg, fds)))
     }
+}
+
+/// Sets a terminal's window size (through its pty master).
+pub fn resize_pty(master: &impl AsRawFd, width: u32, height: u32) -> Result<()> {
+    let ws = libc::winsize {
+        ws_row: height.min(u16::MAX as u32) as u16,
+        ws_col: width.min(u16::MAX as u32) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the winsize struct we pass.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(Error::io("resize pty", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

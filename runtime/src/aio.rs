@@ -1,0 +1,78 @@
+//! Async reads and writes on raw descriptors (pty masters, virtio-serial ports, pipes) that
+//! tokio has no type for, through `AsyncFd` readiness.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+pub fn set_nonblocking(fd: &impl AsRawFd) {
+    // SAFETY: fcntl flag changes on a descriptor the caller holds open.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+/// Makes `fd` non-blocking and registers it with the reactor.
+pub fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    set_nonblocking(&fd);
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: open and unchanged while it lives.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// One read; `Ok(0)` is end of file (or, for a virtio-serial port, no host connected).
+pub async fn read(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        let mut g = afd.readable().await?;
+        match g.try_io(|inner| {
+            // SAFETY: reading into a live buffer of the given length.
+            let n = unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(r) => return r,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Writes all of `buf`.
+pub async fn write_all(afd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let mut g = afd.writable().await?;
+        match g.try_io(|inner| {
+            // SAFETY: writing from a live buffer of the given length.
+            let n = unsafe { libc::write(inner.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn pipe_round_trip() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (r, w) = (register(r).unwrap(), register(w).unwrap());
+        write_all(&w, b"hello").await.unwrap();
+        drop(w);
+        let mut buf = [0u8; 16];
+        let n = read(&r, &mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(read(&r, &mut buf).await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,133 @@
+//! The error every Janus RPC server returns (the shim to containerd, the agent to the shim),
+//! with its gRPC code. One mapping, shared, so a runtime error reaches containerd with the
+//! same code whether the container runs on the host or in a VM.
+
+/// An RPC failure with the gRPC code containerd acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum Status {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::linux::Error> for Status {
+    fn from(e: crate::linux::Error) -> Self {
+        use crate::linux::Error as E;
+        match e {
+            E::InvalidSpec(_) | E::ChildRejected(_) => Status::InvalidArgument(e.to_string()),
+            E::NotFound(_) => Status::NotFound(e.to_string()),
+            _ => Status::Internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(feature = "rpc")]
+impl Status {
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            Status::NotFound(_) => Code::NOT_FOUND,
+            Status::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            Status::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Status::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            Status::Unimplemented(_) => Code::UNIMPLEMENTED,
+            Status::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+            Status::Internal(_) => Code::UNKNOWN,
+        }
+    }
+
+    /// The inverse mapping, for a status received from a peer (the shim relaying the agent).
+    pub fn from_rpc(e: ttrpc::Error) -> Status {
+        use ttrpc::Code;
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                let m = s.message().to_string();
+                match s.code() {
+                    Code::NOT_FOUND => Status::NotFound(m),
+                    Code::ALREADY_EXISTS => Status::AlreadyExists(m),
+                    Code::INVALID_ARGUMENT => Status::InvalidArgument(m),
+                    Code::FAILED_PRECONDITION => Status::FailedPrecondition(m),
+                    Code::UNIMPLEMENTED => Status::Unimplemented(m),
+                    Code::DEADLINE_EXCEEDED => Status::DeadlineExceeded(m),
+                    _ => Status::Internal(m),
+                }
+            }
+            other => Status::Internal(other.to_string()),
+        }
+    }
+}
+
+#[cfg(feature = "rpc")]
+impl From<Status> for ttrpc::Error {
+    fn from(e: Status) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+#[cfg(all(test, feature = "rpc"))]
+mod tests {
+    use super::*;
+    use ttrpc::Code;
+
+    fn code_of(e: Status) -> Code {
+        match ttrpc::Error::from(e) {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            _ => panic!("not a status"),
+        }
+    }
+
+    #[test]
+    fn codes_map_both_ways() {
+        let all = [
+            (Status::NotFound("x".into()), Code::NOT_FOUND),
+            (Status::AlreadyExists("x".into()), Code::ALREADY_EXISTS),
+            (Status::InvalidArgument("x".into()), Code::INVALID_ARGUMENT),
+            (
+                Status::FailedPrecondition("x".into()),
+                Code::FAILED_PRECONDITION,
+            ),
+            (Status::Unimplemented("x".into()), Code::UNIMPLEMENTED),
+            (
+                Status::DeadlineExceeded("x".into()),
+                Code::DEADLINE_EXCEEDED,
+            ),
+            (Status::Internal("x".into()), Code::UNKNOWN),
+        ];
+        for (s, c) in all {
+            let text = s.to_string();
+            let back = Status::from_rpc(ttrpc::Error::from(Status::from_rpc(
+                ttrpc::Error::RpcStatus(ttrpc::get_status(c, text.clone())),
+            )));
+            assert_eq!(code_of(back), c);
+            assert_eq!(code_of(s), c);
+        }
+    }
+
+    #[test]
+    fn runtime_errors_map() {
+        use crate::linux::Error as E;
+        assert!(matches!(
+            Status::from(E::InvalidSpec("bad".into())),
+            Status::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            Status::from(E::NotFound("gone".into())),
+            Status::NotFound(_)
+        ));
+        assert!(matches!(
+            Status::from(E::Cgroup("x".into())),
+            Status::Internal(_)
+        ));
+    }
+}
