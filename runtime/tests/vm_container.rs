@@ -1,24 +1,27 @@
-//! A container in a VM: the host's rootfs shared by virtiofsd (virtio-fs, no copy), created
-//! and started by the in-guest agent with runtime::linux, its stdout/stderr delivered as
-//! frames on the stdio port, its exit status through WaitProcess.
+//! Containers in a VM (real QEMU, real kernel, real agent): the host's busybox rootfs shared
+//! by virtiofsd (virtio-fs, no copy) as the sandbox's storage, containers created by the
+//! in-guest agent with runtime::linux, stdio as frames on the stdio port (`StdioPlane`).
+//!
+//! Each test boots its own VM; boots are serialised (one at a time on a 2-core host).
 #![cfg(feature = "vm")]
-// One boot at a time (serialised by a file lock across test binaries); held across awaits.
+// One boot at a time; the guard is held across awaits on purpose.
 #![allow(clippy::await_holding_lock)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use protocols::agent::*;
-use protocols::stdio_frame::{decode_header, FLAG_EOF, HEADER};
-use runtime::vm::{agent, qemu::Qemu, Hypervisor, Vm, VmConfig};
-use tokio::io::AsyncReadExt;
+use runtime::vm::{agent, qemu::Qemu, AgentClient, Hypervisor, StdioPlane, Vm, VmConfig};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 static BOOT: Mutex<()> = Mutex::new(());
 
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+const SHARED: &str = "/run/janus/shared";
+const ROOT: &str = "/run/janus/shared/rootfs";
 
 fn guest_dir() -> PathBuf {
     match std::env::var_os("JANUS_GUEST_DIR") {
@@ -33,7 +36,9 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in ["sh", "echo", "cat", "uname", "ls"] {
+    for a in [
+        "sh", "echo", "cat", "uname", "ls", "sleep", "stty", "tty", "kill", "dd", "hostname",
+    ] {
         std::fs::hard_link(root.join("bin/busybox"), root.join("bin").join(a)).unwrap();
     }
     root
@@ -78,180 +83,884 @@ fn virtiofsd(sock: &Path, source: &Path, log: &Path) -> Virtiofsd {
     Virtiofsd(child)
 }
 
-fn spec(rootfs: &str, args: &[&str]) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
+fn ctx() -> ttrpc::context::Context {
+    agent::ctx(Duration::from_secs(60))
+}
+
+/// The gRPC code of a failed call (panics on success: the call should have failed).
+fn code<T: std::fmt::Debug>(what: &str, r: ttrpc::Result<T>) -> ttrpc::Code {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+        other => panic!("{what}: expected an error status, got {other:?}"),
+    }
+}
+
+/// A busybox container spec rooted in the sandbox share; `f` adjusts it.
+fn spec(id: &str, args: &[&str], f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v = json!({
         "ociVersion": "1.0.2",
         "process": {"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
                     "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]}},
-        "root": {"path": rootfs},
+        "root": {"path": ROOT},
         "hostname": "in-vm",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}
         ],
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
-            "cgroupsPath": "/janus/c1",
+            "cgroupsPath": format!("/janus/{id}"),
             "resources": {"memory": {"limit": 67108864}}
         }
+    });
+    f(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn process_json(args: &[&str], terminal: bool) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "args": args, "cwd": "/", "env": ["PATH=/bin"], "terminal": terminal,
+        "user": {"uid": 0, "gid": 0}
     }))
     .unwrap()
 }
 
-#[tokio::test]
-async fn container_in_vm_from_host_rootfs() {
-    let _g: MutexGuard<'_, ()> = BOOT.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = guest_dir();
-    let tmp = tempfile::tempdir().unwrap();
-    let rootfs = busybox_rootfs(tmp.path());
-    let vfs_sock = tmp.path().join("vfs.sock");
-    let vfs_log = tmp.path().join("virtiofsd.log");
-    let _vfs = virtiofsd(&vfs_sock, &rootfs, &vfs_log);
+/// A process's streams as the host sees them.
+#[derive(Default)]
+struct Streams {
+    stdio: StdioStreams,
+    out: Option<UnboundedReceiver<Vec<u8>>>,
+    err: Option<UnboundedReceiver<Vec<u8>>>,
+}
 
-    let mut cfg =
-        VmConfig::from_guest_dir(&dir).unwrap_or_else(|e| panic!("{e} (run hack/build-guest.sh)"));
-    cfg.shared_memory = true;
-    cfg.extra_args = vec![
-        "-chardev".into(),
-        format!("socket,id=vfs,path={}", vfs_sock.display()),
-        "-device".into(),
-        "vhost-user-fs-device,chardev=vfs,tag=rootfs".into(),
-    ];
-    let vm: Arc<dyn Vm> = Arc::from(
-        Qemu::new()
-            .start(&cfg)
-            .await
-            .unwrap_or_else(|e| panic!("start: {e}")),
-    );
-    let mut stdio = vm.take_stdio_stream().expect("stdio stream");
-    vm.connect_agent(None)
-        .await
-        .unwrap_or_else(|e| panic!("agent: {e}"));
-    let c = vm.agent().unwrap();
-    let ctx = || agent::ctx(Duration::from_secs(60));
-
-    let guest_root = "/run/janus/c1/rootfs";
-    let req = CreateContainerRequest {
-        container_id: "c1".into(),
-        oci_spec: spec(
-            guest_root,
-            &[
-                "sh",
-                "-c",
-                "echo hello-from-vm; uname -r; hostname; echo oops >&2; exit 3",
-            ],
-        ),
-        storages: vec![Storage {
-            driver: "virtiofs".into(),
-            source: "rootfs".into(),
-            mount_point: guest_root.into(),
-            ..Default::default()
-        }],
-        stdio: protobuf::MessageField::some(StdioStreams {
-            stdout: 1,
-            stderr: 2,
-            ..Default::default()
-        }),
-        ..Default::default()
+async fn collect(rx: Option<UnboundedReceiver<Vec<u8>>>) -> String {
+    let Some(mut rx) = rx else {
+        return String::new();
     };
-    let t = Instant::now();
-    let created = c.create_container(ctx(), &req).await.unwrap_or_else(|e| {
-        panic!(
-            "CreateContainer: {e}\n--- console ---\n{}\n--- virtiofsd ---\n{}",
-            vm.console_tail(30),
-            std::fs::read_to_string(&vfs_log).unwrap_or_default()
-        )
-    });
-    assert!(created.pid > 0);
-    let pr = ProcessRequest {
-        container_id: "c1".into(),
-        ..Default::default()
-    };
-    c.start_process(ctx(), &pr).await.expect("StartProcess");
-
-    // Read frames until both streams have ended.
-    let mut out: HashMap<u32, Vec<u8>> = HashMap::new();
-    let mut open = 2;
-    let read = async {
-        while open > 0 {
-            let mut h = [0u8; HEADER];
-            stdio.read_exact(&mut h).await.expect("stdio frame header");
-            let (stream, flags, len) = decode_header(&h).expect("well-formed frame");
-            let mut data = vec![0u8; len];
-            stdio
-                .read_exact(&mut data)
-                .await
-                .expect("stdio frame payload");
-            out.entry(stream).or_default().extend_from_slice(&data);
-            if flags & FLAG_EOF != 0 {
-                open -= 1;
-            }
+    let mut v = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(d) = rx.recv().await {
+            v.extend_from_slice(&d);
         }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("container output within 60 s");
-    let w = c.wait_process(ctx(), &pr).await.expect("WaitProcess");
-    eprintln!("vm_container: create+start+run+wait in {:?}", t.elapsed());
-    let stdout =
-        String::from_utf8_lossy(out.get(&1).map(|v| v.as_slice()).unwrap_or_default()).to_string();
-    let stderr =
-        String::from_utf8_lossy(out.get(&2).map(|v| v.as_slice()).unwrap_or_default()).to_string();
-    let release = std::fs::read_to_string(dir.join("kernel.release")).unwrap_or_default();
-    assert!(stdout.starts_with("hello-from-vm\n"), "{stdout}");
-    assert!(
-        stdout.contains(release.trim()),
-        "guest kernel release in {stdout:?}"
-    );
-    assert!(stdout.contains("in-vm"), "{stdout}");
-    assert_eq!(stderr, "oops\n");
-    assert_eq!(w.exit_status, 3);
+    })
+    .await;
+    assert!(r.is_ok(), "stream did not end within 60 s: {v:?}");
+    String::from_utf8_lossy(&v).to_string()
+}
 
-    // Bad requests are answered with errors, not crashes.
-    let dup = c.create_container(ctx(), &req).await;
-    assert!(dup.is_err(), "duplicate id accepted");
-    let bad = CreateContainerRequest {
-        container_id: "c2".into(),
-        oci_spec: b"{not json".to_vec(),
-        ..Default::default()
-    };
-    let e = c
-        .create_container(ctx(), &bad)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("InvalidArgument") || e.contains("INVALID_ARGUMENT") || e.contains("invalid"),
-        "{e}"
-    );
-    let e = c
-        .wait_process(
-            ctx(),
-            &ProcessRequest {
-                container_id: "nope".into(),
+struct Guest {
+    vm: Arc<dyn Vm>,
+    c: AgentClient,
+    plane: StdioPlane,
+    rootfs: PathBuf,
+    vfs: Option<Virtiofsd>,
+    vfs_log: PathBuf,
+    _tmp: tempfile::TempDir,
+    _g: MutexGuard<'static, ()>,
+}
+
+impl Guest {
+    async fn boot() -> Guest {
+        let g = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = busybox_rootfs(tmp.path());
+        let vfs_sock = tmp.path().join("vfs.sock");
+        let vfs_log = tmp.path().join("virtiofsd.log");
+        // The share is the directory holding rootfs/, as a pod's share holds its containers'.
+        let vfs = virtiofsd(&vfs_sock, tmp.path(), &vfs_log);
+        let mut cfg = VmConfig::from_guest_dir(&guest_dir())
+            .unwrap_or_else(|e| panic!("{e} (run hack/build-guest.sh)"));
+        cfg.shared_memory = true;
+        cfg.extra_args = vec![
+            "-chardev".into(),
+            format!("socket,id=vfs,path={}", vfs_sock.display()),
+            "-device".into(),
+            "vhost-user-fs-device,chardev=vfs,tag=share".into(),
+        ];
+        let vm: Arc<dyn Vm> = Arc::from(
+            Qemu::new()
+                .start(&cfg)
+                .await
+                .unwrap_or_else(|e| panic!("start: {e}")),
+        );
+        let plane = StdioPlane::new(vm.take_stdio_stream().expect("stdio stream"));
+        vm.connect_agent(None)
+            .await
+            .unwrap_or_else(|e| panic!("agent: {e}"));
+        let c = vm.agent().unwrap();
+        let guest = Guest {
+            vm,
+            c,
+            plane,
+            rootfs,
+            vfs: Some(vfs),
+            vfs_log,
+            _tmp: tmp,
+            _g: g,
+        };
+        let sb = CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            hostname: "sandbox".into(),
+            storages: vec![Storage {
+                driver: "virtiofs".into(),
+                source: "share".into(),
+                mount_point: SHARED.into(),
                 ..Default::default()
-            },
+            }],
+            ..Default::default()
+        };
+        guest
+            .c
+            .create_sandbox(ctx(), &sb)
+            .await
+            .unwrap_or_else(|e| panic!("CreateSandbox: {e}\n{}", guest.diag()));
+        guest
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- virtiofsd ---\n{}",
+            self.vm.console_tail(30),
+            std::fs::read_to_string(&self.vfs_log).unwrap_or_default()
+        )
+    }
+
+    /// Stream ids for the process, subscribed before it exists.
+    fn streams(&self, stdin: bool, stdout: bool, stderr: bool, terminal: bool) -> Streams {
+        let mut s = Streams::default();
+        s.stdio.terminal = terminal;
+        if stdin {
+            s.stdio.stdin = self.plane.alloc();
+        }
+        if stdout {
+            s.stdio.stdout = self.plane.alloc();
+            s.out = Some(self.plane.subscribe(s.stdio.stdout));
+        }
+        if stderr && !terminal {
+            s.stdio.stderr = self.plane.alloc();
+            s.err = Some(self.plane.subscribe(s.stdio.stderr));
+        }
+        s
+    }
+
+    async fn create(&self, id: &str, spec: Vec<u8>, s: &Streams) -> u32 {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: spec,
+            stdio: protobuf::MessageField::some(s.stdio.clone()),
+            ..Default::default()
+        };
+        self.c
+            .create_container(ctx(), &req)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {id}: {e}\n{}", self.diag()))
+            .pid
+    }
+
+    async fn start(&self, id: &str) -> u32 {
+        self.c
+            .start_process(ctx(), &preq(id, ""))
+            .await
+            .unwrap_or_else(|e| panic!("StartProcess {id}: {e}\n{}", self.diag()))
+            .pid
+    }
+
+    async fn wait(&self, id: &str, exec_id: &str) -> WaitResponse {
+        tokio::time::timeout(
+            Duration::from_secs(90),
+            self.c
+                .wait_process(agent::ctx(Duration::from_secs(90)), &preq(id, exec_id)),
         )
         .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.to_lowercase().contains("not found"), "{e}");
+        .unwrap_or_else(|_| panic!("WaitProcess {id}/{exec_id} hung\n{}", self.diag()))
+        .unwrap_or_else(|e| panic!("WaitProcess {id}/{exec_id}: {e}"))
+    }
 
-    c.remove_container(
+    async fn exec(&self, id: &str, exec_id: &str, process: Vec<u8>, s: &Streams) -> u32 {
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process,
+            stdio: protobuf::MessageField::some(s.stdio.clone()),
+            ..Default::default()
+        };
+        self.c
+            .exec_process(ctx(), &req)
+            .await
+            .unwrap_or_else(|e| panic!("ExecProcess {id}/{exec_id}: {e}\n{}", self.diag()))
+            .pid
+    }
+
+    async fn remove(&self, id: &str) {
+        self.c
+            .remove_container(ctx(), &creq(id))
+            .await
+            .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e}"));
+    }
+
+    async fn signal(&self, id: &str, exec_id: &str, sig: i32, all: bool) -> ttrpc::Result<Empty> {
+        let req = SignalRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: sig as u32,
+            all,
+            ..Default::default()
+        };
+        self.c.signal_process(ctx(), &req).await
+    }
+
+    async fn stats(&self, id: &str) -> CgroupStats {
+        self.c
+            .stats(ctx(), &creq(id))
+            .await
+            .unwrap_or_else(|e| panic!("Stats {id}: {e}"))
+            .stats
+            .unwrap_or_default()
+    }
+
+    /// Shutdown: QEMU, its work dir and virtiofsd (which ends with its VM) are all gone.
+    async fn shutdown(mut self) {
+        self.c
+            .destroy_sandbox(ctx(), &Empty::new())
+            .await
+            .expect("DestroySandbox");
+        let (pid, wd) = (self.vm.pid(), self.vm.work_dir().to_path_buf());
+        let exit = self.vm.shutdown(Duration::from_secs(30)).await.unwrap();
+        assert!(exit.success() && !exit.forced, "{exit}");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "qemu left");
+        assert!(!wd.exists(), "work dir left behind");
+        let mut vfs = self.vfs.take().unwrap();
+        let t = Instant::now();
+        loop {
+            if vfs.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "virtiofsd still running 10 s after its VM ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn preq(id: &str, exec_id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    }
+}
+
+fn creq(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// stdout, stderr, exit code, stdin (with EOF), a terminal with a resize; then shutdown
+/// leaves no qemu, virtiofsd, socket or temp dir behind.
+#[tokio::test]
+async fn vm_container_stdio_stdin_tty_shutdown() {
+    let g = Guest::boot().await;
+
+    // Output on both streams and the exit code.
+    let s = g.streams(false, true, true, false);
+    let t = Instant::now();
+    let pid = g
+        .create(
+            "c1",
+            spec(
+                "c1",
+                &[
+                    "sh",
+                    "-c",
+                    "echo hello-from-vm; uname -r; hostname; echo oops >&2; exit 3",
+                ],
+                |_| {},
+            ),
+            &s,
+        )
+        .await;
+    assert!(pid > 0);
+    g.start("c1").await;
+    let (out, err) = tokio::join!(collect(s.out), collect(s.err));
+    let w = g.wait("c1", "").await;
+    eprintln!("vm_container: create+start+run+wait in {:?}", t.elapsed());
+    let release = std::fs::read_to_string(guest_dir().join("kernel.release")).unwrap_or_default();
+    assert!(out.starts_with("hello-from-vm\n"), "{out}");
+    assert!(
+        out.contains(release.trim()),
+        "guest kernel release in {out:?}"
+    );
+    assert!(out.contains("in-vm"), "{out}");
+    assert_eq!(err, "oops\n");
+    assert_eq!(w.exit_status, 3);
+    g.remove("c1").await;
+
+    // stdin: data then EOF through the plane.
+    let s = g.streams(true, true, false, false);
+    g.create("c2", spec("c2", &["cat"], |_| {}), &s).await;
+    g.start("c2").await;
+    g.plane.write(s.stdio.stdin, b"line1\n").await.unwrap();
+    g.plane.write(s.stdio.stdin, b"line2\n").await.unwrap();
+    g.plane.close(s.stdio.stdin).await.unwrap();
+    assert_eq!(collect(s.out).await, "line1\nline2\n");
+    assert_eq!(g.wait("c2", "").await.exit_status, 0);
+    g.remove("c2").await;
+
+    // A terminal: resize, then input through the pty.
+    let s = g.streams(true, true, false, true);
+    g.create(
+        "c3",
+        spec("c3", &["sh", "-c", "read l; stty size; echo got-$l"], |v| {
+            v["process"]["terminal"] = json!(true)
+        }),
+        &s,
+    )
+    .await;
+    g.start("c3").await;
+    g.c.resize_pty(
         ctx(),
-        &ContainerRequest {
-            container_id: "c1".into(),
+        &ResizeRequest {
+            container_id: "c3".into(),
+            width: 100,
+            height: 40,
             ..Default::default()
         },
     )
     .await
-    .expect("RemoveContainer");
-    let (pid, wd) = (vm.pid(), vm.work_dir().to_path_buf());
-    let exit = vm.shutdown(Duration::from_secs(30)).await.unwrap();
-    assert!(exit.success(), "{exit}");
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "qemu left behind"
+    .expect("ResizePty");
+    g.plane.write(s.stdio.stdin, b"go\n").await.unwrap();
+    let out = collect(s.out).await;
+    assert!(out.contains("40 100"), "stty size after resize: {out:?}");
+    assert!(out.contains("got-go"), "{out:?}");
+    assert_eq!(g.wait("c3", "").await.exit_status, 0);
+    g.remove("c3").await;
+
+    g.shutdown().await;
+}
+
+/// exec (pipes and a terminal), Pids with exec ids, signals to execs and to the init, stats
+/// with numbers, update, pause/resume, and an OOM kill reported to the host.
+#[tokio::test]
+async fn vm_container_exec_signals_stats_pause_update_oom() {
+    let g = Guest::boot().await;
+    let s = g.streams(false, true, false, false);
+    let tick = g.rootfs.join("tmp/tick-c");
+    g.create(
+        "c",
+        spec(
+            "c",
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got-term; exit 7' TERM; i=0; \
+                 while true; do i=$((i+1)); echo $i > /tmp/tick-c; sleep 0.1; done",
+            ],
+            |_| {},
+        ),
+        &s,
+    )
+    .await;
+    let init_pid = g.start("c").await;
+
+    // exec with pipes and its exit code.
+    let e = g.streams(false, true, true, false);
+    g.exec(
+        "c",
+        "e1",
+        process_json(
+            &["sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
+            false,
+        ),
+        &e,
+    )
+    .await;
+    let (out, err) = tokio::join!(collect(e.out), collect(e.err));
+    assert_eq!((out.as_str(), err.as_str()), ("exec-out\n", "exec-err\n"));
+    assert_eq!(g.wait("c", "e1").await.exit_status, 5);
+    assert_eq!(
+        code("exec id reused", g.exec_raw("c", "e1").await),
+        ttrpc::Code::ALREADY_EXISTS
     );
+
+    // exec with a terminal.
+    let e = g.streams(false, true, false, true);
+    g.exec("c", "e2", process_json(&["tty"], true), &e).await;
+    let out = collect(e.out).await;
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert_eq!(g.wait("c", "e2").await.exit_status, 0);
+
+    // Pids names the exec; a signal to the exec ends it.
+    let e = g.streams(false, false, false, false);
+    let e3 = g
+        .exec("c", "e3", process_json(&["sleep", "1000"], false), &e)
+        .await;
+    let pids = g.c.pids(ctx(), &creq("c")).await.expect("Pids").processes;
+    assert!(
+        pids.iter()
+            .any(|p| p.pid == init_pid && p.exec_id.is_empty()),
+        "{pids:?}"
+    );
+    assert!(
+        pids.iter().any(|p| p.pid == e3 && p.exec_id == "e3"),
+        "{pids:?}"
+    );
+    g.signal("c", "e3", libc::SIGKILL, false)
+        .await
+        .expect("kill e3");
+    assert_eq!(g.wait("c", "e3").await.exit_status, 137);
+
+    // Stats with numbers, then update.
+    let st = g.stats("c").await;
+    eprintln!(
+        "vm_container: stats: memory {} / limit {}, cpu {} ns, pids {}",
+        st.memory_usage, st.memory_limit, st.cpu_usage_ns, st.pids_current
+    );
+    assert!(st.memory_usage > 0, "{st:?}");
+    assert!(st.cpu_usage_ns > 0, "{st:?}");
+    assert!(st.pids_current >= 1, "{st:?}");
+    assert_eq!(st.memory_limit, 64 << 20);
+    let upd = UpdateRequest {
+        container_id: "c".into(),
+        linux_resources: serde_json::to_vec(&json!({"memory": {"limit": 100663296}})).unwrap(),
+        ..Default::default()
+    };
+    g.c.update(ctx(), &upd).await.expect("Update");
+    assert_eq!(g.stats("c").await.memory_limit, 96 << 20);
+
+    // Pause: the tick file (on the shared rootfs) stops; resume: it moves again.
+    let read_tick = || {
+        std::fs::read_to_string(&tick)
+            .unwrap_or_default()
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    g.c.pause(ctx(), &creq("c")).await.expect("Pause");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = read_tick();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = read_tick();
+    assert_eq!(a, b, "ticks went on while paused");
+    g.c.resume(ctx(), &creq("c")).await.expect("Resume");
+    let t = Instant::now();
+    while read_tick() <= b {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no ticks after resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SIGTERM reaches the init's trap.
+    g.signal("c", "", libc::SIGTERM, false).await.expect("TERM");
+    let out = collect(s.out).await;
+    assert!(out.contains("got-term"), "{out:?}");
+    assert_eq!(g.wait("c", "").await.exit_status, 7);
+    g.remove("c").await;
+    assert_eq!(
+        code("Pids after remove", g.c.pids(ctx(), &creq("c")).await),
+        ttrpc::Code::NOT_FOUND
+    );
+
+    // OOM: a 64 MiB buffer under a 16 MiB limit.
+    let c = g.c.clone();
+    let oom_call = tokio::spawn(async move {
+        c.get_oom_event(agent::ctx(Duration::from_secs(90)), &Empty::new())
+            .await
+    });
+    let s = g.streams(false, false, false, false);
+    g.create(
+        "o1",
+        spec(
+            "o1",
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            |v| v["linux"]["resources"]["memory"]["limit"] = json!(16777216),
+        ),
+        &s,
+    )
+    .await;
+    g.start("o1").await;
+    let w = g.wait("o1", "").await;
+    assert_eq!(w.exit_status, 137, "{w:?}");
+    let via_event = if w.oom_killed {
+        oom_call.abort();
+        false
+    } else {
+        let ev = tokio::time::timeout(Duration::from_secs(30), oom_call)
+            .await
+            .expect("no OOM event within 30 s of the kill")
+            .unwrap()
+            .expect("GetOOMEvent");
+        assert_eq!(ev.container_id, "o1");
+        true
+    };
+    eprintln!(
+        "vm_container: OOM kill reported {}",
+        if via_event {
+            "by GetOOMEvent"
+        } else {
+            "with the exit"
+        }
+    );
+    let st = g.stats("o1").await;
+    assert!(st.oom_kills >= 1, "{st:?}");
+    g.remove("o1").await;
+
+    g.shutdown().await;
+}
+
+impl Guest {
+    async fn exec_raw(&self, id: &str, exec_id: &str) -> ttrpc::Result<StartResponse> {
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process: process_json(&["true"], false),
+            ..Default::default()
+        };
+        self.c.exec_process(ctx(), &req).await
+    }
+}
+
+/// Every call with bad input gets an error status with the right code, and the agent still
+/// answers afterwards.
+#[tokio::test]
+async fn vm_agent_malformed_requests() {
+    use ttrpc::Code;
+    let g = Guest::boot().await;
+    let c = g.c.clone();
+    let create = |id: &str, spec: Vec<u8>, stdio: StdioStreams, storages: Vec<Storage>| {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: spec,
+            stdio: protobuf::MessageField::some(stdio),
+            storages,
+            ..Default::default()
+        };
+        let c = c.clone();
+        async move { c.create_container(ctx(), &req).await }
+    };
+    let none = StdioStreams::default;
+    let ok_spec = || spec("x", &["sleep", "1000"], |_| {});
+    let cases: Vec<(&str, ttrpc::Result<CreateContainerResponse>, Code)> = vec![
+        (
+            "empty id",
+            create("", ok_spec(), none(), vec![]).await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "id with /",
+            create("a/b", ok_spec(), none(), vec![]).await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "spec not JSON",
+            create("x", b"{not json".to_vec(), none(), vec![]).await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "spec not UTF-8",
+            create("x", vec![0xff, 0xfe], none(), vec![]).await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "relative root",
+            create(
+                "x",
+                spec("x", &["true"], |v| v["root"]["path"] = json!("rootfs")),
+                none(),
+                vec![],
+            )
+            .await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "bad namespace",
+            create(
+                "x",
+                spec("x", &["true"], |v| {
+                    v["linux"]["namespaces"] = json!([{"type": "time"}])
+                }),
+                none(),
+                vec![],
+            )
+            .await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "terminal mismatch",
+            create(
+                "x",
+                ok_spec(),
+                StdioStreams {
+                    terminal: true,
+                    ..Default::default()
+                },
+                vec![],
+            )
+            .await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "unknown storage driver",
+            create(
+                "x",
+                ok_spec(),
+                none(),
+                vec![Storage {
+                    driver: "nfs".into(),
+                    source: "a".into(),
+                    mount_point: "/run/x".into(),
+                    ..Default::default()
+                }],
+            )
+            .await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "relative storage mount point",
+            create(
+                "x",
+                ok_spec(),
+                none(),
+                vec![Storage {
+                    driver: "bind".into(),
+                    source: "/".into(),
+                    mount_point: "x".into(),
+                    ..Default::default()
+                }],
+            )
+            .await,
+            Code::INVALID_ARGUMENT,
+        ),
+        (
+            "missing executable",
+            create("x", spec("x", &["/bin/nope"], |_| {}), none(), vec![]).await,
+            Code::INVALID_ARGUMENT,
+        ),
+    ];
+    for (what, r, want) in cases {
+        assert_eq!(code(what, r), want, "{what}");
+    }
+
+    // A created container for state errors.
+    let s = g.streams(false, false, false, false);
+    g.create("x", ok_spec(), &s).await;
+    assert_eq!(
+        code("duplicate", create("x", ok_spec(), none(), vec![]).await),
+        Code::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code("exec before start", g.exec_raw("x", "e").await),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code(
+            "start exec id",
+            c.start_process(ctx(), &preq("x", "e")).await
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    g.start("x").await;
+    assert_eq!(
+        code("start twice", c.start_process(ctx(), &preq("x", "")).await),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code(
+            "remove running",
+            c.remove_container(ctx(), &creq("x")).await
+        ),
+        Code::FAILED_PRECONDITION
+    );
+    let bad_exec = ExecProcessRequest {
+        container_id: "x".into(),
+        exec_id: "e".into(),
+        process: b"[]".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            "exec process not an object",
+            c.exec_process(ctx(), &bad_exec).await
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code("empty exec id", g.exec_raw("x", "").await),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code("signal 0", g.signal("x", "", 0, false).await),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code("signal 999", g.signal("x", "", 999, false).await),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code("signal unknown exec", g.signal("x", "zz", 9, false).await),
+        Code::NOT_FOUND
+    );
+    let resize = |id: &str| ResizeRequest {
+        container_id: id.into(),
+        width: 80,
+        height: 24,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            "resize without a terminal",
+            c.resize_pty(ctx(), &resize("x")).await
+        ),
+        Code::FAILED_PRECONDITION
+    );
+    let upd = UpdateRequest {
+        container_id: "x".into(),
+        linux_resources: b"{memory".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code("update bad JSON", c.update(ctx(), &upd).await),
+        Code::INVALID_ARGUMENT
+    );
+
+    // Unknown container, every call.
+    let nf = Code::NOT_FOUND;
+    assert_eq!(
+        code("start", c.start_process(ctx(), &preq("nope", "")).await),
+        nf
+    );
+    assert_eq!(
+        code("wait", c.wait_process(ctx(), &preq("nope", "")).await),
+        nf
+    );
+    assert_eq!(
+        code("wait exec", c.wait_process(ctx(), &preq("x", "nope")).await),
+        nf
+    );
+    assert_eq!(code("signal", g.signal("nope", "", 9, false).await), nf);
+    assert_eq!(code("exec", g.exec_raw("nope", "e").await), nf);
+    assert_eq!(
+        code("remove", c.remove_container(ctx(), &creq("nope")).await),
+        nf
+    );
+    assert_eq!(
+        code("close stdin", c.close_stdin(ctx(), &preq("nope", "")).await),
+        nf
+    );
+    assert_eq!(
+        code("resize", c.resize_pty(ctx(), &resize("nope")).await),
+        nf
+    );
+    assert_eq!(code("stats", c.stats(ctx(), &creq("nope")).await), nf);
+    assert_eq!(code("pause", c.pause(ctx(), &creq("nope")).await), nf);
+    assert_eq!(code("resume", c.resume(ctx(), &creq("nope")).await), nf);
+    assert_eq!(code("pids", c.pids(ctx(), &creq("nope")).await), nf);
+    let upd = UpdateRequest {
+        container_id: "nope".into(),
+        linux_resources: b"{}".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(code("update", c.update(ctx(), &upd).await), nf);
+    assert_eq!(
+        code(
+            "sandbox twice",
+            c.create_sandbox(
+                ctx(),
+                &CreateSandboxRequest {
+                    storages: vec![Storage {
+                        driver: "bind".into(),
+                        source: "/".into(),
+                        mount_point: "/run/y".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        Code::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code("routes", c.add_routes(ctx(), &Routes::default()).await),
+        Code::UNIMPLEMENTED
+    );
+
+    // Still healthy, and the container still works.
+    c.health(ctx(), &Empty::new())
+        .await
+        .expect("Health after bad requests");
+    g.signal("x", "", libc::SIGKILL, true)
+        .await
+        .expect("kill all");
+    assert_eq!(g.wait("x", "").await.exit_status, 137);
+    g.remove("x").await;
+    g.shutdown().await;
+}
+
+/// The agent dies (SIGQUIT to guest PID 1 from a container in the guest's pid namespace):
+/// the guest kernel panics, QEMU ends, and the host sees it: wait() returns and calls in
+/// flight fail, none hangs.
+#[tokio::test]
+async fn vm_agent_killed_host_sees_vm_gone() {
+    let g = Guest::boot().await;
+    let s = g.streams(false, false, false, false);
+    g.create(
+        "k",
+        spec(
+            "k",
+            &["sh", "-c", "sleep 1; kill -QUIT 1; sleep 1000"],
+            |v| {
+                v["linux"]["namespaces"] = json!([{"type": "mount"}]);
+            },
+        ),
+        &s,
+    )
+    .await;
+    let c = g.c.clone();
+    let in_flight = tokio::spawn(async move {
+        c.wait_process(agent::ctx(Duration::from_secs(600)), &preq("k", ""))
+            .await
+    });
+    g.start("k").await;
+    let t = Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(60), g.vm.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "VM still running 60 s after the agent was killed\n{}",
+                g.diag()
+            )
+        })
+        .unwrap();
+    eprintln!(
+        "vm_container: agent killed -> VM gone after {:?}: {exit}",
+        t.elapsed()
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("in-flight WaitProcess hung after the agent died")
+        .unwrap();
+    assert!(r.is_err(), "{r:?}");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        g.c.health(agent::ctx(Duration::from_secs(60)), &Empty::new()),
+    )
+    .await
+    .expect("new call hung after the agent died");
+    assert!(r.is_err());
+    let console = g.vm.console_tail(40);
+    assert!(
+        console.contains("SIGQUIT") || console.contains("kill init"),
+        "console should show the agent's end: {console}"
+    );
+    let wd = g.vm.work_dir().to_path_buf();
+    drop(g);
     assert!(!wd.exists(), "work dir left behind");
 }

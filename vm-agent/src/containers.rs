@@ -1,61 +1,31 @@
 //! Containers in the guest, created with runtime::linux through the agent's zygote, exactly
-//! as namespace mode does on the host.
+//! as namespace mode does on the host (the same setup handshake, `runtime::linux::spawn`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use nix::mount::{mount, MsFlags};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process};
 use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::spawn::{self, Placement, SetupHooks, Spawned};
 use runtime::linux::spec::{self as rtspec, NsPlan};
-use runtime::linux::sync::{Channel, Msg};
+use runtime::linux::sync::Channel;
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::stdio::Mux;
 
 pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<runtime::linux::Error> for AgentError {
-    fn from(e: runtime::linux::Error) -> Self {
-        match e {
-            runtime::linux::Error::InvalidSpec(_) => AgentError::InvalidArgument(e.to_string()),
-            runtime::linux::Error::NotFound(_) => AgentError::NotFound(e.to_string()),
-            _ => AgentError::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<AgentError> for ttrpc::Error {
-    fn from(e: AgentError) -> Self {
-        let code = match e {
-            AgentError::NotFound(_) => ttrpc::Code::NOT_FOUND,
-            AgentError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
-            AgentError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
-            AgentError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
-            AgentError::Internal(_) => ttrpc::Code::UNKNOWN,
-        };
-        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
-    }
-}
-
+/// The agent's errors: the runtime's RPC status, so codes match namespace mode's.
+pub type AgentError = runtime::Status;
 pub type Result<T> = std::result::Result<T, AgentError>;
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Status {
@@ -64,28 +34,58 @@ pub enum Status {
     Stopped,
 }
 
+#[derive(Debug)]
+pub struct ProcState {
+    pub status: Status,
+    pub pid: i32,
+    pub exit_status: u32,
+    pub exited_at: i64,
+    /// An OOM kill claimed at exit (reported with the exit, not by GetOOMEvent).
+    pub oom_killed: bool,
+    sync: Option<Channel>,
+    pty: Option<Arc<OwnedFd>>,
+}
+
+/// A process in the guest: a container's init or an exec.
 pub struct GProc {
-    pub status: Mutex<(Status, i32, u32, i64)>, // status, pid, exit status, exited_at (ns)
-    pub sync: Mutex<Option<Channel>>,
+    pub exec_id: String,
+    state: Mutex<ProcState>,
+    stdin_stream: u32,
     exited: watch::Sender<bool>,
+    /// The container's OOM counter, claimed when the init exits.
+    oom: Option<(Cgroup, Arc<AtomicU64>)>,
 }
 
 impl GProc {
-    fn new() -> Arc<GProc> {
+    fn new(exec_id: &str, stdin_stream: u32, oom: Option<(Cgroup, Arc<AtomicU64>)>) -> Arc<GProc> {
         let (tx, _) = watch::channel(false);
         Arc::new(GProc {
-            status: Mutex::new((Status::Created, 0, 0, 0)),
-            sync: Mutex::new(None),
+            exec_id: exec_id.to_string(),
+            state: Mutex::new(ProcState {
+                status: Status::Created,
+                pid: 0,
+                exit_status: 0,
+                exited_at: 0,
+                oom_killed: false,
+                sync: None,
+                pty: None,
+            }),
+            stdin_stream,
             exited: tx,
+            oom,
         })
     }
 
-    fn st(&self) -> std::sync::MutexGuard<'_, (Status, i32, u32, i64)> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    fn st(&self) -> std::sync::MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn snapshot(&self) -> (Status, i32, u32, i64) {
-        *self.st()
+    pub fn status(&self) -> Status {
+        self.st().status
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.st().pid
     }
 
     fn set_exited(&self, code: i32) {
@@ -93,38 +93,153 @@ impl GProc {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
+        // Claim a kill the watcher has not reported yet so it travels with the exit.
+        let oom = self
+            .oom
+            .as_ref()
+            .is_some_and(|(cg, seen)| cg.oom_kill_count().is_some_and(|k| cgroups::claim(seen, k)));
         {
             let mut s = self.st();
-            if s.0 == Status::Stopped {
+            if s.status == Status::Stopped {
                 return;
             }
-            *s = (Status::Stopped, s.1, code as u32, now);
+            s.status = Status::Stopped;
+            s.exit_status = code as u32;
+            s.exited_at = now;
+            s.oom_killed = oom;
+            s.sync = None;
         }
-        *self.sync.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.exited.send_replace(true);
     }
 
-    pub async fn wait(&self) {
+    pub async fn wait(&self) -> protocols::agent::WaitResponse {
         let mut rx = self.exited.subscribe();
         let _ = rx.wait_for(|e| *e).await;
+        let s = self.st();
+        protocols::agent::WaitResponse {
+            exit_status: s.exit_status,
+            exited_at_unix_nanos: s.exited_at,
+            oom_killed: s.oom_killed,
+            ..Default::default()
+        }
+    }
+
+    fn signal(&self, sig: u32) -> Result<()> {
+        let (status, pid) = {
+            let s = self.st();
+            (s.status, s.pid)
+        };
+        if status == Status::Stopped || pid <= 0 {
+            return Err(AgentError::NotFound("process already finished".into()));
+        }
+        // SAFETY: kill(2) has no memory effects.
+        if unsafe { libc::kill(pid, sig as i32) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ESRCH) => AgentError::NotFound("process already finished".into()),
+                Some(libc::EINVAL) => AgentError::InvalidArgument(format!("bad signal {sig}")),
+                _ => AgentError::Internal(format!("kill {pid}: {e}")),
+            });
+        }
+        Ok(())
     }
 }
 
 pub struct Ctr {
+    pub id: String,
     pub cgroup: Cgroup,
-    pub mounts: Vec<PathBuf>,
+    mounts: Vec<PathBuf>,
     pub init: Arc<GProc>,
+    execs: Mutex<HashMap<String, Arc<GProc>>>,
+    namespaces: Vec<LinuxNamespaceType>,
+    seccomp: Option<LinuxSeccomp>,
 }
 
-#[derive(Default)]
+impl Ctr {
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<GProc>>> {
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn process(&self, exec_id: &str) -> Result<Arc<GProc>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("exec {exec_id} not found in {}", self.id)))
+    }
+}
+
 pub struct Containers {
     map: Mutex<HashMap<String, Arc<Ctr>>>,
     pids: Mutex<HashMap<i32, Arc<GProc>>>,
     early: Mutex<HashMap<i32, i32>>,
+    oom_tx: mpsc::UnboundedSender<String>,
+    pub oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+}
+
+impl Default for Containers {
+    fn default() -> Self {
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        Containers {
+            map: Mutex::default(),
+            pids: Mutex::default(),
+            early: Mutex::default(),
+            oom_tx,
+            oom_rx: tokio::sync::Mutex::new(oom_rx),
+        }
+    }
 }
 
 fn blocking_err(e: tokio::task::JoinError) -> AgentError {
     AgentError::Internal(format!("blocking task: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
+}
+
+fn check_id(what: &str, id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 255 || id.contains('/') || id.starts_with('.') {
+        return Err(AgentError::InvalidArgument(format!("bad {what} {id:?}")));
+    }
+    Ok(())
+}
+
+/// The agent's part of the setup handshake: pid bookkeeping for the reaper.
+struct AgentSetup<'a> {
+    containers: &'a Containers,
+    proc: &'a Arc<GProc>,
+}
+
+impl SetupHooks for AgentSetup<'_> {
+    fn register(&mut self, pid: i32) -> Option<i32> {
+        if let Some(code) = self
+            .containers
+            .early
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid)
+        {
+            return Some(code);
+        }
+        self.proc.st().pid = pid;
+        self.containers
+            .pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, self.proc.clone());
+        None
+    }
+
+    fn unregister(&mut self, pid: i32) {
+        self.containers
+            .pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
 }
 
 impl Containers {
@@ -137,6 +252,10 @@ impl Containers {
             .get(id)
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("container {id} not found")))
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
     }
 
     /// Reaper callback.
@@ -158,20 +277,31 @@ impl Containers {
         }
     }
 
-    fn register(&self, pid: i32, p: &Arc<GProc>) -> Option<i32> {
-        if let Some(code) = self
-            .early
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid)
-        {
-            return Some(code);
-        }
-        self.pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(pid, p.clone());
-        None
+    /// Zygote spawn up to Ready, then the process's stdio is wired to the mux.
+    fn spawn(
+        &self,
+        mux: &Mux,
+        sreq: &SpawnRequest,
+        stdio: &protocols::agent::StdioStreams,
+        proc: &Arc<GProc>,
+        cg: Option<&Cgroup>,
+    ) -> Result<(Spawned, crate::stdio::Wiring)> {
+        let z = ZYGOTE
+            .get()
+            .ok_or_else(|| AgentError::Internal("zygote not running".into()))?;
+        let prepared = mux.prepare(stdio)?;
+        let raw: Vec<_> = prepared.child.iter().map(|f| f.as_raw_fd()).collect();
+        let mut steps = AgentSetup {
+            containers: self,
+            proc,
+        };
+        let place = Placement {
+            cgroup: cg,
+            id_maps: None,
+        };
+        let spawned = spawn::spawn(z, sreq, &raw, place, SETUP_TIMEOUT, &mut steps)?;
+        let wiring = prepared.wiring(spawned.pty_master.as_ref())?;
+        Ok((spawned, wiring))
     }
 
     pub async fn create(
@@ -180,11 +310,7 @@ impl Containers {
         req: protocols::agent::CreateContainerRequest,
     ) -> Result<u32> {
         let id = req.container_id.clone();
-        if id.is_empty() || id.contains('/') {
-            return Err(AgentError::InvalidArgument(format!(
-                "bad container id {id:?}"
-            )));
-        }
+        check_id("container id", &id)?;
         if self.map().contains_key(&id) {
             return Err(AgentError::AlreadyExists(format!(
                 "container {id} already exists"
@@ -193,41 +319,15 @@ impl Containers {
         let text = String::from_utf8(req.oci_spec.clone())
             .map_err(|_| AgentError::InvalidArgument("oci_spec is not UTF-8".into()))?;
         let spec = rtspec::parse(&text)?;
-        if req.stdio.terminal {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let terminal = spec
+            .process()
+            .as_ref()
+            .is_some_and(|p| p.terminal() == Some(true));
+        if terminal != stdio.terminal {
             return Err(AgentError::InvalidArgument(
-                "terminals are not supported by this agent version".into(),
+                "process.terminal and stdio.terminal disagree".into(),
             ));
-        }
-        // Guest-side mounts (virtio-fs shares, bind sources).
-        let mut mounted = Vec::new();
-        for s in &req.storages {
-            let mp = PathBuf::from(&s.mount_point);
-            std::fs::create_dir_all(&mp)
-                .map_err(|e| AgentError::Internal(format!("create {}: {e}", mp.display())))?;
-            let (src, fstype) = match s.driver.as_str() {
-                "virtiofs" => (s.source.clone(), "virtiofs".to_string()),
-                "bind" => (s.source.clone(), String::new()),
-                other => {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "storage driver {other:?} is not supported"
-                    )))
-                }
-            };
-            crate::log_line(&format!(
-                "container {id}: mount {} {src} on {}",
-                s.driver,
-                mp.display()
-            ));
-            let flags = if fstype.is_empty() {
-                MsFlags::MS_BIND
-            } else {
-                MsFlags::empty()
-            };
-            let fst = (!fstype.is_empty()).then_some(fstype.as_str());
-            mount(Some(src.as_str()), &mp, fst, flags, None::<&str>).map_err(|e| {
-                AgentError::Internal(format!("mount {} {src} on {}: {e}", s.driver, mp.display()))
-            })?;
-            mounted.push(mp);
         }
         let root = spec
             .root()
@@ -248,19 +348,43 @@ impl Containers {
                 .unwrap_or_default(),
             &id,
         )?;
-        NsPlan::from_spec(&spec)?;
-        let stdio = req.stdio.clone().unwrap_or_default();
-        let (child_fds, out_streams, in_stream) = mux.prepare(&stdio)?;
-        let gp = GProc::new();
+        let plan = NsPlan::from_spec(&spec)?;
+        let mounted = mount_storages(&id, &req.storages)?;
         let me = self.clone();
-        let gp2 = gp.clone();
+        let mux2 = mux.clone();
         let id2 = id.clone();
-        let res = tokio::task::spawn_blocking(move || -> Result<(i32, Cgroup)> {
+        let res = blocking(move || {
             let cg = Cgroup::new(&rel)?;
             cg.create()?;
+            let undo = |e: AgentError| {
+                let _ = cg.destroy();
+                e
+            };
             if let Some(r) = linux.resources() {
-                cg.apply(r, false)?;
+                cg.apply(r, false).map_err(|e| undo(e.into()))?;
             }
+            let oom = cg
+                .oom_watcher()
+                .ok()
+                .map(|w| (w.counter(), w))
+                .map(|(seen, w)| {
+                    let tx = me.oom_tx.clone();
+                    let id = id2.clone();
+                    let mut w = w;
+                    // The watcher ends when the cgroup is removed.
+                    let _ = std::thread::Builder::new()
+                        .name("oom".into())
+                        .spawn(move || {
+                            while w.wait() {
+                                crate::log_line(&format!("container {id}: OOM kill"));
+                                if tx.send(id.clone()).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    (cg.clone(), seen)
+                });
+            let gp = GProc::new("", stdio.stdin, oom);
             let process = spec.process().clone().unwrap_or_default();
             let sreq = SpawnRequest {
                 kind: SpawnKind::Init {
@@ -271,176 +395,348 @@ impl Containers {
                     spec: Box::new(spec.clone()),
                 },
                 process,
-                terminal: false,
+                terminal,
                 seccomp: linux.seccomp().clone(),
             };
-            match me.spawn(&sreq, &child_fds, &gp2, Some(&cg)) {
-                Ok(pid) => Ok((pid, cg)),
-                Err(e) => {
-                    let _ = cg.destroy();
-                    Err(e)
-                }
-            }
+            let (spawned, wiring) = me
+                .spawn(&mux2, &sreq, &stdio, &gp, Some(&cg))
+                .map_err(undo)?;
+            let ctr = Ctr {
+                id: id2,
+                cgroup: cg,
+                mounts: Vec::new(),
+                init: gp,
+                execs: Mutex::default(),
+                namespaces: plan
+                    .new
+                    .iter()
+                    .copied()
+                    .chain(plan.join.iter().map(|(t, _)| *t))
+                    .collect(),
+                seccomp: linux.seccomp().clone(),
+            };
+            Ok((ctr, spawned, wiring))
         })
-        .await
-        .map_err(blocking_err)?;
-        let (pid, cg) = match res {
+        .await;
+        let (mut ctr, spawned, wiring) = match res {
             Ok(v) => v,
             Err(e) => {
-                for m in mounted.iter().rev() {
-                    let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-                }
+                unmount_all(&mounted);
                 return Err(e);
             }
         };
-        crate::log_line(&format!("container {id}: created, pid {pid}"));
-        mux.start(out_streams, in_stream);
-        self.map().insert(
-            id,
-            Arc::new(Ctr {
-                cgroup: cg,
-                mounts: mounted,
-                init: gp,
-            }),
-        );
-        Ok(pid as u32)
-    }
-
-    /// Zygote spawn up to Ready (same handshake as the shim's).
-    fn spawn(
-        &self,
-        req: &SpawnRequest,
-        fds: &[OwnedFd],
-        gp: &Arc<GProc>,
-        cg: Option<&Cgroup>,
-    ) -> Result<i32> {
-        let z = ZYGOTE
-            .get()
-            .ok_or_else(|| AgentError::Internal("zygote not running".into()))?;
-        let (ours, theirs) = Channel::pair()?;
-        ours.set_timeout(Some(Duration::from_secs(60)))?;
-        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        z.spawn(req, &theirs, &raw)?;
-        drop(theirs);
-        let pid = match ours.recv::<Msg>()? {
-            Some((Msg::Pid(p), _)) => p,
-            Some((Msg::Error { message, invalid }, _)) => return Err(child_err(message, invalid)),
-            _ => {
-                return Err(AgentError::Internal(
-                    "container setup failed before it started".into(),
-                ))
-            }
-        };
-        let kill = |e: AgentError| {
-            // SAFETY: kill(2) has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            e
-        };
-        if let Some(code) = self.register(pid, gp) {
-            return Err(AgentError::Internal(format!(
-                "process exited during setup ({code})"
-            )));
+        ctr.mounts = mounted;
+        {
+            let mut s = ctr.init.st();
+            s.sync = Some(spawned.sync);
+            s.pty = spawned.pty_master.map(Arc::new);
         }
-        gp.st().1 = pid;
-        if let Some(cg) = cg {
-            cg.add_proc(pid).map_err(|e| kill(e.into()))?;
-        }
-        ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?;
-        loop {
-            match ours.recv::<Msg>().map_err(|e| kill(e.into()))? {
-                Some((Msg::Ready, _)) => break,
-                Some((Msg::Hooks, _)) => ours.send(&Msg::Go, &[]).map_err(|e| kill(e.into()))?,
-                Some((Msg::Error { message, invalid }, _)) => {
-                    return Err(kill(child_err(message, invalid)))
-                }
-                _ => {
-                    return Err(kill(AgentError::Internal(
-                        "container process died during setup".into(),
-                    )))
-                }
-            }
-        }
-        *gp.sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(ours);
-        Ok(pid)
+        crate::log_line(&format!("container {id}: created, pid {}", spawned.pid));
+        mux.start(wiring);
+        self.map().insert(id, Arc::new(ctr));
+        Ok(spawned.pid as u32)
     }
 
     pub async fn start(&self, id: &str) -> Result<u32> {
         let c = self.get(id)?;
-        let sync = c
-            .init
-            .sync
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                AgentError::FailedPrecondition(format!("container {id} already started"))
-            })?;
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            sync.send(&Msg::Start, &[])?;
-            match sync.recv::<Msg>()? {
-                None => Ok(()),
-                Some((Msg::Error { message, invalid }, _)) => Err(child_err(message, invalid)),
-                Some((m, _)) => Err(AgentError::Internal(format!("unexpected {m:?}"))),
+        let sync = {
+            let mut s = c.init.st();
+            if s.status != Status::Created {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "container {id} is not in created state"
+                )));
             }
-        })
-        .await
-        .map_err(blocking_err)??;
-        let mut s = c.init.st();
-        if s.0 == Status::Created {
-            s.0 = Status::Running;
+            s.sync.take()
         }
-        Ok(s.1 as u32)
+        .ok_or_else(|| AgentError::FailedPrecondition(format!("container {id} already started")))?;
+        blocking(move || spawn::release(&sync).map_err(AgentError::from)).await?;
+        let mut s = c.init.st();
+        if s.status == Status::Created {
+            s.status = Status::Running;
+        }
+        Ok(s.pid as u32)
     }
 
-    pub fn signal(&self, id: &str, sig: u32, all: bool) -> Result<()> {
+    pub async fn exec(
+        self: &Arc<Self>,
+        mux: &Mux,
+        req: protocols::agent::ExecProcessRequest,
+    ) -> Result<u32> {
+        let c = self.get(&req.container_id)?;
+        check_id("exec id", &req.exec_id)?;
+        if c.init.status() != Status::Running {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        let process: Process = serde_json::from_slice(&req.process)
+            .map_err(|e| AgentError::InvalidArgument(format!("exec process spec: {e}")))?;
+        rtspec::validate_process(&process, "exec process")?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let terminal = process.terminal() == Some(true);
+        if terminal != stdio.terminal {
+            return Err(AgentError::InvalidArgument(
+                "process.terminal and stdio.terminal disagree".into(),
+            ));
+        }
+        let gp = {
+            let mut execs = c.execs();
+            if execs.contains_key(&req.exec_id) {
+                return Err(AgentError::AlreadyExists(format!(
+                    "exec {} already exists",
+                    req.exec_id
+                )));
+            }
+            let gp = GProc::new(&req.exec_id, stdio.stdin, None);
+            execs.insert(req.exec_id.clone(), gp.clone());
+            gp
+        };
+        let sreq = SpawnRequest {
+            kind: SpawnKind::Exec {
+                init_pid: c.init.pid(),
+                namespaces: c.namespaces.clone(),
+            },
+            process,
+            terminal,
+            seccomp: c.seccomp.clone(),
+        };
+        let me = self.clone();
+        let mux2 = mux.clone();
+        let (c2, gp2) = (c.clone(), gp.clone());
+        let res = blocking(move || {
+            let (spawned, wiring) = me.spawn(&mux2, &sreq, &stdio, &gp2, Some(&c2.cgroup))?;
+            if let Err(e) = spawn::release(&spawned.sync) {
+                me.pids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&spawned.pid);
+                // SAFETY: kill(2) has no memory effects.
+                unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
+                return Err(e.into());
+            }
+            Ok((spawned, wiring))
+        })
+        .await;
+        let (spawned, wiring) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                c.execs().remove(&req.exec_id);
+                return Err(e);
+            }
+        };
+        {
+            let mut s = gp.st();
+            s.pty = spawned.pty_master.map(Arc::new);
+            if s.status == Status::Created {
+                s.status = Status::Running;
+            }
+        }
+        mux.start(wiring);
+        Ok(spawned.pid as u32)
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
+        if sig == 0 || sig > 64 {
+            return Err(AgentError::InvalidArgument(format!("bad signal {sig}")));
+        }
         let c = self.get(id)?;
-        if all {
+        if all && exec_id.is_empty() {
             c.cgroup.kill_all(sig as i32)?;
             return Ok(());
         }
-        let (status, pid, ..) = c.init.snapshot();
-        if status == Status::Stopped {
-            return Err(AgentError::NotFound("process already finished".into()));
-        }
-        // SAFETY: kill(2) has no memory effects.
-        if unsafe { libc::kill(pid, sig as i32) } != 0 {
-            return Err(AgentError::NotFound("process already finished".into()));
+        c.process(exec_id)?.signal(sig)
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, w: u32, h: u32) -> Result<()> {
+        let p = self.get(id)?.process(exec_id)?;
+        let pty = p.st().pty.clone().ok_or_else(|| {
+            AgentError::FailedPrecondition(format!("process {id}/{exec_id} has no terminal"))
+        })?;
+        runtime::linux::sync::resize_pty(&*pty, w, h)?;
+        Ok(())
+    }
+
+    pub fn close_stdin(&self, mux: &Mux, id: &str, exec_id: &str) -> Result<()> {
+        let p = self.get(id)?.process(exec_id)?;
+        if p.stdin_stream != 0 {
+            mux.close_input(p.stdin_stream);
         }
         Ok(())
     }
 
     pub async fn remove(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
-        let (status, pid, ..) = c.init.snapshot();
+        let status = c.init.status();
         if status == Status::Running {
             return Err(AgentError::FailedPrecondition(format!(
                 "container {id} is running"
             )));
         }
-        if status == Status::Created && pid > 0 {
-            // SAFETY: kill(2) has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.init.wait()).await;
-        }
         let c2 = c.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            c2.cgroup.destroy()?;
-            for m in c2.mounts.iter().rev() {
-                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        blocking(move || -> Result<()> {
+            // Leftovers (a created init, execs outside a pid namespace) die with it.
+            if c2.cgroup.procs().map(|p| !p.is_empty()).unwrap_or(false) {
+                let _ = c2.cgroup.kill_all(libc::SIGKILL);
+            }
+            if c2.init.status() == Status::Created && c2.init.pid() > 0 {
+                // SAFETY: kill(2) has no memory effects.
+                unsafe { libc::kill(c2.init.pid(), libc::SIGKILL) };
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match c2.cgroup.destroy() {
+                    Ok(()) => break,
+                    Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            unmount_all(&c2.mounts);
+            Ok(())
+        })
+        .await?;
+        self.map().remove(id);
+        crate::log_line(&format!("container {id}: removed"));
+        Ok(())
+    }
+
+    pub fn pids(&self, id: &str) -> Result<protocols::agent::PidsResponse> {
+        let c = self.get(id)?;
+        let by_pid: HashMap<i32, String> = c
+            .execs()
+            .values()
+            .map(|p| (p.pid(), p.exec_id.clone()))
+            .collect();
+        let procs = c.cgroup.procs()?;
+        Ok(protocols::agent::PidsResponse {
+            processes: procs
+                .into_iter()
+                .map(|pid| protocols::agent::ProcessPid {
+                    pid: pid as u32,
+                    exec_id: by_pid.get(&pid).cloned().unwrap_or_default(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        let c = self.get(id)?;
+        let r: LinuxResources = serde_json::from_slice(resources)
+            .map_err(|e| AgentError::InvalidArgument(format!("linux resources: {e}")))?;
+        blocking(move || c.cgroup.apply(&r, true).map_err(AgentError::from)).await
+    }
+
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
+        let c = self.get(id)?;
+        if c.init.status() != Status::Running {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        blocking(move || {
+            if pause {
+                c.cgroup.freeze()?;
+            } else {
+                c.cgroup.thaw()?;
             }
             Ok(())
         })
         .await
-        .map_err(blocking_err)??;
-        self.map().remove(id);
-        Ok(())
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<protocols::agent::CgroupStats> {
+        let c = self.get(id)?;
+        let s = blocking(move || c.cgroup.stats().map_err(AgentError::from)).await?;
+        Ok(to_proto(s))
     }
 }
 
-fn child_err(message: String, invalid: bool) -> AgentError {
-    if invalid {
-        AgentError::InvalidArgument(message)
-    } else {
-        AgentError::Internal(message)
+fn to_proto(s: cgroups::Stats) -> protocols::agent::CgroupStats {
+    protocols::agent::CgroupStats {
+        memory_usage: s.memory_usage,
+        memory_max_usage: s.memory_max_usage,
+        memory_limit: s.memory_limit,
+        memory_failcnt: s.memory_failcnt,
+        swap_usage: s.swap_usage,
+        swap_limit: s.swap_limit,
+        memory_stat: s.memory_stat.into_iter().collect(),
+        cpu_usage_ns: s.cpu_usage_ns,
+        cpu_user_ns: s.cpu_user_ns,
+        cpu_system_ns: s.cpu_system_ns,
+        cpu_percpu_ns: s.cpu_percpu_ns,
+        cpu_nr_periods: s.cpu_nr_periods,
+        cpu_nr_throttled: s.cpu_nr_throttled,
+        cpu_throttled_ns: s.cpu_throttled_ns,
+        pids_current: s.pids_current,
+        pids_limit: s.pids_limit,
+        io: s
+            .io_bytes
+            .into_iter()
+            .map(|(major, minor, op, value)| protocols::agent::IoStat {
+                major,
+                minor,
+                op,
+                value,
+                ..Default::default()
+            })
+            .collect(),
+        oom_kills: s.oom_kills,
+        memory_events: s.memory_events.into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// Guest-side mounts of a container's storages (virtio-fs shares, bind sources).
+pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Result<Vec<PathBuf>> {
+    let mut mounted = Vec::new();
+    for s in storages {
+        let mp = PathBuf::from(&s.mount_point);
+        let res = (|| {
+            if !mp.is_absolute() || s.mount_point.contains("..") {
+                return Err(AgentError::InvalidArgument(format!(
+                    "storage mount point {:?} must be an absolute guest path",
+                    s.mount_point
+                )));
+            }
+            let (fstype, flags) = match s.driver.as_str() {
+                "virtiofs" => (Some("virtiofs"), MsFlags::empty()),
+                "bind" => (None, MsFlags::MS_BIND),
+                other => {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "storage driver {other:?} is not supported"
+                    )))
+                }
+            };
+            std::fs::create_dir_all(&mp)
+                .map_err(|e| AgentError::Internal(format!("create {}: {e}", mp.display())))?;
+            crate::log_line(&format!(
+                "container {id}: mount {} {} on {}",
+                s.driver,
+                s.source,
+                mp.display()
+            ));
+            mount(Some(s.source.as_str()), &mp, fstype, flags, None::<&str>).map_err(|e| {
+                AgentError::Internal(format!(
+                    "mount {} {} on {}: {e}",
+                    s.driver,
+                    s.source,
+                    mp.display()
+                ))
+            })
+        })();
+        if let Err(e) = res {
+            unmount_all(&mounted);
+            return Err(e);
+        }
+        mounted.push(mp);
+    }
+    Ok(mounted)
+}
+
+pub fn unmount_all(mounts: &[PathBuf]) {
+    for m in mounts.iter().rev() {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
     }
 }

@@ -10,12 +10,11 @@ mod init;
 mod service;
 mod stdio;
 
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::unix::AsyncFd;
+use runtime::aio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -46,52 +45,6 @@ pub fn find_port(name: &str, timeout: Duration) -> Option<PathBuf> {
     }
 }
 
-pub fn set_nonblocking(fd: &OwnedFd) {
-    // SAFETY: fcntl flag changes on a descriptor we own.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-}
-
-pub async fn port_read(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        let mut g = port.readable().await?;
-        match g.try_io(|fd| {
-            // SAFETY: reading into a live buffer of the given length.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(r) => return r,
-            Err(_) => continue,
-        }
-    }
-}
-
-pub async fn port_write(port: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let mut g = port.writable().await?;
-        match g.try_io(|fd| {
-            // SAFETY: writing from a live buffer of the given length.
-            let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_) => continue,
-        }
-    }
-    Ok(())
-}
-
 /// Joins the port to the in-guest ttrpc server, one connection per host session: the port
 /// reads EOF while the host side is not connected.
 async fn pump(port_path: PathBuf) -> std::io::Result<()> {
@@ -99,16 +52,11 @@ async fn pump(port_path: PathBuf) -> std::io::Result<()> {
         .read(true)
         .write(true)
         .open(&port_path)?;
-    let fd: OwnedFd = f.into();
-    set_nonblocking(&fd);
-    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: open and unchanged while it lives.
-    let port = Arc::new(
-        unsafe { AsyncFd::register(fd) }.map_err(|e| std::io::Error::other(e.to_string()))?,
-    );
+    let port = Arc::new(aio::register(f.into())?);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Wait for the host to send something (EOF = nobody connected yet).
-        let n = match port_read(&port, &mut buf).await {
+        let n = match aio::read(&port, &mut buf).await {
             Ok(0) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -127,7 +75,7 @@ async fn pump(port_path: PathBuf) -> std::io::Result<()> {
                 match rd.read(&mut b).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if port_write(&p2, &b[..n]).await.is_err() {
+                        if aio::write_all(&p2, &b[..n]).await.is_err() {
                             break;
                         }
                     }
@@ -135,7 +83,7 @@ async fn pump(port_path: PathBuf) -> std::io::Result<()> {
             }
         });
         loop {
-            match port_read(&port, &mut buf).await {
+            match aio::read(&port, &mut buf).await {
                 Ok(0) => break, // host went away: next session gets a fresh connection
                 Ok(n) => {
                     if wr.write_all(&buf[..n]).await.is_err() {
@@ -176,6 +124,27 @@ async fn serve() -> Result<(), String> {
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(_) => {}
                 }
+            }
+        }
+    });
+    // SIGTERM: power off cleanly. SIGQUIT: exit at once, as if the agent had been killed
+    // (PID 1 cannot be SIGKILLed from inside the guest); the kernel then panics and QEMU
+    // ends (panic=-1, -no-reboot), which is how the host learns the agent is gone.
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut quit)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::quit()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                log_line("SIGTERM: powering off");
+                init::power_off(std::process::id() == 1);
+            }
+            _ = quit.recv() => {
+                log_line("SIGQUIT: exiting now");
+                std::process::exit(131);
             }
         }
     });

@@ -1,6 +1,7 @@
-//! The agent API implementation. This first version answers health, guest details and
-//! shutdown; container calls arrive with the VM sandbox (the default trait methods answer
-//! them with an error naming the method).
+//! The agent API implementation. Every call validates its input and answers bad requests
+//! with a status code (InvalidArgument, NotFound, ...); nothing here panics on input.
+//! Network calls (UpdateInterface, AddRoutes) arrive with the VM sandbox's networking and
+//! are answered Unimplemented until then.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,7 @@ pub struct AgentService {
     started: Instant,
     containers: Arc<Containers>,
     mux: Mux,
+    sandbox_mounts: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl AgentService {
@@ -24,6 +26,7 @@ impl AgentService {
             started: Instant::now(),
             containers: Arc::new(Containers::default()),
             mux,
+            sandbox_mounts: Default::default(),
         }
     }
 
@@ -93,11 +96,24 @@ impl protocols::Agent for AgentService {
         req: ProcessRequest,
     ) -> ttrpc::Result<StartResponse> {
         if !req.exec_id.is_empty() {
-            return Err(
-                AgentError::InvalidArgument("exec processes are not supported yet".into()).into(),
-            );
+            return Err(AgentError::InvalidArgument(
+                "exec processes start with ExecProcess".into(),
+            )
+            .into());
         }
         let pid = self.containers.start(&req.container_id).await?;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<StartResponse> {
+        let pid = self.containers.exec(&self.mux, req).await?;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -109,14 +125,11 @@ impl protocols::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitResponse> {
-        let c = self.containers.get(&req.container_id)?;
-        c.init.wait().await;
-        let (_, _, code, at) = c.init.snapshot();
-        Ok(WaitResponse {
-            exit_status: code,
-            exited_at_unix_nanos: at,
-            ..Default::default()
-        })
+        let p = self
+            .containers
+            .get(&req.container_id)?
+            .process(&req.exec_id)?;
+        Ok(p.wait().await)
     }
 
     async fn signal_process(
@@ -125,7 +138,7 @@ impl protocols::Agent for AgentService {
         req: SignalRequest,
     ) -> ttrpc::Result<Empty> {
         self.containers
-            .signal(&req.container_id, req.signal, req.all)?;
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)?;
         Ok(Empty::default())
     }
 
@@ -136,6 +149,132 @@ impl protocols::Agent for AgentService {
     ) -> ttrpc::Result<Empty> {
         self.containers.remove(&req.container_id).await?;
         Ok(Empty::default())
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&self.mux, &req.container_id, &req.exec_id)?;
+        Ok(Empty::default())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizeRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .resize(&req.container_id, &req.exec_id, req.width, req.height)?;
+        Ok(Empty::default())
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsResponse> {
+        let stats = self.containers.stats(&req.container_id).await?;
+        Ok(StatsResponse {
+            stats: protobuf::MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.linux_resources)
+            .await?;
+        Ok(Empty::default())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, true).await?;
+        Ok(Empty::default())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, false).await?;
+        Ok(Empty::default())
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<PidsResponse> {
+        Ok(self.containers.pids(&req.container_id)?)
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OOMEvent> {
+        let mut rx = self.containers.oom_rx.lock().await;
+        match rx.recv().await {
+            Some(id) => Ok(OOMEvent {
+                container_id: id,
+                ..Default::default()
+            }),
+            None => Err(AgentError::Internal("agent shutting down".into()).into()),
+        }
+    }
+
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname).map_err(|e| {
+                AgentError::InvalidArgument(format!("hostname {:?}: {e}", req.hostname))
+            })?;
+        }
+        if !req.storages.is_empty() {
+            let mut held = self
+                .sandbox_mounts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !held.is_empty() {
+                return Err(AgentError::AlreadyExists("sandbox already created".into()).into());
+            }
+            *held = crate::containers::mount_storages("sandbox", &req.storages)?;
+        }
+        if !req.dns.is_empty() {
+            let text: String = req
+                .dns
+                .iter()
+                .map(|d| format!("nameserver {d}\n"))
+                .collect();
+            std::fs::create_dir_all("/etc")
+                .and_then(|_| std::fs::write("/etc/resolv.conf", text))
+                .map_err(|e| AgentError::Internal(format!("/etc/resolv.conf: {e}")))?;
+        }
+        Ok(Empty::default())
+    }
+
+    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
+        for id in self.containers.ids() {
+            let _ = self.containers.signal(&id, "", libc::SIGKILL as u32, true);
+            if let Ok(c) = self.containers.get(&id) {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), c.init.wait()).await;
+            }
+            self.containers.remove(&id).await?;
+        }
+        let held = std::mem::take(
+            &mut *self
+                .sandbox_mounts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        crate::containers::unmount_all(&held);
+        Ok(Empty::default())
+    }
+
+    async fn update_interface(&self, _ctx: &TtrpcContext, _req: Interface) -> ttrpc::Result<Empty> {
+        Err(AgentError::Unimplemented(
+            "guest networking arrives with the VM sandbox (UpdateInterface)".into(),
+        )
+        .into())
+    }
+
+    async fn add_routes(&self, _ctx: &TtrpcContext, _req: Routes) -> ttrpc::Result<Empty> {
+        Err(AgentError::Unimplemented(
+            "guest networking arrives with the VM sandbox (AddRoutes)".into(),
+        )
+        .into())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {

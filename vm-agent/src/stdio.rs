@@ -2,14 +2,13 @@
 //! frames (protocols::stdio_frame), so output moves at channel speed without an RPC per chunk.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocols::stdio_frame::{decode_header, encode_header, FLAG_EOF, HEADER, MAX_PAYLOAD};
+use runtime::aio;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use crate::containers::{AgentError, Result};
@@ -18,10 +17,57 @@ pub const STDIO_PORT: &str = "janus.stdio";
 
 type Frame = (u32, u32, Vec<u8>);
 
+/// Input streams: frames for a stream are queued to a writer task per process, so a process
+/// that does not read its stdin never stalls the other streams.
+type Inputs = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Vec<u8>>>>>;
+
 #[derive(Clone)]
 pub struct Mux {
     tx: Option<mpsc::UnboundedSender<Frame>>,
-    stdin: Arc<Mutex<HashMap<u32, pipe::Sender>>>,
+    stdin: Inputs,
+}
+
+/// A process's stdio before spawn: the child's three fds (none for a terminal) and our ends.
+pub struct Prepared {
+    pub child: Vec<OwnedFd>,
+    outs: Vec<(u32, OwnedFd)>,
+    input: Option<(u32, OwnedFd)>,
+    streams: protocols::agent::StdioStreams,
+}
+
+/// What to pump once the process exists.
+pub struct Wiring {
+    outs: Vec<(u32, OwnedFd)>,
+    input: Option<(u32, OwnedFd)>,
+}
+
+impl Prepared {
+    /// With a terminal, both directions go through (copies of) the pty master.
+    pub fn wiring(self, pty_master: Option<&OwnedFd>) -> Result<Wiring> {
+        let Some(m) = pty_master else {
+            return Ok(Wiring {
+                outs: self.outs,
+                input: self.input,
+            });
+        };
+        let dup = || {
+            m.try_clone()
+                .map_err(|e| AgentError::Internal(format!("dup pty master: {e}")))
+        };
+        let s = &self.streams;
+        Ok(Wiring {
+            outs: if s.stdout != 0 {
+                vec![(s.stdout, dup()?)]
+            } else {
+                Vec::new()
+            },
+            input: if s.stdin != 0 {
+                Some((s.stdin, dup()?))
+            } else {
+                None
+            },
+        })
+    }
 }
 
 fn pipe2() -> Result<(OwnedFd, OwnedFd)> {
@@ -41,39 +87,33 @@ fn null() -> Result<OwnedFd> {
 impl Mux {
     /// Opens the port (if the VM has one) and starts the frame pumps.
     pub fn open() -> Mux {
-        let stdin: Arc<Mutex<HashMap<u32, pipe::Sender>>> = Arc::default();
+        let stdin: Inputs = Arc::default();
         let Some(path) = crate::find_port(STDIO_PORT, Duration::from_secs(2)) else {
             crate::log_line("no janus.stdio port: process output is discarded");
             return Mux { tx: None, stdin };
         };
-        let fd: OwnedFd = match std::fs::OpenOptions::new()
+        let port = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
+            .and_then(|f| aio::register(f.into()))
         {
-            Ok(f) => f.into(),
-            Err(e) => {
-                crate::log_line(&format!("open {}: {e}", path.display()));
-                return Mux { tx: None, stdin };
-            }
-        };
-        crate::set_nonblocking(&fd);
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: open and unchanged while it lives.
-        let port = match unsafe { AsyncFd::register(fd) } {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                crate::log_line(&format!("stdio port: {e}"));
+                crate::log_line(&format!("stdio port {}: {e}", path.display()));
                 return Mux { tx: None, stdin };
             }
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let wport = port.clone();
         tokio::spawn(async move {
+            // Header and payload in one write: one virtqueue buffer per frame.
+            let mut out = Vec::with_capacity(HEADER + MAX_PAYLOAD);
             while let Some((stream, flags, data)) = rx.recv().await {
-                let h = encode_header(stream, flags, data.len());
-                if crate::port_write(&wport, &h).await.is_err()
-                    || crate::port_write(&wport, &data).await.is_err()
-                {
+                out.clear();
+                out.extend_from_slice(&encode_header(stream, flags, data.len()));
+                out.extend_from_slice(&data);
+                if aio::write_all(&wport, &out).await.is_err() {
                     break;
                 }
             }
@@ -86,26 +126,21 @@ impl Mux {
                     break;
                 }
                 let Some((stream, flags, len)) = decode_header(&hdr) else {
-                    crate::log_line("stdio port: malformed frame header, stream closed");
+                    crate::log_line("stdio port: malformed frame header, input closed");
                     break;
                 };
                 let mut data = vec![0u8; len];
                 if read_exact(&port, &mut data).await.is_err() {
                     break;
                 }
-                let w = map
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&stream);
-                if let Some(mut w) = w {
-                    if !data.is_empty() && w.write_all(&data).await.is_err() {
-                        continue;
+                let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+                if !data.is_empty() {
+                    if let Some(w) = m.get(&stream) {
+                        let _ = w.send(data);
                     }
-                    if flags & FLAG_EOF == 0 {
-                        map.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(stream, w);
-                    }
+                }
+                if flags & FLAG_EOF != 0 {
+                    m.remove(&stream);
                 }
             }
         });
@@ -115,58 +150,75 @@ impl Mux {
         }
     }
 
-    /// The process's three fds, the output pipes to pump and the stdin pipe to feed.
-    #[allow(clippy::type_complexity)]
-    pub fn prepare(
-        &self,
-        s: &protocols::agent::StdioStreams,
-    ) -> Result<(Vec<OwnedFd>, Vec<(u32, OwnedFd)>, Option<(u32, OwnedFd)>)> {
-        let mut child = Vec::new();
-        let mut outs = Vec::new();
-        let mut input = None;
+    /// The process's fds and our ends of them.
+    pub fn prepare(&self, s: &protocols::agent::StdioStreams) -> Result<Prepared> {
+        let mut p = Prepared {
+            child: Vec::new(),
+            outs: Vec::new(),
+            input: None,
+            streams: s.clone(),
+        };
+        if s.terminal {
+            return Ok(p);
+        }
         if s.stdin != 0 {
             let (r, w) = pipe2()?;
-            child.push(r);
-            input = Some((s.stdin, w));
+            p.child.push(r);
+            p.input = Some((s.stdin, w));
         } else {
-            child.push(null()?);
+            p.child.push(null()?);
         }
         for id in [s.stdout, s.stderr] {
             if id != 0 && self.tx.is_some() {
                 let (r, w) = pipe2()?;
-                child.push(w);
-                outs.push((id, r));
+                p.child.push(w);
+                p.outs.push((id, r));
             } else {
-                child.push(null()?);
+                p.child.push(null()?);
             }
         }
-        Ok((child, outs, input))
+        Ok(p)
     }
 
-    pub fn start(&self, outs: Vec<(u32, OwnedFd)>, input: Option<(u32, OwnedFd)>) {
-        if let Some((id, w)) = input {
-            if let Ok(s) = pipe::Sender::from_owned_fd(w) {
+    /// Ends a process's input after what is queued (CloseStdin).
+    pub fn close_input(&self, stream: u32) {
+        self.stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stream);
+    }
+
+    pub fn start(&self, w: Wiring) {
+        if let Some((id, fd)) = w.input {
+            if let Ok(afd) = aio::register(fd) {
+                let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
                 self.stdin
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, s);
+                    .insert(id, tx);
+                tokio::spawn(async move {
+                    while let Some(data) = rx.recv().await {
+                        if aio::write_all(&afd, &data).await.is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         }
         let Some(tx) = self.tx.clone() else { return };
-        for (id, r) in outs {
+        for (id, fd) in w.outs {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok(mut rd) = pipe::Receiver::from_owned_fd(r) else {
-                    let _ = tx.send((id, FLAG_EOF, Vec::new()));
-                    return;
-                };
-                let mut buf = vec![0u8; MAX_PAYLOAD];
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send((id, 0, buf[..n].to_vec())).is_err() {
-                                return;
+                if let Ok(afd) = aio::register(fd) {
+                    let mut buf = vec![0u8; MAX_PAYLOAD];
+                    loop {
+                        // A pty master reads EIO once the terminal's last user is gone.
+                        match aio::read(&afd, &mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if tx.send((id, 0, buf[..n].to_vec())).is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -180,7 +232,7 @@ impl Mux {
 async fn read_exact(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
-        match crate::port_read(port, &mut buf[off..]).await {
+        match aio::read(port, &mut buf[off..]).await {
             // EOF: the host side is not connected (yet, or any more): wait for it.
             Ok(0) => tokio::time::sleep(Duration::from_millis(10)).await,
             Ok(n) => off += n,
@@ -188,6 +240,5 @@ async fn read_exact(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<
             Err(e) => return Err(e),
         }
     }
-    let _ = port.as_raw_fd();
     Ok(())
 }

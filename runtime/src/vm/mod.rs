@@ -16,6 +16,7 @@ pub mod agent;
 mod error;
 mod process;
 pub mod qemu;
+pub mod stdio;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub use agent::AgentConnection;
 pub use error::{Error, Result};
 pub use process::record_reaped;
 pub use protocols::AgentClient;
+pub use stdio::StdioPlane;
 
 /// Name of the guest's virtio-serial port that carries the agent's ttrpc API.
 pub const AGENT_PORT: &str = "janus.agent";
