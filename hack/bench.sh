@@ -1,7 +1,9 @@
 #!/bin/bash
 # Janus vs the containerd runc shim, in one run, on one private containerd.
 #
-#   hack/bench.sh [-n N]      (N = samples per runtime, default 20)
+#   hack/bench.sh [-n N] [--no-vm] [--vm-boots B] [--vm-mib M]
+#       N = samples per runtime (default 20); B = VM boots per kind (default 5);
+#       M = MiB streamed out of a guest process (default 1024)
 #
 # Measures, alternating the two runtimes so drift hits both alike:
 #   1. `ctr run --rm IMAGE ID /bin/true` wall time (median) and the ratio Janus/runc
@@ -9,6 +11,9 @@
 #      (cutime+cstime: shim start, server, delete, and for runc the runc binary) per run
 #   3. shim PSS with one running container (Janus: shim + zygote; runc: shim)
 #   4. 20 containers started one after another (`ctr run -d`), total wall time
+#   5. VM mode (runtime/examples/vm_bench.rs): QEMU spawn -> agent ready against a bare boot
+#      of the same kernel to /init (test init), alternating, medians and ratio; stdio
+#      throughput of M MiB out of a guest process (MB/s)
 # Targets (not asserted): latency <= 0.6x runc, shim CPU <= 5 ms, shim PSS <= 2.5 MiB.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -16,7 +21,18 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 need_root
 
 N=20
-[ "${1:-}" = "-n" ] && N="$2"
+VM=1
+VM_BOOTS=5
+VM_MIB=1024
+while [ $# -gt 0 ]; do
+	case "$1" in
+	-n) N="$2"; shift 2 ;;
+	--no-vm) VM=0; shift ;;
+	--vm-boots) VM_BOOTS="$2"; shift 2 ;;
+	--vm-mib) VM_MIB="$2"; shift 2 ;;
+	*) die "unknown argument $1 (see the header of $0)" ;;
+	esac
+done
 
 ensure_base_deps
 ensure_rust
@@ -114,3 +130,12 @@ printf '%-44s %12s %12s %8s\n' "shim PSS, one container (KiB)" "$pss_j" "$pss_r"
 printf '%-44s %12s %12s %8s\n' "shim threads, one container" "$thr_j" "$thr_r" "$(ratio "$thr_j" "$thr_r")"
 printf '%-44s %12s %12s %8s\n' "20 containers started sequentially (ms)" "$s20_j" "$s20_r" "$(ratio "$s20_j" "$s20_r")"
 echo "targets: latency ratio <= 0.60, shim CPU <= 5 ms, shim PSS <= 2560 KiB"
+
+if [ "$VM" = 1 ]; then
+	echo
+	log "VM mode: guest image, then $VM_BOOTS boots of each kind and a ${VM_MIB} MiB stdio stream"
+	"$HERE/build-guest.sh" >&2
+	(cd "$REPO_ROOT" && cargo build --release -p runtime --features vm --example vm_bench >&2)
+	"$REPO_ROOT/target/release/examples/vm_bench" --boots "$VM_BOOTS" --mib "$VM_MIB" \
+		--guest-dir "$REPO_ROOT/target/guest"
+fi
