@@ -37,7 +37,7 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     for a in [
-        "sh", "echo", "cat", "uname", "ls", "sleep", "stty", "tty", "kill", "dd", "hostname",
+        "sh", "echo", "cat", "uname", "ls", "sleep", "stty", "tty", "kill", "dd", "hostname", "ip",
     ] {
         std::fs::hard_link(root.join("bin/busybox"), root.join("bin").join(a)).unwrap();
     }
@@ -163,6 +163,10 @@ struct Guest {
 
 impl Guest {
     async fn boot() -> Guest {
+        Guest::boot_with(Vec::new()).await
+    }
+
+    async fn boot_with(extra: Vec<String>) -> Guest {
         let g = BOOT.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let rootfs = busybox_rootfs(tmp.path());
@@ -179,6 +183,7 @@ impl Guest {
             "-device".into(),
             "vhost-user-fs-device,chardev=vfs,tag=share".into(),
         ];
+        cfg.extra_args.extend(extra);
         let vm: Arc<dyn Vm> = Arc::from(
             Qemu::new()
                 .start(&cfg)
@@ -887,9 +892,51 @@ async fn vm_agent_malformed_requests() {
         ),
         Code::ALREADY_EXISTS
     );
+    let route = |d: &str, gw: &str| Routes {
+        routes: vec![Route {
+            destination: d.into(),
+            gateway: gw.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     assert_eq!(
-        code("routes", c.add_routes(ctx(), &Routes::default()).await),
-        Code::UNIMPLEMENTED
+        code(
+            "route IPv6",
+            c.add_routes(ctx(), &route("fe80::/64", "")).await
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(
+            "route bad gateway",
+            c.add_routes(ctx(), &route("", "10.0.2")).await
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    let iface = |mac: &str, addr: &str| Interface {
+        mac: mac.into(),
+        addresses: vec![IPAddress {
+            address: addr.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            "interface unknown MAC",
+            c.update_interface(ctx(), &iface("02:00:00:00:00:99", "10.0.0.2/24"))
+                .await
+        ),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            "interface bad CIDR",
+            c.update_interface(ctx(), &iface("02:00:00:00:00:99", "10.0.0.2"))
+                .await
+        ),
+        Code::INVALID_ARGUMENT
     );
 
     // Still healthy, and the container still works.
@@ -963,4 +1010,67 @@ async fn vm_agent_killed_host_sees_vm_gone() {
     let wd = g.vm.work_dir().to_path_buf();
     drop(g);
     assert!(!wd.exists(), "work dir left behind");
+}
+
+/// A virtio-net device (QEMU user networking): UpdateInterface finds it by MAC, renames it,
+/// sets MTU and address, brings it up; AddRoutes adds the default route. A container sharing
+/// the guest's network sees all of it.
+#[tokio::test]
+async fn vm_agent_network_interface_and_routes() {
+    let mac = "02:00:00:00:00:01";
+    let g = Guest::boot_with(vec![
+        "-netdev".into(),
+        "user,id=n0".into(),
+        "-device".into(),
+        format!("virtio-net-device,netdev=n0,mac={mac}"),
+    ])
+    .await;
+    let iface = Interface {
+        name: "pod0".into(),
+        mac: mac.into(),
+        addresses: vec![IPAddress {
+            address: "10.0.2.15/24".into(),
+            ..Default::default()
+        }],
+        mtu: 1400,
+        ..Default::default()
+    };
+    g.c.update_interface(ctx(), &iface)
+        .await
+        .unwrap_or_else(|e| panic!("UpdateInterface: {e}\n{}", g.diag()));
+    let routes = Routes {
+        routes: vec![Route {
+            destination: "".into(),
+            gateway: "10.0.2.2".into(),
+            device: "pod0".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    g.c.add_routes(ctx(), &routes).await.expect("AddRoutes");
+    let s = g.streams(false, true, true, false);
+    g.create(
+        "n",
+        spec(
+            "n",
+            &[
+                "sh",
+                "-c",
+                "ip link show pod0; ip -4 addr show pod0; ip route; ip link show lo",
+            ],
+            |v| v["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "pid"}]),
+        ),
+        &s,
+    )
+    .await;
+    g.start("n").await;
+    let (out, err) = tokio::join!(collect(s.out), collect(s.err));
+    assert_eq!(g.wait("n", "").await.exit_status, 0, "{out}{err}");
+    eprintln!("vm_container: guest network:\n{out}");
+    assert!(out.contains("mtu 1400"), "{out}");
+    assert!(out.contains("inet 10.0.2.15/24"), "{out}");
+    assert!(out.contains("default via 10.0.2.2 dev pod0"), "{out}");
+    assert!(out.contains("lo: <LOOPBACK,UP"), "loopback up: {out}");
+    g.remove("n").await;
+    g.shutdown().await;
 }

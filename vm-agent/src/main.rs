@@ -7,6 +7,7 @@
 
 mod containers;
 mod init;
+mod net;
 mod service;
 mod stdio;
 
@@ -104,6 +105,7 @@ async fn serve() -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("virtio-serial port {AGENT_PORT} not found"))?;
     let _ = std::fs::remove_file(SERVER_SOCKET);
+    net::loopback_up();
     let svc = service::AgentService::new(stdio::Mux::open());
     let containers = svc.containers();
     // Reap everything (we are PID 1): container exits go to their records.

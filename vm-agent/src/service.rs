@@ -1,7 +1,6 @@
 //! The agent API implementation. Every call validates its input and answers bad requests
 //! with a status code (InvalidArgument, NotFound, ...); nothing here panics on input.
-//! Network calls (UpdateInterface, AddRoutes) arrive with the VM sandbox's networking and
-//! are answered Unimplemented until then.
+//! Network calls configure IPv4 interfaces (found by MAC) and routes (`net`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -263,18 +262,18 @@ impl protocols::Agent for AgentService {
         Ok(Empty::default())
     }
 
-    async fn update_interface(&self, _ctx: &TtrpcContext, _req: Interface) -> ttrpc::Result<Empty> {
-        Err(AgentError::Unimplemented(
-            "guest networking arrives with the VM sandbox (UpdateInterface)".into(),
-        )
-        .into())
+    async fn update_interface(&self, _ctx: &TtrpcContext, req: Interface) -> ttrpc::Result<Empty> {
+        tokio::task::spawn_blocking(move || crate::net::update_interface(&req))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        Ok(Empty::default())
     }
 
-    async fn add_routes(&self, _ctx: &TtrpcContext, _req: Routes) -> ttrpc::Result<Empty> {
-        Err(AgentError::Unimplemented(
-            "guest networking arrives with the VM sandbox (AddRoutes)".into(),
-        )
-        .into())
+    async fn add_routes(&self, _ctx: &TtrpcContext, req: Routes) -> ttrpc::Result<Empty> {
+        tokio::task::spawn_blocking(move || crate::net::add_routes(&req.routes))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        Ok(Empty::default())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {

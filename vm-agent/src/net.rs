@@ -1,0 +1,251 @@
+//! Guest network setup: the host names an interface by MAC and gives it a name, IPv4
+//! addresses and an MTU, then routes.
+//!
+//! Done with the classic ioctls (SIOCSIF*, SIOCADDRT) rather than netlink: IPv4 interface and
+//! route setup is all a pod's guest needs today, the ioctls are a few lines each, and they keep
+//! the static PID-1 binary free of an async netlink stack. IPv6 answers InvalidArgument until
+//! a netlink implementation replaces this.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::containers::{AgentError, Result};
+
+fn sock() -> Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(AgentError::Internal(format!(
+            "socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(AgentError::InvalidArgument(format!(
+            "bad interface name {name:?}"
+        )));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+fn ioctl(fd: &OwnedFd, req: libc::Ioctl, arg: *mut libc::c_void, what: &str) -> Result<()> {
+    // SAFETY: `arg` points to a live ifreq/rtentry of the type `req` expects.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::EEXIST) | Some(libc::ENETUNREACH) => {
+                AgentError::InvalidArgument(format!("{what}: {e}"))
+            }
+            Some(libc::ENODEV) => AgentError::NotFound(format!("{what}: {e}")),
+            _ => AgentError::Internal(format!("{what}: {e}")),
+        });
+    }
+    Ok(())
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the bytes are a valid sockaddr.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Parses "a.b.c.d/n" (or "default"/"" as 0.0.0.0/0).
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    if s.is_empty() || s == "default" {
+        return Ok((Ipv4Addr::UNSPECIFIED, 0));
+    }
+    let bad =
+        || AgentError::InvalidArgument(format!("bad IPv4 CIDR {s:?} (IPv6 is not supported yet)"));
+    let (a, n) = s.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let n: u8 = n.parse().map_err(|_| bad())?;
+    if n > 32 {
+        return Err(bad());
+    }
+    Ok((ip, n))
+}
+
+fn mask(n: u8) -> Ipv4Addr {
+    Ipv4Addr::from(if n == 0 { 0 } else { u32::MAX << (32 - n) })
+}
+
+fn by_mac(mac: &str) -> Result<String> {
+    let want = mac.to_ascii_lowercase();
+    for e in std::fs::read_dir("/sys/class/net")
+        .map_err(|e| AgentError::Internal(format!("/sys/class/net: {e}")))?
+        .flatten()
+    {
+        let a = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+        if a.trim() == want {
+            return Ok(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    Err(AgentError::NotFound(format!(
+        "no guest interface has MAC {mac}"
+    )))
+}
+
+fn set_up(fd: &OwnedFd, name: &str, up: bool) -> Result<()> {
+    let mut r = ifreq(name)?;
+    ioctl(
+        fd,
+        libc::SIOCGIFFLAGS,
+        (&mut r as *mut libc::ifreq).cast(),
+        &format!("{name} flags"),
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        if up {
+            r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        } else {
+            r.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+        }
+    }
+    ioctl(
+        fd,
+        libc::SIOCSIFFLAGS,
+        (&mut r as *mut libc::ifreq).cast(),
+        &format!("{name} up"),
+    )
+}
+
+/// Brings the loopback interface up (containers sharing the guest's network use it).
+pub fn loopback_up() {
+    if let Ok(fd) = sock() {
+        let _ = set_up(&fd, "lo", true);
+    }
+}
+
+/// Configures the interface with `mac`: name, MTU, IPv4 addresses, up.
+pub fn update_interface(i: &protocols::agent::Interface) -> Result<String> {
+    let addrs = i
+        .addresses
+        .iter()
+        .map(|a| parse_cidr(&a.address))
+        .collect::<Result<Vec<_>>>()?;
+    if addrs.len() > 1 {
+        return Err(AgentError::InvalidArgument(
+            "one IPv4 address per interface is supported".into(),
+        ));
+    }
+    let fd = sock()?;
+    let mut name = by_mac(&i.mac)?;
+    if !i.name.is_empty() && i.name != name {
+        set_up(&fd, &name, false)?;
+        let mut r = ifreq(&name)?;
+        let new = ifreq(&i.name)?;
+        r.ifr_ifru.ifru_newname = new.ifr_name;
+        ioctl(
+            &fd,
+            libc::SIOCSIFNAME,
+            (&mut r as *mut libc::ifreq).cast(),
+            &format!("rename {name}"),
+        )?;
+        name = i.name.clone();
+    }
+    if i.mtu != 0 {
+        let mut r = ifreq(&name)?;
+        r.ifr_ifru.ifru_mtu = i.mtu as libc::c_int;
+        ioctl(
+            &fd,
+            libc::SIOCSIFMTU,
+            (&mut r as *mut libc::ifreq).cast(),
+            &format!("{name} mtu {}", i.mtu),
+        )?;
+    }
+    for (ip, n) in addrs {
+        let mut r = ifreq(&name)?;
+        r.ifr_ifru.ifru_addr = sockaddr(ip);
+        ioctl(
+            &fd,
+            libc::SIOCSIFADDR,
+            (&mut r as *mut libc::ifreq).cast(),
+            &format!("{name} address {ip}"),
+        )?;
+        let mut r = ifreq(&name)?;
+        r.ifr_ifru.ifru_netmask = sockaddr(mask(n));
+        ioctl(
+            &fd,
+            libc::SIOCSIFNETMASK,
+            (&mut r as *mut libc::ifreq).cast(),
+            &format!("{name} netmask /{n}"),
+        )?;
+    }
+    set_up(&fd, &name, true)?;
+    crate::log_line(&format!("net: {} is {name}, up", i.mac));
+    Ok(name)
+}
+
+/// Adds IPv4 routes (destination "" = default).
+pub fn add_routes(routes: &[protocols::agent::Route]) -> Result<()> {
+    let fd = sock()?;
+    for rt in routes {
+        let (dst, n) = parse_cidr(&rt.destination)?;
+        // SAFETY: rtentry is plain old data; all-zero is a valid value.
+        let mut e: libc::rtentry = unsafe { std::mem::zeroed() };
+        e.rt_dst = sockaddr(dst);
+        e.rt_genmask = sockaddr(mask(n));
+        e.rt_flags = libc::RTF_UP;
+        if n == 32 {
+            e.rt_flags |= libc::RTF_HOST;
+        }
+        if !rt.gateway.is_empty() {
+            let gw: Ipv4Addr = rt.gateway.parse().map_err(|_| {
+                AgentError::InvalidArgument(format!("bad IPv4 gateway {:?}", rt.gateway))
+            })?;
+            e.rt_gateway = sockaddr(gw);
+            e.rt_flags |= libc::RTF_GATEWAY;
+        }
+        // rt_dev must outlive the ioctl.
+        let dev = std::ffi::CString::new(rt.device.clone())
+            .map_err(|_| AgentError::InvalidArgument("bad route device".into()))?;
+        if !rt.device.is_empty() {
+            ifreq(&rt.device)?;
+            e.rt_dev = dev.as_ptr() as *mut libc::c_char;
+        }
+        ioctl(
+            &fd,
+            libc::SIOCADDRT,
+            (&mut e as *mut libc::rtentry).cast(),
+            &format!("route {} via {:?}", rt.destination, rt.gateway),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("10.0.2.15/24").unwrap(),
+            ("10.0.2.15".parse().unwrap(), 24)
+        );
+        assert_eq!(parse_cidr("").unwrap(), (Ipv4Addr::UNSPECIFIED, 0));
+        for bad in ["10.0.2.15", "10.0.2.15/33", "fe80::1/64", "x/8"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        assert_eq!(mask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(mask(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(mask(32), Ipv4Addr::BROADCAST);
+    }
+}
