@@ -496,12 +496,7 @@ impl Service {
             bundle: bundle.clone(),
             rootfs,
             rootfs_mounted: mounted,
-            namespaces: plan
-                .new
-                .iter()
-                .copied()
-                .chain(plan.join.iter().map(|(t, _)| *t))
-                .collect(),
+            namespaces: plan.types(),
             own_pidns: plan.new_pid(),
             spec,
             cgroup: Some(cgroup.clone()),

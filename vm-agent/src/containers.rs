@@ -407,12 +407,7 @@ impl Containers {
                 mounts: Vec::new(),
                 init: gp,
                 execs: Mutex::default(),
-                namespaces: plan
-                    .new
-                    .iter()
-                    .copied()
-                    .chain(plan.join.iter().map(|(t, _)| *t))
-                    .collect(),
+                namespaces: plan.types(),
                 seccomp: linux.seccomp().clone(),
             };
             Ok((ctr, spawned, wiring))

@@ -201,6 +201,16 @@ impl NsPlan {
         Ok(plan)
     }
 
+    /// Every namespace the container has apart from the host's (new or joined): what an exec
+    /// process enters through the container's init.
+    pub fn types(&self) -> Vec<LinuxNamespaceType> {
+        self.new
+            .iter()
+            .copied()
+            .chain(self.join.iter().map(|(t, _)| *t))
+            .collect()
+    }
+
     pub fn has(&self, t: LinuxNamespaceType) -> bool {
         self.new.contains(&t) || self.join.iter().any(|(j, _)| *j == t)
     }
