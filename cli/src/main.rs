@@ -57,20 +57,8 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
-/// Where the guest kernel and initramfs are looked for: --guest-dir, $JANUS_GUEST_DIR,
-/// /usr/share/janus/guest, or `guest/` next to the binary's target dir (a source checkout).
 fn default_guest_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("JANUS_GUEST_DIR") {
-        return PathBuf::from(d);
-    }
-    let installed = PathBuf::from("/usr/share/janus/guest");
-    if installed.is_dir() {
-        return installed;
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.join("guest")))
-        .unwrap_or(installed)
+    runtime::vm::default_guest_dir()
 }
 
 /// VM mode prerequisites and a throwaway boot to agent-ready. VM mode is not wired into the

@@ -8,6 +8,7 @@ mod options;
 mod process;
 mod service;
 mod stdio;
+mod vm;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -64,6 +65,21 @@ fn delete_shim(flags: &Flags) -> anyhow::Result<Vec<u8>> {
     Ok(resp.write_to_bytes()?)
 }
 
+/// The `containerd-shim-janus-vm-v2` alias (runtime `io.containerd.janus-vm.v2`) runs VM
+/// pods when no config file says otherwise.
+fn default_mode() -> config::Mode {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if name.contains("janus-vm") {
+        config::Mode::Vm
+    } else {
+        config::Mode::Namespace
+    }
+}
+
 /// Reaps every exited child and hands the status to the service.
 fn reap(service: &Service) {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -97,7 +113,12 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         .with_context(|| format!("connect to containerd events at {ttrpc_address}"))?;
     let exit = Arc::new(ExitSignal::default());
     let events = events::Events::start(publisher, flags.namespace.clone());
-    let service = Service::new(flags.namespace.clone(), events, exit.clone());
+    let service = Service::new(
+        flags.namespace.clone(),
+        events,
+        exit.clone(),
+        default_mode(),
+    );
 
     let path = socket_path(&flags.socket).to_string();
     if let Some(dir) = std::path::Path::new(&path).parent() {
@@ -161,6 +182,10 @@ fn start_shim(flags: &Flags) -> anyhow::Result<String> {
     }
     let exe = std::env::current_exe().context("current exe")?;
     let mut cmd = Command::new(exe);
+    // Keep the name we were started by: the janus-vm alias selects VM mode by it.
+    if let Some(argv0) = std::env::args_os().next() {
+        std::os::unix::process::CommandExt::arg0(&mut cmd, argv0);
+    }
     cmd.args([
         "-namespace",
         &flags.namespace,
@@ -217,7 +242,7 @@ fn main() {
         .any(|a| a == "-v" || a == "-version" || a == "--version")
     {
         println!(
-            "containerd-shim-janus-v2:\n  Version: {}\n  Runtime: {RUNTIME_ID} (namespace mode; VM mode not yet built)",
+            "containerd-shim-janus-v2:\n  Version: {}\n  Runtime: {RUNTIME_ID} (namespace and VM mode)",
             env!("CARGO_PKG_VERSION")
         );
         return;

@@ -27,6 +27,8 @@ pub struct ProcState {
     /// Closing (or dropping) it ends the stdin copy: the process sees EOF.
     pub stdin_close: Option<tokio::sync::oneshot::Sender<()>>,
     pub tty: Option<Tty>,
+    /// VM mode: the host side of the process's stdio streams.
+    pub vm_io: Option<crate::vm::ProcIo>,
 }
 
 pub struct Proc {
@@ -64,6 +66,7 @@ impl Proc {
                 sync: None,
                 stdin_close: None,
                 tty: None,
+                vm_io: None,
             }),
             exited: tx,
         })

@@ -1,7 +1,8 @@
 //! The ttrpc Task service: containerd's view of the pod's containers.
 //!
-//! Namespace mode is implemented here on `runtime::linux`; `mode = "vm"` is refused at
-//! Create until the VM sandbox lands.
+//! Namespace mode is implemented here on `runtime::linux`; VM mode (`mode = "vm"`, or the
+//! `containerd-shim-janus-vm-v2` alias) runs the container in a VM through the agent (`vm`),
+//! with the same process records, events and error codes.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,6 +35,7 @@ use crate::metrics;
 use crate::options;
 use crate::process::{now, Proc, Status};
 use crate::stdio::{self, IoPaths};
+use crate::vm::{self, VmPod};
 
 pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
 
@@ -79,6 +81,8 @@ pub struct Container {
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
     /// OOM kills already reported (shared with the OOM watcher thread).
     pub oom_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// VM mode: the container's VM.
+    pub vm: Option<Arc<VmPod>>,
 }
 
 impl Container {
@@ -96,6 +100,9 @@ impl Container {
     }
 
     fn paused(&self) -> bool {
+        if let Some(pod) = &self.vm {
+            return pod.paused.load(std::sync::atomic::Ordering::SeqCst);
+        }
         self.cgroup.as_ref().map(|c| c.is_frozen()).unwrap_or(false)
     }
 }
@@ -113,6 +120,8 @@ pub struct Inner {
     pids: Mutex<PidTable>,
     events: Events,
     exit: Arc<ExitSignal>,
+    /// Mode when no config file says otherwise (VM for the janus-vm alias).
+    default_mode: Mode,
 }
 
 #[derive(Clone)]
@@ -170,7 +179,12 @@ impl spawn::SetupHooks for ShimSetup<'_> {
 }
 
 impl Service {
-    pub fn new(namespace: String, events: Events, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(
+        namespace: String,
+        events: Events,
+        exit: Arc<ExitSignal>,
+        default_mode: Mode,
+    ) -> Service {
         Service {
             inner: Arc::new(Inner {
                 namespace,
@@ -178,6 +192,7 @@ impl Service {
                 pids: Mutex::new(PidTable::default()),
                 events,
                 exit,
+                default_mode,
             }),
         }
     }
@@ -206,6 +221,9 @@ impl Service {
 
     /// Called by the reaper for every child that exited.
     pub fn on_exit(&self, pid: i32, code: i32) {
+        if runtime::vm::record_reaped(pid, code) {
+            return;
+        }
         let owner = {
             let mut t = self.pids();
             match t.owners.remove(&pid) {
@@ -345,11 +363,12 @@ impl Service {
                 config_path = Some(PathBuf::from(o.config_path));
             }
         }
-        let config = Config::load(config_path.as_deref())?;
+        let mut config = Config::load(config_path.as_deref())?;
+        if config_path.is_none() && !Path::new(crate::config::DEFAULT_PATH).exists() {
+            config.mode = self.inner.default_mode;
+        }
         if config.mode == Mode::Vm {
-            return Err(ShimError::FailedPrecondition(
-                "mode = \"vm\" is not available in this build of Janus yet; use mode = \"namespace\"".into(),
-            ));
+            return self.create_vm_container(req, config).await;
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = rtspec::load(&bundle)?;
@@ -503,8 +522,14 @@ impl Service {
             init,
             execs: Mutex::new(HashMap::new()),
             oom_seen: self.watch_oom(&req.id, &cgroup),
+            vm: None,
         });
         self.containers().insert(req.id.clone(), c);
+        self.send_create(req, pid);
+        Ok(pid as u32)
+    }
+
+    fn send_create(&self, req: &CreateTaskRequest, pid: i32) {
         self.inner.events.send(
             TASK_CREATE_EVENT_TOPIC,
             TaskCreate {
@@ -524,7 +549,329 @@ impl Service {
                 ..Default::default()
             },
         );
+    }
+
+    /// VM mode Create: mount the snapshot, boot the VM with it shared, create the container
+    /// in the guest. Everything made here is undone on failure.
+    async fn create_vm_container(&self, req: &CreateTaskRequest, config: Config) -> Result<u32> {
+        if !self.containers().is_empty() {
+            return Err(ShimError::FailedPrecondition(
+                "VM mode runs one container per VM in this version: pods with several \
+                 containers are not supported yet"
+                    .into(),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = rtspec::load(&bundle)?;
+        NsPlan::from_spec(&spec)?;
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_default();
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        let guest_spec = vm::guest_spec(&req.id, &spec)?;
+        let layers: Vec<(String, String, Vec<String>)> = req
+            .rootfs
+            .iter()
+            .map(|m| (m.type_.clone(), m.source.clone(), m.options.clone()))
+            .collect();
+        let r2 = rootfs.clone();
+        let mounted = blocking(move || {
+            let mut mounted = false;
+            for (typ, src, opts) in &layers {
+                if let Err(e) = mounts::mount_rootfs_layer(typ, src, opts, &r2) {
+                    if mounted {
+                        let _ = mounts::unmount_all(&r2);
+                    }
+                    return Err(e.into());
+                }
+                mounted = true;
+            }
+            Ok(mounted)
+        })
+        .await?;
+        let unmount = |rootfs: PathBuf| async move {
+            if mounted {
+                let _ = blocking(move || Ok(mounts::unmount_all(&rootfs)?)).await;
+            }
+        };
+        let pod = match VmPod::boot(&config, &req.id, &bundle, &rootfs).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                unmount(rootfs).await;
+                return Err(e);
+            }
+        };
+        let io = IoPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let created = async {
+            let (streams, pio, stdin_close) =
+                pod.wire_stdio(&io, &self.inner.namespace, &req.id).await?;
+            let creq = protocols::agent::CreateContainerRequest {
+                container_id: req.id.clone(),
+                oci_spec: guest_spec,
+                stdio: MessageField::some(streams),
+                ..Default::default()
+            };
+            let pid = pod
+                .agent
+                .create_container(vm::ctx(), &creq)
+                .await
+                .map_err(vm::rpc)?
+                .pid;
+            Ok::<_, ShimError>((pid as i32, pio, stdin_close))
+        };
+        let (pid, mut pio, stdin_close) = match created.await {
+            Ok(v) => v,
+            Err(e) => {
+                pod.teardown().await;
+                unmount(rootfs).await;
+                return Err(e);
+            }
+        };
+        pio.start_input(&pod.plane);
+        let init = Proc::new("", io, None);
+        {
+            let mut st = init.lock();
+            st.pid = pid;
+            st.stdin_close = stdin_close;
+            st.vm_io = Some(pio);
+        }
+        let c = Arc::new(Container {
+            id: req.id.clone(),
+            bundle,
+            rootfs,
+            rootfs_mounted: mounted,
+            namespaces: Vec::new(),
+            own_pidns: true,
+            spec,
+            cgroup: None,
+            init: init.clone(),
+            execs: Mutex::new(HashMap::new()),
+            oom_seen: None,
+            vm: Some(pod.clone()),
+        });
+        self.containers().insert(req.id.clone(), c.clone());
+        self.vm_watch_exit(c, init);
+        // OOM kills in the guest, as they happen.
+        let events = self.inner.events.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = pod
+                .agent
+                .get_oom_event(
+                    runtime::vm::agent::ctx(Duration::from_secs(365 * 24 * 3600)),
+                    &protocols::agent::Empty::new(),
+                )
+                .await
+            {
+                events.send(
+                    TASK_OOM_EVENT_TOPIC,
+                    TaskOOM {
+                        container_id: ev.container_id,
+                        ..Default::default()
+                    },
+                );
+            }
+        });
+        self.send_create(req, pid);
         Ok(pid as u32)
+    }
+
+    /// Reports a guest process's exit (TaskOOM first when the agent claimed one with it).
+    fn vm_watch_exit(&self, c: Arc<Container>, p: Arc<Proc>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Some(pod) = c.vm.clone() else { return };
+            let outs = p
+                .lock()
+                .vm_io
+                .as_mut()
+                .map(|io| std::mem::take(&mut io.outs))
+                .unwrap_or_default();
+            let (code, oom) = vm::wait_exit(&pod, &c.id, &p.exec_id, outs).await;
+            if oom {
+                me.inner.events.send(
+                    TASK_OOM_EVENT_TOPIC,
+                    TaskOOM {
+                        container_id: c.id.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
+            me.finish(&c, &p, code);
+        });
+    }
+
+    /// VM mode Start of the init or of an exec.
+    async fn vm_start_process(
+        &self,
+        c: Arc<Container>,
+        p: Arc<Proc>,
+        pod: Arc<VmPod>,
+    ) -> Result<u32> {
+        if p.exec_id.is_empty() {
+            if p.status() != Status::Created {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} is not in created state",
+                    c.id
+                )));
+            }
+            let req = protocols::agent::ProcessRequest {
+                container_id: c.id.clone(),
+                ..Default::default()
+            };
+            let pid = pod
+                .agent
+                .start_process(vm::ctx(), &req)
+                .await
+                .map_err(vm::rpc)?
+                .pid;
+            {
+                let mut st = p.lock();
+                if st.status == Status::Created {
+                    st.status = Status::Running;
+                }
+            }
+            self.inner.events.send(
+                TASK_START_EVENT_TOPIC,
+                TaskStart {
+                    container_id: c.id.clone(),
+                    pid,
+                    ..Default::default()
+                },
+            );
+            return Ok(pid);
+        }
+        if p.status() != Status::Created || p.pid() != 0 {
+            return Err(ShimError::FailedPrecondition(format!(
+                "exec {} already started",
+                p.exec_id
+            )));
+        }
+        if c.init.status() != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        let process = serde_json::to_vec(&p.spec.clone().unwrap_or_default())
+            .map_err(|e| ShimError::Internal(format!("exec spec: {e}")))?;
+        let (streams, mut pio, stdin_close) =
+            pod.wire_stdio(&p.io, &self.inner.namespace, &c.id).await?;
+        let req = protocols::agent::ExecProcessRequest {
+            container_id: c.id.clone(),
+            exec_id: p.exec_id.clone(),
+            process,
+            stdio: MessageField::some(streams),
+            ..Default::default()
+        };
+        let pid = match pod.agent.exec_process(vm::ctx(), &req).await {
+            Ok(r) => r.pid,
+            Err(e) => {
+                for h in pio.outs {
+                    h.abort();
+                }
+                if let Some(t) = pio.stdin_task {
+                    t.abort();
+                }
+                return Err(vm::rpc(e));
+            }
+        };
+        pio.start_input(&pod.plane);
+        {
+            let mut st = p.lock();
+            st.pid = pid as i32;
+            st.stdin_close = stdin_close;
+            st.vm_io = Some(pio);
+            if st.status == Status::Created {
+                st.status = Status::Running;
+            }
+        }
+        self.vm_watch_exit(c.clone(), p.clone());
+        self.inner.events.send(
+            TASK_EXEC_STARTED_EVENT_TOPIC,
+            TaskExecStarted {
+                container_id: c.id.clone(),
+                exec_id: p.exec_id.clone(),
+                pid,
+                ..Default::default()
+            },
+        );
+        Ok(pid)
+    }
+
+    /// VM mode Delete of the init: remove it in the guest, stop the VM, unmount the rootfs.
+    async fn vm_delete_init(
+        &self,
+        c: Arc<Container>,
+        p: Arc<Proc>,
+        pod: Arc<VmPod>,
+    ) -> Result<DeleteResponse> {
+        match p.status() {
+            Status::Running => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} is running: kill it first",
+                    c.id
+                )))
+            }
+            Status::Created => {
+                let sig = protocols::agent::SignalRequest {
+                    container_id: c.id.clone(),
+                    signal: libc::SIGKILL as u32,
+                    ..Default::default()
+                };
+                let _ = pod.agent.signal_process(vm::ctx(), &sig).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), p.wait()).await;
+                p.set_exited(128 + libc::SIGKILL);
+            }
+            Status::Stopped => {}
+        }
+        if pod.alive() {
+            let req = protocols::agent::ContainerRequest {
+                container_id: c.id.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = pod.agent.remove_container(vm::ctx(), &req).await {
+                log::warn!("container {}: remove in the guest: {e}", c.id);
+            }
+        }
+        pod.teardown().await;
+        let c2 = c.clone();
+        blocking(move || {
+            if c2.rootfs_mounted {
+                mounts::unmount_all(&c2.rootfs)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.containers().remove(&c.id);
+        let st = p.lock();
+        self.inner.events.send(
+            TASK_DELETE_EVENT_TOPIC,
+            TaskDelete {
+                container_id: c.id.clone(),
+                pid: st.pid as u32,
+                exit_status: st.exit_status,
+                exited_at: MessageField::from_option(st.exited_at.clone()),
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(DeleteResponse {
+            pid: st.pid as u32,
+            exit_status: st.exit_status,
+            exited_at: MessageField::from_option(st.exited_at.clone()),
+            ..Default::default()
+        })
     }
 
     fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<Arc<std::sync::atomic::AtomicU64>> {
@@ -556,6 +903,9 @@ impl Service {
     }
 
     async fn start_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<u32> {
+        if let Some(pod) = c.vm.clone() {
+            return self.vm_start_process(c, p, pod).await;
+        }
         if p.exec_id.is_empty() {
             let sync = {
                 let mut st = p.lock();
@@ -659,6 +1009,9 @@ impl Service {
     }
 
     async fn delete_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<DeleteResponse> {
+        if let (Some(pod), true) = (c.vm.clone(), p.exec_id.is_empty()) {
+            return self.vm_delete_init(c, p, pod).await;
+        }
         if !p.exec_id.is_empty() {
             if p.status() == Status::Running {
                 return Err(ShimError::FailedPrecondition(format!(
@@ -840,15 +1193,32 @@ impl Task for Service {
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TResult<PidsResponse> {
         let c = self.get(&req.id)?;
-        let pids = match &c.cgroup {
-            Some(cg) => cg.procs().unwrap_or_default(),
-            None => vec![c.init.pid()],
+        let (pids, execs): (Vec<i32>, HashMap<i32, String>) = if let Some(pod) = &c.vm {
+            // The guest's processes, as the agent sees them in the container's cgroup.
+            let r = pod
+                .agent
+                .pids(vm::ctx(), &vm::creq(&c.id))
+                .await
+                .map_err(vm::rpc)?;
+            let execs = r
+                .processes
+                .iter()
+                .filter(|p| !p.exec_id.is_empty())
+                .map(|p| (p.pid as i32, p.exec_id.clone()))
+                .collect();
+            (r.processes.iter().map(|p| p.pid as i32).collect(), execs)
+        } else {
+            let pids = match &c.cgroup {
+                Some(cg) => cg.procs().unwrap_or_default(),
+                None => vec![c.init.pid()],
+            };
+            let execs = c
+                .execs()
+                .values()
+                .map(|p| (p.pid(), p.exec_id.clone()))
+                .collect();
+            (pids, execs)
         };
-        let execs: HashMap<i32, String> = c
-            .execs()
-            .values()
-            .map(|p| (p.pid(), p.exec_id.clone()))
-            .collect();
         let processes = pids
             .into_iter()
             .map(|pid| {
@@ -885,11 +1255,19 @@ impl Task for Service {
             ))
             .into());
         }
-        let cg = c
-            .cgroup
-            .clone()
-            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
-        blocking(move || Ok(cg.freeze()?)).await?;
+        if let Some(pod) = &c.vm {
+            pod.agent
+                .pause(vm::ctx(), &vm::creq(&c.id))
+                .await
+                .map_err(vm::rpc)?;
+            vm::set_paused(pod, true);
+        } else {
+            let cg = c
+                .cgroup
+                .clone()
+                .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+            blocking(move || Ok(cg.freeze()?)).await?;
+        }
         self.inner.events.send(
             TASK_PAUSED_EVENT_TOPIC,
             TaskPaused {
@@ -907,11 +1285,19 @@ impl Task for Service {
                 ShimError::FailedPrecondition(format!("container {} is not paused", c.id)).into(),
             );
         }
-        let cg = c
-            .cgroup
-            .clone()
-            .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
-        blocking(move || Ok(cg.thaw()?)).await?;
+        if let Some(pod) = &c.vm {
+            pod.agent
+                .resume(vm::ctx(), &vm::creq(&c.id))
+                .await
+                .map_err(vm::rpc)?;
+            vm::set_paused(pod, false);
+        } else {
+            let cg = c
+                .cgroup
+                .clone()
+                .ok_or_else(|| ShimError::FailedPrecondition("no cgroup".into()))?;
+            blocking(move || Ok(cg.thaw()?)).await?;
+        }
         self.inner.events.send(
             TASK_RESUMED_EVENT_TOPIC,
             TaskResumed {
@@ -932,6 +1318,30 @@ impl Task for Service {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TResult<Empty> {
         let c = self.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
+        if let Some(pod) = &c.vm {
+            if p.status() == Status::Stopped {
+                return Err(ShimError::NotFound("process already finished".into()).into());
+            }
+            if p.status() == Status::Created && !p.exec_id.is_empty() {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "exec {} is not started",
+                    p.exec_id
+                ))
+                .into());
+            }
+            let sreq = protocols::agent::SignalRequest {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                signal: req.signal,
+                all: req.all,
+                ..Default::default()
+            };
+            pod.agent
+                .signal_process(vm::ctx(), &sreq)
+                .await
+                .map_err(vm::rpc)?;
+            return Ok(Empty::new());
+        }
         if req.all && req.exec_id.is_empty() {
             if let Some(cg) = c.cgroup.clone() {
                 let sig = req.signal as i32;
@@ -1009,6 +1419,17 @@ impl Task for Service {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TResult<Empty> {
         let c = self.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
+        if let Some(pod) = &c.vm {
+            let r = protocols::agent::ResizeRequest {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                width: req.width,
+                height: req.height,
+                ..Default::default()
+            };
+            pod.agent.resize_pty(vm::ctx(), &r).await.map_err(vm::rpc)?;
+            return Ok(Empty::new());
+        }
         let st = p.lock();
         let tty = st
             .tty
@@ -1022,12 +1443,33 @@ impl Task for Service {
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TResult<Empty> {
         let c = self.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        if req.stdin {
+        if !req.stdin {
+            return Ok(Empty::new());
+        }
+        let vm_tty_copy = {
             let mut st = p.lock();
             st.stdin_close = None;
             if let Some(t) = st.tty.as_mut().and_then(|t| t.stdin_task.take()) {
                 t.abort();
             }
+            // A VM terminal's stdin copy is ours: stop it and end the guest side too.
+            if p.io.terminal {
+                st.vm_io.as_mut().and_then(|io| io.stdin_task.take())
+            } else {
+                None
+            }
+        };
+        if let (Some(t), Some(pod)) = (vm_tty_copy, &c.vm) {
+            t.abort();
+            let r = protocols::agent::ProcessRequest {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            pod.agent
+                .close_stdin(vm::ctx(), &r)
+                .await
+                .map_err(vm::rpc)?;
         }
         Ok(Empty::new())
     }
@@ -1041,6 +1483,16 @@ impl Task for Service {
             .unwrap_or_default();
         let res: LinuxResources = serde_json::from_slice(&raw)
             .map_err(|e| ShimError::InvalidArgument(format!("update resources: {e}")))?;
+        if let Some(pod) = &c.vm {
+            let u = protocols::agent::UpdateRequest {
+                container_id: c.id.clone(),
+                linux_resources: raw,
+                ..Default::default()
+            };
+            drop(res);
+            pod.agent.update(vm::ctx(), &u).await.map_err(vm::rpc)?;
+            return Ok(Empty::new());
+        }
         let cg = c
             .cgroup
             .clone()
@@ -1063,6 +1515,20 @@ impl Task for Service {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TResult<StatsResponse> {
         let c = self.get(&req.id)?;
+        if let Some(pod) = &c.vm {
+            let r = pod
+                .agent
+                .stats(vm::ctx(), &vm::creq(&c.id))
+                .await
+                .map_err(vm::rpc)?;
+            let s = runtime::vm::agent::stats_from_proto(&r.stats.unwrap_or_default());
+            // The guest is cgroup v2.
+            let any = metrics::to_any(cgroups::Mode::V2, &s)?;
+            return Ok(StatsResponse {
+                stats: MessageField::some(any),
+                ..Default::default()
+            });
+        }
         let cg = c
             .cgroup
             .clone()

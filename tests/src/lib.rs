@@ -46,6 +46,8 @@ pub const PAUSE_IMAGE: &str = "janus.test/pause:latest";
 pub const RUNC: &str = "io.containerd.runc.v2";
 /// Our shim.
 pub const JANUS: &str = "io.containerd.janus.v2";
+/// Our shim's VM-mode alias (the same binary; VM mode without a config file).
+pub const JANUS_VM: &str = "io.containerd.janus-vm.v2";
 /// The shim binary name containerd derives from [`JANUS`].
 pub const JANUS_SHIM_NAME: &str = "containerd-shim-janus-v2";
 /// Alias name of the same binary (VM mode by default).
@@ -68,6 +70,14 @@ pub fn workspace_root() -> PathBuf {
 
 fn workspace_target() -> PathBuf {
     workspace_root().join("target")
+}
+
+/// The VM guest image (hack/build-guest.sh): `$JANUS_GUEST_DIR`, else `<workspace>/target/guest`
+/// (where the shim looks when run from the workspace's target dir).
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("JANUS_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("guest"))
 }
 
 /// The shim binary: `$JANUS_SHIM`, else `<target>/release`, else `<target>/debug`, where

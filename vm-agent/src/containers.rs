@@ -477,7 +477,11 @@ impl Containers {
         }
         let gp = {
             let mut execs = c.execs();
-            if execs.contains_key(&req.exec_id) {
+            // A finished exec's id may be reused (the host forgets it at its Delete).
+            if execs
+                .get(&req.exec_id)
+                .is_some_and(|p| p.status() != Status::Stopped)
+            {
                 return Err(AgentError::AlreadyExists(format!(
                     "exec {} already exists",
                     req.exec_id

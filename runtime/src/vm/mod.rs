@@ -135,6 +135,24 @@ impl VmConfig {
     }
 }
 
+/// Where the guest kernel and initramfs are looked for by default: `$JANUS_GUEST_DIR`,
+/// `/usr/share/janus/guest`, or `guest/` in the cargo target dir the running binary was built
+/// in (a source checkout: `target/release/x` -> `target/guest`).
+pub fn default_guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("JANUS_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let installed = PathBuf::from("/usr/share/janus/guest");
+    if installed.is_dir() {
+        return installed;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("guest")))
+        .filter(|d| d.is_dir())
+        .unwrap_or(installed)
+}
+
 /// The guest kernel in a `hack/build-guest.sh` output directory: `vmlinux`, else `vmlinuz`.
 pub fn find_kernel(dir: &Path) -> Result<PathBuf> {
     let vmlinux = dir.join("vmlinux");
