@@ -1,9 +1,9 @@
 #!/bin/bash
 # Janus vs the containerd runc shim, in one run, on one private containerd.
 #
-#   hack/bench.sh [-n N] [--no-vm] [--vm-boots B] [--vm-mib M]
+#   hack/bench.sh [-n N] [--no-vm] [--vm-boots B] [--vm-mib M] [--stdio-mib S]
 #       N = samples per runtime (default 20); B = VM boots per kind (default 5);
-#       M = MiB streamed out of a guest process (default 1024)
+#       M = MiB streamed out of a guest process (default 1024); S = MiB through ctr (256)
 #
 # Measures, alternating the two runtimes so drift hits both alike:
 #   1. `ctr run --rm IMAGE ID /bin/true` wall time (median) and the ratio Janus/runc
@@ -13,7 +13,9 @@
 #   4. 20 containers started one after another (`ctr run -d`), total wall time
 #   5. VM mode (runtime/examples/vm_bench.rs): QEMU spawn -> agent ready against a bare boot
 #      of the same kernel to /init (test init), alternating, medians and ratio; stdio
-#      throughput of M MiB out of a guest process (MB/s)
+#      throughput of M MiB out of a guest process (MB/s); then through containerd: VM-mode
+#      `ctr run --rm /bin/true` (ratio to the bare boot and to namespace mode), PSS per VM pod
+#      (shim + QEMU + virtiofsd), stdio of S MiB via ctr in both modes
 # Targets (not asserted): latency <= 0.6x runc, shim CPU <= 5 ms, shim PSS <= 2.5 MiB.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -24,12 +26,14 @@ N=20
 VM=1
 VM_BOOTS=5
 VM_MIB=1024
+STDIO_MIB=256
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-n) N="$2"; shift 2 ;;
 	--no-vm) VM=0; shift ;;
 	--vm-boots) VM_BOOTS="$2"; shift 2 ;;
 	--vm-mib) VM_MIB="$2"; shift 2 ;;
+	--stdio-mib) STDIO_MIB="$2"; shift 2 ;;
 	*) die "unknown argument $1 (see the header of $0)" ;;
 	esac
 done
@@ -136,6 +140,51 @@ if [ "$VM" = 1 ]; then
 	log "VM mode: guest image, then $VM_BOOTS boots of each kind and a ${VM_MIB} MiB stdio stream"
 	"$HERE/build-guest.sh" >&2
 	(cd "$REPO_ROOT" && cargo build --release -p runtime --features vm --example vm_bench >&2)
-	"$REPO_ROOT/target/release/examples/vm_bench" --boots "$VM_BOOTS" --mib "$VM_MIB" \
-		--guest-dir "$REPO_ROOT/target/guest"
+	VMB="$("$REPO_ROOT/target/release/examples/vm_bench" --boots "$VM_BOOTS" --mib "$VM_MIB" \
+		--guest-dir "$REPO_ROOT/target/guest")"
+	echo "$VMB" | grep -v '^bare_boot_ms='
+	bare_ms="$(echo "$VMB" | sed -n 's/^bare_boot_ms=\([0-9]*\).*/\1/p')"
+
+	log "VM mode through containerd: $VM_BOOTS x ctr run --rm /bin/true, memory, stdio"
+	VMRT="--runtime io.containerd.janus-vm.v2"
+	VLAT=""
+	for i in $(seq 1 "$VM_BOOTS"); do
+		s="$(now_ns)"
+		c run --rm $VMRT "$IMG" "vlat-$i" /bin/true
+		e="$(now_ns)"
+		VLAT+="$(( (e - s) / 1000000 )) "
+	done
+	vlat="$(echo $VLAT | tr ' ' '\n' | median)"
+	c run -d $VMRT "$IMG" pss-vm sleep 1000 >/dev/null
+	sleep 3
+	VSOCK="$(pgrep -af virtiofsd | grep -F "$DIR/" | grep -o -- '--socket-path=[^ ]*' | head -n1 | cut -d= -f2)"
+	VP="$(pgrep -f "containerd-shim-janus.*-id pss-vm" | tr '\n' ' ') $(pgrep -f -- "$VSOCK" | tr '\n' ' ')"
+	pss_vm="$(pss_of $VP)"
+	qemu_pss="$(pss_of $(pgrep -f "qemu-system.*$VSOCK"))"
+	c task kill -s SIGKILL pss-vm >/dev/null 2>&1 || true
+	sleep 1
+	c task rm -f pss-vm >/dev/null 2>&1 || true
+	c containers rm pss-vm >/dev/null 2>&1 || true
+	tput_of() { # runtime-flag id start-ms -> MB/s of STDIO_MIB MiB through ctr's stdout,
+		# the container's start (median `ctr run /bin/true`) taken out
+		local s e
+		s="$(now_ns)"
+		c run --rm $1 "$IMG" "$2" dd if=/dev/zero bs=65536 count=$((STDIO_MIB * 16)) 2>/dev/null >/dev/null
+		e="$(now_ns)"
+		awk -v b="$((STDIO_MIB * 1048576))" -v ns="$((e - s))" -v st="$3" \
+			'BEGIN{t = ns / 1e9 - st / 1000; if (t <= 0) t = ns / 1e9; printf "%.1f", b / 1e6 / t}'
+	}
+	tp_ns="$(tput_of "--runtime io.containerd.janus.v2" tp-ns "$(awk -v v="$lat_j" 'BEGIN{print v/1000}')")"
+	tp_vm="$(tput_of "$VMRT" tp-vm "$vlat")"
+	echo
+	accel="$(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG)"
+	echo "== VM mode through containerd (QEMU, $accel) =="
+	printf '%-52s %10s\n' metric value
+	printf '%-52s %10s\n' "ctr run --rm /bin/true, VM mode, median (ms)" "$vlat"
+	printf '%-52s %10s\n' "  ratio to a bare boot to /init (goal <= 1.3)" "$(ratio "$vlat" "$bare_ms")"
+	printf '%-52s %10s\n' "  ratio to namespace mode" "$(ratio "$vlat" "$(awk -v v="$lat_j" 'BEGIN{print v/1000}')")"
+	printf '%-52s %10s\n' "PSS per VM pod: shim + QEMU + virtiofsd (KiB)" "$pss_vm"
+	printf '%-52s %10s\n' "  of which QEMU (KiB)" "$qemu_pss"
+	printf '%-52s %10s\n' "stdio ${STDIO_MIB} MiB via ctr, namespace mode (MB/s)" "$tp_ns"
+	printf '%-52s %10s\n' "stdio ${STDIO_MIB} MiB via ctr, VM mode (MB/s)" "$tp_vm"
 fi

@@ -229,6 +229,8 @@ async fn main() -> Result<()> {
     let (bm, am) = (median(&mut b), median(&mut a));
     let (mbps, secs) = stdio_throughput(&guest, mib).await?;
     println!("== VM mode (QEMU, accel {accel}, {boots} boots each) ==");
+    // Machine-readable, for hack/bench.sh's VM-mode ratios.
+    println!("bare_boot_ms={bm:.0} agent_boot_ms={am:.0}");
     println!("{:<52} {:>10}", "metric", "value");
     println!(
         "{:<52} {:>10.0}",

@@ -56,6 +56,14 @@ fn delete_shim(flags: &Flags) -> anyhow::Result<Vec<u8>> {
         PathBuf::from(&flags.bundle)
     };
     let (pid, status) = service::cleanup_bundle(&bundle, &flags.id);
+    // A shim that died (SIGKILL) leaves its socket: remove it unless a live shim still
+    // serves it (another container of the same pod).
+    let group = grouping(&flags.id);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    let sock = socket_path(&address);
+    if UnixStream::connect(sock).is_err() {
+        let _ = std::fs::remove_file(sock);
+    }
     let resp = DeleteResponse {
         pid,
         exit_status: status,

@@ -1565,6 +1565,7 @@ impl Task for Service {
 /// Cleanup for `containerd-shim-janus-v2 delete`, run in the bundle directory after the
 /// shim is gone: kill what is left, remove the cgroup, unmount the rootfs. Idempotent.
 pub fn cleanup_bundle(bundle: &Path, id: &str) -> (u32, u32) {
+    vm::cleanup_leftovers(bundle);
     let pid: i32 = std::fs::read_to_string(bundle.join("init.pid"))
         .ok()
         .and_then(|s| s.trim().parse().ok())

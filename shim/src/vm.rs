@@ -63,8 +63,13 @@ pub struct VmPod {
     pub plane: StdioPlane,
     virtiofsd: u32,
     vfs_sock: PathBuf,
+    /// Records what to clean up if the shim dies (`shim delete` reads it).
+    state_file: PathBuf,
     pub paused: AtomicBool,
 }
+
+/// Name of the leftovers record in the bundle.
+const STATE_FILE: &str = "janus-vm.json";
 
 /// Host side of one guest process's stdio.
 #[derive(Default)]
@@ -206,6 +211,13 @@ impl VmPod {
                 return Err(vm_err(e));
             }
         };
+        let state_file = bundle.join(STATE_FILE);
+        let record = serde_json::json!({
+            "work_dir": vm.work_dir(),
+            "vfs_sock": vfs_sock,
+            "virtiofsd": virtiofsd,
+        });
+        let _ = std::fs::write(&state_file, record.to_string());
         let up = async {
             let plane = StdioPlane::new(
                 vm.take_stdio_stream()
@@ -241,6 +253,7 @@ impl VmPod {
                     plane,
                     virtiofsd,
                     vfs_sock,
+                    state_file,
                     paused: AtomicBool::new(false),
                 })
             }
@@ -248,6 +261,7 @@ impl VmPod {
                 let _ = vm.kill();
                 let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await;
                 kill_vfs();
+                let _ = std::fs::remove_file(&state_file);
                 Err(e)
             }
         }
@@ -263,6 +277,7 @@ impl VmPod {
         // SAFETY: kill(2) has no memory effects.
         unsafe { libc::kill(self.virtiofsd as i32, libc::SIGKILL) };
         let _ = std::fs::remove_file(&self.vfs_sock);
+        let _ = std::fs::remove_file(&self.state_file);
     }
 
     pub fn alive(&self) -> bool {
@@ -337,6 +352,31 @@ impl VmPod {
         }
         Ok((s, pio, stdin_close))
     }
+}
+
+/// `shim delete` after a crashed shim: kill the VM and virtiofsd it left (each only if its
+/// command line still names what we recorded, so a recycled pid is left alone), remove their
+/// sockets and work dir.
+pub fn cleanup_leftovers(bundle: &Path) {
+    let path = bundle.join(STATE_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if let Some(wd) = v["work_dir"].as_str() {
+        if let Err(e) = runtime::vm::qemu::cleanup_work_dir(Path::new(wd)) {
+            log::warn!("VM leftovers in {wd}: {e}");
+        }
+    }
+    if let (Some(pid), Some(sock)) = (v["virtiofsd"].as_u64(), v["vfs_sock"].as_str()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+            // SAFETY: kill(2) on a pid whose command line we just checked.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_file(sock);
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 fn hash(p: &Path) -> u64 {

@@ -633,6 +633,57 @@ mod janus_vm_faults {
         ctd.assert_no_leaks(&c, secs(10));
     }
 
+    /// The shim killed with SIGKILL: containerd runs `shim delete`, which stops the VM and
+    /// virtiofsd the dead shim left.
+    #[test]
+    fn shim_sigkill_leaves_no_vm() {
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        let c = ctd.container("shimkill");
+        ctd.run_detached(JANUS_VM, &[], &c, &["sleep", "1000"]);
+        let rootfs = ctd.bundle_dir(&c).join("rootfs").display().to_string();
+        let ps = janus_tests::processes();
+        let sock = ps
+            .iter()
+            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
+            .and_then(|p| {
+                p.cmdline
+                    .split(' ')
+                    .find_map(|a| a.strip_prefix("--socket-path="))
+                    .map(str::to_string)
+            })
+            .expect("virtiofsd of the container");
+        let id_arg = format!("-id {}", c.id);
+        let shim = ps
+            .iter()
+            .find(|p| p.cmdline.contains("containerd-shim-janus") && p.cmdline.contains(&id_arg))
+            .expect("shim server of the container")
+            .pid;
+        // SAFETY: kill(2) on the shim found above.
+        assert_eq!(unsafe { libc::kill(shim as i32, libc::SIGKILL) }, 0);
+        let gone = janus_tests::poll(secs(20), || {
+            let left = janus_tests::processes()
+                .into_iter()
+                .filter(|p| {
+                    (p.cmdline.contains("qemu-system") || p.cmdline.contains("virtiofsd"))
+                        && p.cmdline.contains(&sock)
+                })
+                .count();
+            (left == 0).then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "qemu/virtiofsd still running 20 s after the shim died\n{}",
+            ctd.log_tail(30)
+        );
+        assert!(
+            !std::path::Path::new(&sock).exists(),
+            "virtiofsd socket left"
+        );
+        let _ = ctd.ctr(&["task", "rm", "-f", &c]);
+        let _ = ctd.ctr(&["containers", "rm", &c]);
+        ctd.assert_no_leaks(&c, secs(10));
+    }
+
     /// A missing guest kernel fails Create with FailedPrecondition naming the path.
     #[test]
     fn missing_kernel_is_a_failed_precondition() {
