@@ -63,6 +63,8 @@ impl Status {
                     _ => Status::Internal(m),
                 }
             }
+            // The client's own deadline (ttrpc reports it as a plain error).
+            ttrpc::Error::Others(m) if m.contains("deadline") => Status::DeadlineExceeded(m),
             other => Status::Internal(other.to_string()),
         }
     }

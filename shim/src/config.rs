@@ -24,7 +24,7 @@ pub struct Config {
     pub vm: VmConfig,
 }
 
-/// VM settings; used once VM mode lands, parsed (and checked) already.
+/// VM mode settings.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -35,6 +35,8 @@ pub struct VmConfig {
     pub memory_mib: Option<u32>,
     #[serde(default)]
     pub kernel_params: Vec<String>,
+    /// Longest an agent call may take before it fails with DeadlineExceeded (default 60 s).
+    pub agent_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -600,7 +600,8 @@ impl Service {
                 let _ = blocking(move || Ok(mounts::unmount_all(&rootfs)?)).await;
             }
         };
-        let pod = match VmPod::boot(&config, &req.id, &bundle, &rootfs).await {
+        let pod = match VmPod::boot(&config, &self.inner.namespace, &req.id, &bundle, &rootfs).await
+        {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 unmount(rootfs).await;
@@ -624,7 +625,7 @@ impl Service {
             };
             let pid = pod
                 .agent
-                .create_container(vm::ctx(), &creq)
+                .create_container(pod.ctx(), &creq)
                 .await
                 .map_err(vm::rpc)?
                 .pid;
@@ -731,7 +732,7 @@ impl Service {
             };
             let pid = pod
                 .agent
-                .start_process(vm::ctx(), &req)
+                .start_process(pod.ctx(), &req)
                 .await
                 .map_err(vm::rpc)?
                 .pid;
@@ -774,7 +775,7 @@ impl Service {
             stdio: MessageField::some(streams),
             ..Default::default()
         };
-        let pid = match pod.agent.exec_process(vm::ctx(), &req).await {
+        let pid = match pod.agent.exec_process(pod.ctx(), &req).await {
             Ok(r) => r.pid,
             Err(e) => {
                 for h in pio.outs {
@@ -829,7 +830,7 @@ impl Service {
                     signal: libc::SIGKILL as u32,
                     ..Default::default()
                 };
-                let _ = pod.agent.signal_process(vm::ctx(), &sig).await;
+                let _ = pod.agent.signal_process(pod.ctx(), &sig).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), p.wait()).await;
                 p.set_exited(128 + libc::SIGKILL);
             }
@@ -840,7 +841,7 @@ impl Service {
                 container_id: c.id.clone(),
                 ..Default::default()
             };
-            if let Err(e) = pod.agent.remove_container(vm::ctx(), &req).await {
+            if let Err(e) = pod.agent.remove_container(pod.ctx(), &req).await {
                 log::warn!("container {}: remove in the guest: {e}", c.id);
             }
         }
@@ -1197,7 +1198,7 @@ impl Task for Service {
             // The guest's processes, as the agent sees them in the container's cgroup.
             let r = pod
                 .agent
-                .pids(vm::ctx(), &vm::creq(&c.id))
+                .pids(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
             let execs = r
@@ -1257,7 +1258,7 @@ impl Task for Service {
         }
         if let Some(pod) = &c.vm {
             pod.agent
-                .pause(vm::ctx(), &vm::creq(&c.id))
+                .pause(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
             vm::set_paused(pod, true);
@@ -1287,7 +1288,7 @@ impl Task for Service {
         }
         if let Some(pod) = &c.vm {
             pod.agent
-                .resume(vm::ctx(), &vm::creq(&c.id))
+                .resume(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
             vm::set_paused(pod, false);
@@ -1337,7 +1338,7 @@ impl Task for Service {
                 ..Default::default()
             };
             pod.agent
-                .signal_process(vm::ctx(), &sreq)
+                .signal_process(pod.ctx(), &sreq)
                 .await
                 .map_err(vm::rpc)?;
             return Ok(Empty::new());
@@ -1427,7 +1428,7 @@ impl Task for Service {
                 height: req.height,
                 ..Default::default()
             };
-            pod.agent.resize_pty(vm::ctx(), &r).await.map_err(vm::rpc)?;
+            pod.agent.resize_pty(pod.ctx(), &r).await.map_err(vm::rpc)?;
             return Ok(Empty::new());
         }
         let st = p.lock();
@@ -1467,7 +1468,7 @@ impl Task for Service {
                 ..Default::default()
             };
             pod.agent
-                .close_stdin(vm::ctx(), &r)
+                .close_stdin(pod.ctx(), &r)
                 .await
                 .map_err(vm::rpc)?;
         }
@@ -1490,7 +1491,7 @@ impl Task for Service {
                 ..Default::default()
             };
             drop(res);
-            pod.agent.update(vm::ctx(), &u).await.map_err(vm::rpc)?;
+            pod.agent.update(pod.ctx(), &u).await.map_err(vm::rpc)?;
             return Ok(Empty::new());
         }
         let cg = c
@@ -1518,7 +1519,7 @@ impl Task for Service {
         if let Some(pod) = &c.vm {
             let r = pod
                 .agent
-                .stats(vm::ctx(), &vm::creq(&c.id))
+                .stats(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
             let s = runtime::vm::agent::stats_from_proto(&r.stats.unwrap_or_default());

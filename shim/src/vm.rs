@@ -36,9 +36,8 @@ const SHARE_TAG: &str = "rootfs";
 /// Long enough for any agent call; the VM dying ends calls at once.
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
-pub fn ctx() -> ttrpc::context::Context {
-    agent::ctx(Duration::from_secs(60))
-}
+/// How long one agent call may take unless `vm.agent_timeout_ms` says otherwise.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An agent error as the same status namespace mode would give.
 pub fn rpc(e: ttrpc::Error) -> ShimError {
@@ -65,6 +64,8 @@ pub struct VmPod {
     vfs_sock: PathBuf,
     /// Records what to clean up if the shim dies (`shim delete` reads it).
     state_file: PathBuf,
+    /// Every agent call ends by then (DeadlineExceeded), so a hung guest never hangs a call.
+    call_timeout: Duration,
     pub paused: AtomicBool,
 }
 
@@ -116,7 +117,13 @@ impl ProcIo {
 
 impl VmPod {
     /// Boots the VM for a container whose rootfs is mounted at `rootfs`.
-    pub async fn boot(config: &Config, id: &str, bundle: &Path, rootfs: &Path) -> Result<VmPod> {
+    pub async fn boot(
+        config: &Config,
+        ns: &str,
+        id: &str,
+        bundle: &Path,
+        rootfs: &Path,
+    ) -> Result<VmPod> {
         let guest_dir = runtime::vm::default_guest_dir();
         let mut cfg = match (&config.vm.kernel, &config.vm.initrd) {
             (Some(k), Some(i)) => runtime::vm::VmConfig::new(k, i),
@@ -156,12 +163,22 @@ impl VmPod {
         cfg.memory_mib = config.vm.memory_mib.unwrap_or(256);
         cfg.kernel_params = config.vm.kernel_params.clone();
         cfg.shared_memory = true;
+        let call_timeout = config
+            .vm
+            .agent_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(CALL_TIMEOUT);
 
-        // Unix socket paths are short (108 bytes): keep virtiofsd's out of the bundle.
-        let vfs_dir = PathBuf::from("/run/janus/vfs");
-        std::fs::create_dir_all(&vfs_dir)
-            .map_err(|e| ShimError::Internal(format!("{}: {e}", vfs_dir.display())))?;
-        let vfs_sock = vfs_dir.join(format!("{:016x}.sock", hash(bundle)));
+        // The VM's own directory (QEMU's sockets, logs, pidfile) and virtiofsd's socket are
+        // named after the container when the name fits: unix socket paths are limited to 108
+        // bytes, so not in the bundle. They go with the VM.
+        let work_dir = vm_work_dir(ns, id, bundle);
+        let parent = work_dir.parent().unwrap_or(Path::new("/run/janus"));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ShimError::Internal(format!("{}: {e}", parent.display())))?;
+        cfg.work_dir = Some(work_dir.clone());
+        // Next to the work dir, which the QEMU driver owns (and recreates).
+        let vfs_sock = work_dir.with_extension("vfs.sock");
         let _ = std::fs::remove_file(&vfs_sock);
         let log = std::fs::File::create(bundle.join("virtiofsd.log"))
             .map_err(|e| ShimError::Internal(format!("virtiofsd log: {e}")))?;
@@ -199,6 +216,9 @@ impl VmPod {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         cfg.extra_args = vec![
+            // `ps` names the container on the QEMU command line.
+            "-name".into(),
+            id.to_string(),
             "-chardev".into(),
             format!("socket,id=vfs,path={}", vfs_sock.display()),
             "-device".into(),
@@ -237,7 +257,10 @@ impl VmPod {
                 }],
                 ..Default::default()
             };
-            agent.create_sandbox(ctx(), &sb).await.map_err(rpc)?;
+            agent
+                .create_sandbox(agent::ctx(call_timeout), &sb)
+                .await
+                .map_err(rpc)?;
             Ok::<_, ShimError>((plane, agent))
         };
         match up.await {
@@ -254,6 +277,7 @@ impl VmPod {
                     virtiofsd,
                     vfs_sock,
                     state_file,
+                    call_timeout,
                     paused: AtomicBool::new(false),
                 })
             }
@@ -277,7 +301,12 @@ impl VmPod {
         // SAFETY: kill(2) has no memory effects.
         unsafe { libc::kill(self.virtiofsd as i32, libc::SIGKILL) };
         let _ = std::fs::remove_file(&self.vfs_sock);
+        let _ = std::fs::remove_dir_all(self.vm.work_dir());
         let _ = std::fs::remove_file(&self.state_file);
+    }
+
+    pub fn ctx(&self) -> ttrpc::context::Context {
+        agent::ctx(self.call_timeout)
     }
 
     pub fn alive(&self) -> bool {
@@ -377,6 +406,21 @@ pub fn cleanup_leftovers(bundle: &Path) {
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// `/run/janus/vm/<namespace>_<id>`, or a hash of the bundle path for names that are long
+/// or unusual.
+pub fn vm_work_dir(ns: &str, id: &str, bundle: &Path) -> PathBuf {
+    let base = Path::new("/run/janus/vm");
+    let name = format!("{ns}_{id}");
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if plain && !ns.is_empty() && !id.is_empty() && name.len() <= 48 && !name.starts_with('.') {
+        base.join(name)
+    } else {
+        base.join(format!("{:016x}", hash(bundle)))
+    }
 }
 
 fn hash(p: &Path) -> u64 {

@@ -684,6 +684,101 @@ mod janus_vm_faults {
         ctd.assert_no_leaks(&c, secs(10));
     }
 
+    /// A guest that stops answering (QEMU stopped with SIGSTOP): calls fail with a deadline
+    /// error after `vm.agent_timeout_ms`, none hangs; after SIGCONT everything works again.
+    #[test]
+    fn agent_not_answering_times_out() {
+        let ctd = Containerd::for_runtime(JANUS);
+        let cfg = ctd.write_janus_config("mode = \"vm\"\n[vm]\nagent_timeout_ms = 2000\n");
+        let c = ctd.container("hung");
+        let cfg_s = cfg.to_str().unwrap().to_string();
+        let args = ctd.run_args(
+            JANUS,
+            &["-d", "--runtime-config-path", &cfg_s],
+            &c,
+            &["sleep", "1000"],
+        );
+        ctd.ctr_ok(&args);
+        ctd.wait_status(&c, "RUNNING", secs(20));
+        let rootfs = ctd.bundle_dir(&c).join("rootfs").display().to_string();
+        let ps = janus_tests::processes();
+        let sock = ps
+            .iter()
+            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
+            .and_then(|p| {
+                p.cmdline
+                    .split(' ')
+                    .find_map(|a| a.strip_prefix("--socket-path="))
+                    .map(str::to_string)
+            })
+            .expect("virtiofsd of the container");
+        let qemu = ps
+            .iter()
+            .find(|p| p.cmdline.contains("qemu-system") && p.cmdline.contains(&sock))
+            .expect("qemu of the container")
+            .pid as i32;
+        // SAFETY: kill(2) on the QEMU found above.
+        assert_eq!(unsafe { libc::kill(qemu, libc::SIGSTOP) }, 0);
+        let t = std::time::Instant::now();
+        let o = ctd.ctr_timeout(&["task", "ps", &c], secs(30));
+        let took = t.elapsed();
+        // SAFETY: as above.
+        unsafe { libc::kill(qemu, libc::SIGCONT) };
+        assert_ne!(o.code(), 0, "task ps answered from a stopped VM: {o}");
+        assert!(o.stderr.contains("deadline"), "{o}");
+        assert!(took < secs(10), "took {took:?}");
+        eprintln!(
+            "janus_vm_faults: agent call failed after {took:?} with: {}",
+            o.stderr.trim()
+        );
+        let ps = ctd.ctr_ok(&["task", "ps", &c]);
+        assert!(ps.lines().count() >= 2, "{ps}");
+        ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &c]);
+        ctd.wait_status(&c, "STOPPED", secs(20));
+        ctd.ctr_ok(&["task", "rm", &c]);
+        ctd.ctr_ok(&["containers", "rm", &c]);
+        ctd.assert_no_leaks(&c, secs(10));
+    }
+
+    /// 20 VM containers run and deleted one after another: no qemu or virtiofsd process,
+    /// socket, mount or temp dir of theirs remains.
+    #[test]
+    fn twenty_vm_containers_leave_nothing() {
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        let procs = || -> usize {
+            janus_tests::processes()
+                .iter()
+                .filter(|p| {
+                    p.cmdline.contains(&*ctd.dir.to_string_lossy())
+                        && (p.cmdline.contains("virtiofsd") || p.cmdline.contains("qemu-system"))
+                })
+                .count()
+        };
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let c = ctd.container(&format!("many{i}"));
+            let o = ctd.run_rm(JANUS_VM, &c, &["sh", "-c", "echo $((6 * 7))"]);
+            assert_code(&ctd, &o, 0);
+            assert_eq!(o.stdout, "42\n", "{o}");
+            ids.push(c);
+        }
+        for c in &ids {
+            ctd.assert_no_leaks(c, secs(10));
+        }
+        assert_eq!(procs(), 0, "qemu/virtiofsd left");
+        // Each VM's directory (QEMU's sockets, logs) and virtiofsd's socket are named after
+        // the container and go with it.
+        let left: Vec<String> = std::fs::read_dir("/run/janus/vm")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| ids.iter().any(|c| janus_tests::contains_token(n, &c.id)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "VM dirs left: {left:?}");
+    }
+
     /// A missing guest kernel fails Create with FailedPrecondition naming the path.
     #[test]
     fn missing_kernel_is_a_failed_precondition() {
