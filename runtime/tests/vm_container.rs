@@ -488,10 +488,6 @@ async fn vm_container_exec_signals_stats_pause_update_oom() {
     let (out, err) = tokio::join!(collect(e.out), collect(e.err));
     assert_eq!((out.as_str(), err.as_str()), ("exec-out\n", "exec-err\n"));
     assert_eq!(g.wait("c", "e1").await.exit_status, 5);
-    assert_eq!(
-        code("exec id reused", g.exec_raw("c", "e1").await),
-        ttrpc::Code::ALREADY_EXISTS
-    );
 
     // exec with a terminal.
     let e = g.streams(false, true, false, true);
@@ -505,6 +501,10 @@ async fn vm_container_exec_signals_stats_pause_update_oom() {
     let e3 = g
         .exec("c", "e3", process_json(&["sleep", "1000"], false), &e)
         .await;
+    assert_eq!(
+        code("id of a running exec reused", g.exec_raw("c", "e3").await),
+        ttrpc::Code::ALREADY_EXISTS
+    );
     let pids = g.c.pids(ctx(), &creq("c")).await.expect("Pids").processes;
     assert!(
         pids.iter()
