@@ -61,24 +61,23 @@ fn default_guest_dir() -> PathBuf {
     runtime::vm::default_guest_dir()
 }
 
-/// VM mode prerequisites and a throwaway boot to agent-ready. VM mode is not wired into the
-/// shim yet, so problems here are warnings: namespace mode does not need any of it.
-fn vm_checks(r: &mut Report, guest_dir: &Path) {
+/// VM mode prerequisites and a throwaway boot to agent-ready. Problems are failures when the
+/// config selects VM mode, warnings otherwise (namespace mode needs none of it, but the
+/// `containerd-shim-janus-vm-v2` alias does).
+/// Returns whether everything VM mode needs is in place.
+fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool) -> bool {
     use runtime::vm::{qemu, Hypervisor, VmConfig};
+    let bad = if required { Level::Fail } else { Level::Warn };
     match qemu::find_qemu(None) {
         Ok(q) => r.line(Level::Ok, "qemu", q.display().to_string()),
         Err(e) => {
-            r.line(Level::Warn, "qemu", e.to_string());
-            return;
+            r.line(bad, "qemu", e.to_string());
+            return false;
         }
     }
     let vfs = Path::new("/usr/lib/qemu/virtiofsd");
     r.line(
-        if vfs.is_file() {
-            Level::Ok
-        } else {
-            Level::Warn
-        },
+        if vfs.is_file() { Level::Ok } else { bad },
         "virtiofsd",
         if vfs.is_file() {
             vfs.display().to_string()
@@ -86,13 +85,16 @@ fn vm_checks(r: &mut Report, guest_dir: &Path) {
             "missing: apt-get install qemu-system-x86 (ships /usr/lib/qemu/virtiofsd)".into()
         },
     );
+    if !vfs.is_file() {
+        return false;
+    }
     // QEMU runs in its own work dir: give it absolute paths.
     let guest_dir = std::fs::canonicalize(guest_dir).unwrap_or_else(|_| guest_dir.to_path_buf());
     let cfg = match VmConfig::from_guest_dir(&guest_dir) {
         Ok(c) => c,
         Err(e) => {
-            r.line(Level::Warn, "guest image", format!("{e}"));
-            return;
+            r.line(bad, "guest image", format!("{e}"));
+            return false;
         }
     };
     r.line(
@@ -106,8 +108,8 @@ fn vm_checks(r: &mut Report, guest_dir: &Path) {
     {
         Ok(rt) => rt,
         Err(e) => {
-            r.line(Level::Warn, "test boot", format!("no async runtime: {e}"));
-            return;
+            r.line(bad, "test boot", format!("no async runtime: {e}"));
+            return false;
         }
     };
     let res = rt.block_on(async {
@@ -127,13 +129,18 @@ fn vm_checks(r: &mut Report, guest_dir: &Path) {
                 t.as_millis()
             ),
         ),
-        Err(e) => r.line(Level::Warn, "test boot", format!("{e}")),
+        Err(e) => {
+            r.line(bad, "test boot", format!("{e}"));
+            return false;
+        }
     }
     r.line(
-        Level::Warn,
+        Level::Ok,
         "VM mode",
-        "the shim does not run pods in VMs yet (namespace mode only)",
+        "one container per VM (ctr, io.containerd.janus-vm.v2); CRI pods with several \
+         containers (RuntimeClass janus-vm) not yet",
     );
+    true
 }
 
 fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) -> ExitCode {
@@ -267,6 +274,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
     }
 
     // config
+    let mut vm_mode = false;
     match std::fs::read_to_string(config) {
         Ok(text) => match text.parse::<toml::Table>() {
             Ok(t) => {
@@ -274,16 +282,11 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
                     .get("mode")
                     .and_then(|m| m.as_str())
                     .unwrap_or("namespace");
-                let level = if mode == "vm" { Level::Warn } else { Level::Ok };
-                let note = if mode == "vm" {
-                    " (VM mode is not built yet: Create will fail)"
-                } else {
-                    ""
-                };
+                vm_mode = mode == "vm";
                 r.line(
-                    level,
+                    Level::Ok,
                     "config",
-                    format!("{}: mode = {mode}{note}", config.display()),
+                    format!("{}: mode = {mode}", config.display()),
                 );
             }
             Err(e) => r.line(
@@ -299,7 +302,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
         ),
     }
 
-    // VM mode prerequisites (informational until VM mode lands)
+    // VM mode prerequisites
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo
         .lines()
@@ -314,14 +317,18 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
         (_, false) => "no /dev/kvm: VMs would use TCG (software emulation)".to_string(),
     };
     r.line(Level::Ok, "virtualization", accel);
-    vm_checks(&mut r, guest_dir);
+    let vm_ready = vm_checks(&mut r, guest_dir, vm_mode);
 
     println!();
     if r.failed {
         println!("janus check: problems found (see FAIL lines)");
         ExitCode::from(1)
     } else {
-        println!("janus check: ready for namespace mode");
+        if vm_ready {
+            println!("janus check: ready for namespace mode and VM mode");
+        } else {
+            println!("janus check: ready for namespace mode (VM mode: see the warnings)");
+        }
         ExitCode::SUCCESS
     }
 }

@@ -47,7 +47,30 @@ fn check_passes_on_this_node() {
         out.contains("containerd socket") && out.contains("answers"),
         "{out}"
     );
-    assert!(out.contains("ready for namespace mode"), "{out}");
+    assert!(
+        out.contains("ready for namespace mode and VM mode"),
+        "{out}"
+    );
+}
+
+/// With `mode = "vm"`, what VM mode needs is required: a missing guest image fails the check.
+#[test]
+fn check_requires_vm_assets_in_vm_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("vm.toml");
+    std::fs::write(&cfg, "mode = \"vm\"\n").unwrap();
+    let o = Command::new(janus_cli())
+        .args(["check", "--address", "/nonexistent.sock", "--config"])
+        .arg(&cfg)
+        .args(["--guest-dir", "/nonexistent"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("[FAIL] guest image") && out.contains("build-guest.sh"),
+        "{out}"
+    );
 }
 
 #[test]
