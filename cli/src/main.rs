@@ -137,8 +137,8 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool) -> bool {
     r.line(
         Level::Ok,
         "VM mode",
-        "one container per VM (ctr, io.containerd.janus-vm.v2); CRI pods with several \
-         containers (RuntimeClass janus-vm) not yet",
+        "one VM per pod (RuntimeClass janus-vm) or per ctr container \
+         (io.containerd.janus-vm.v2); pod networking needs iproute2 (ip, tc)",
     );
     true
 }

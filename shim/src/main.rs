@@ -9,6 +9,7 @@ mod process;
 mod service;
 mod stdio;
 mod vm;
+mod vmnet;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -23,10 +24,9 @@ use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim_async::create_task;
 use containerd_shim_protos::ttrpc::r#async::Server;
 
-use crate::service::{Service, ZYGOTE};
+use crate::service::{Service, SANDBOX_ID_ANNOTATION, ZYGOTE};
 
 pub const RUNTIME_ID: &str = "io.containerd.janus.v2";
-const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Reads the pod grouping key from the bundle's spec: containers of one pod share a shim.
 fn grouping(id: &str) -> String {

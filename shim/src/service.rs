@@ -65,6 +65,10 @@ fn run_hooks_warn(c: &Container, phase: &str, pid: i32, status: &str) {
     }
 }
 
+/// CRI's annotations naming a container's pod and role.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Container {
@@ -133,6 +137,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ShimError::Internal(format!("blocking task: {e}")))?
+}
+
+/// The network namespace CNI set up for a pod (the sandbox spec's network namespace path).
+fn pod_netns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)
+        .and_then(|n| n.path().clone())
+        .filter(|p| !p.as_os_str().is_empty())
 }
 
 fn signal_pid(pid: i32, sig: u32) -> Result<()> {
@@ -554,13 +570,6 @@ impl Service {
     /// VM mode Create: mount the snapshot, boot the VM with it shared, create the container
     /// in the guest. Everything made here is undone on failure.
     async fn create_vm_container(&self, req: &CreateTaskRequest, config: Config) -> Result<u32> {
-        if !self.containers().is_empty() {
-            return Err(ShimError::FailedPrecondition(
-                "VM mode runs one container per VM in this version: pods with several \
-                 containers are not supported yet"
-                    .into(),
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let spec = rtspec::load(&bundle)?;
         NsPlan::from_spec(&spec)?;
@@ -574,7 +583,42 @@ impl Service {
         } else {
             bundle.join(root)
         };
-        let guest_spec = vm::guest_spec(&req.id, &spec)?;
+        // A CRI pod's containers run in the VM its sandbox container booted.
+        let ann = spec.annotations().clone().unwrap_or_default();
+        let sandbox = ann
+            .get(CONTAINER_TYPE_ANNOTATION)
+            .filter(|t| t.as_str() == "container")
+            .and_then(|_| ann.get(SANDBOX_ID_ANNOTATION))
+            .filter(|sb| **sb != req.id);
+        let (existing, podns) = match sandbox {
+            Some(sb) => {
+                let pod = self
+                    .containers()
+                    .get(sb)
+                    .and_then(|c| c.vm.clone())
+                    .ok_or_else(|| {
+                        ShimError::FailedPrecondition(format!(
+                            "container {}: its pod sandbox {sb} has no VM in this shim",
+                            req.id
+                        ))
+                    })?;
+                let known_pids = self
+                    .containers()
+                    .values()
+                    .filter(|c| c.vm.as_ref().is_some_and(|v| Arc::ptr_eq(v, &pod)))
+                    .map(|c| c.init.pid())
+                    .filter(|p| *p > 0)
+                    .collect();
+                let owner = pod.owner_pid.load(std::sync::atomic::Ordering::SeqCst);
+                let ns = vm::PodNs {
+                    sandbox_pid: (owner > 0).then_some(owner),
+                    known_pids,
+                };
+                (Some(pod), ns)
+            }
+            None => (None, vm::PodNs::default()),
+        };
+        let (guest_spec, binds) = vm::guest_spec(&req.id, &spec, &podns)?;
         let layers: Vec<(String, String, Vec<String>)> = req
             .rootfs
             .iter()
@@ -600,14 +644,47 @@ impl Service {
                 let _ = blocking(move || Ok(mounts::unmount_all(&rootfs)?)).await;
             }
         };
-        let pod = match VmPod::boot(&config, &self.inner.namespace, &req.id, &bundle, &rootfs).await
-        {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
+        let booted = existing.is_none();
+        let pod = match existing {
+            Some(p) => p,
+            None => match VmPod::boot(
+                &config,
+                &self.inner.namespace,
+                &req.id,
+                &bundle,
+                &ann,
+                pod_netns(&spec),
+            )
+            .await
+            {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    unmount(rootfs).await;
+                    return Err(e);
+                }
+            },
+        };
+        let undo = |rootfs: PathBuf| {
+            let pod = pod.clone();
+            let id = req.id.clone();
+            async move {
+                let shared = pod.shared.clone();
+                let _ = blocking(move || {
+                    vm::unshare_container(&shared, &id);
+                    Ok(())
+                })
+                .await;
+                if booted {
+                    pod.teardown().await;
+                }
                 unmount(rootfs).await;
-                return Err(e);
             }
         };
+        let (shared, id2, r2) = (pod.shared.clone(), req.id.clone(), rootfs.clone());
+        if let Err(e) = blocking(move || vm::share_container(&shared, &id2, &r2, &binds)).await {
+            undo(rootfs).await;
+            return Err(e);
+        }
         let io = IoPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -634,11 +711,14 @@ impl Service {
         let (pid, mut pio, stdin_close) = match created.await {
             Ok(v) => v,
             Err(e) => {
-                pod.teardown().await;
-                unmount(rootfs).await;
+                undo(rootfs).await;
                 return Err(e);
             }
         };
+        if booted {
+            pod.owner_pid
+                .store(pid, std::sync::atomic::Ordering::SeqCst);
+        }
         pio.start_input(&pod.plane);
         let init = Proc::new("", io, None);
         {
@@ -663,7 +743,11 @@ impl Service {
         });
         self.containers().insert(req.id.clone(), c.clone());
         self.vm_watch_exit(c, init);
-        // OOM kills in the guest, as they happen.
+        if !booted {
+            self.send_create(req, pid);
+            return Ok(pid as u32);
+        }
+        // OOM kills in the guest (any of the pod's containers), as they happen.
         let events = self.inner.events.clone();
         tokio::spawn(async move {
             while let Ok(ev) = pod
@@ -845,7 +929,17 @@ impl Service {
                 log::warn!("container {}: remove in the guest: {e}", c.id);
             }
         }
-        pod.teardown().await;
+        if c.id == pod.owner {
+            // The pod's sandbox (or a plain container) takes the VM with it.
+            pod.teardown().await;
+        } else {
+            let (shared, id) = (pod.shared.clone(), c.id.clone());
+            blocking(move || {
+                vm::unshare_container(&shared, &id);
+                Ok(())
+            })
+            .await?;
+        }
         let c2 = c.clone();
         blocking(move || {
             if c2.rootfs_mounted {

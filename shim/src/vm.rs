@@ -1,16 +1,20 @@
-//! VM mode: a container in a lightweight VM of its own, driven through the in-guest agent.
+//! VM mode: a pod (or a plain container) in a lightweight VM of its own, driven through the
+//! in-guest agent.
 //!
-//! Create mounts containerd's snapshot on the host as namespace mode does, shares it into the
-//! guest with virtiofsd (virtio-fs, no copy), boots QEMU (`runtime::vm`), waits for the agent
-//! and asks it to create the container from a guest copy of the spec. Process stdio travels as
+//! The first container of a pod (CRI's sandbox container, or a container outside any pod)
+//! boots the VM: virtiofsd on an empty per-VM share directory, the pod's CNI interface
+//! mirrored to a tap (`vmnet`), QEMU (`runtime::vm`), then the agent. Every container of the
+//! pod (the first one included) is then: containerd's snapshot mounted on the host as in
+//! namespace mode and bind-mounted into the share with the spec's host binds (virtio-fs, no
+//! copy), and an agent CreateContainer with a guest copy of the spec whose namespace paths
+//! point at the sandbox container's in the guest. Process stdio travels as
 //! frames on the VM's stdio channel (`StdioPlane`) between containerd's FIFOs / log driver /
 //! files and the guest process. Exits come from the agent's WaitProcess (or, when the VM dies,
 //! as 137 for every process). The Task service keeps its process records (`Proc`) as in
 //! namespace mode; this module holds what differs.
 //!
-//! Not yet: several containers per VM (CRI pods: every container gets its own VM and the
-//! pause container's namespaces are not shared across them), host bind mounts (skipped with a
-//! warning), hooks (host hooks cannot run in the guest; skipped with a warning), networking.
+//! Not done: OCI hooks (host hooks cannot run in the guest; skipped with a warning), IPv6 in
+//! the guest, block-device rootfs.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -30,9 +34,13 @@ use crate::stdio::{self, IoPaths};
 
 /// Debian ships virtiofsd with QEMU.
 pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
-/// Where the agent mounts the container's rootfs share in the guest.
-pub const GUEST_ROOT: &str = "/run/janus/rootfs";
-const SHARE_TAG: &str = "rootfs";
+/// Where the agent mounts the pod's share in the guest: one directory per container, with its
+/// rootfs and host binds.
+pub const GUEST_SHARED: &str = "/run/janus/shared";
+/// The pod's /dev/shm in the guest: a tmpfs made at sandbox creation, bound into every
+/// container that CRI gives a /dev/shm bind.
+pub const GUEST_SHM: &str = "/run/janus/shm";
+const SHARE_TAG: &str = "janus-share";
 /// Long enough for any agent call; the VM dying ends calls at once.
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -55,9 +63,19 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
     }
 }
 
-/// One VM and what serves it.
+/// One VM and what serves it: a pod's sandbox container booted it, the pod's other
+/// containers run in it; a plain container has one of its own.
 pub struct VmPod {
     pub vm: Arc<dyn Vm>,
+    /// The container whose Create booted the VM; its Delete ends the VM.
+    pub owner: String,
+    /// The owner's guest pid, whose namespaces the pod's containers join.
+    pub owner_pid: std::sync::atomic::AtomicI32,
+    /// Host directory virtiofsd shares (`<work dir>.shared`): `<container>/rootfs` and
+    /// `<container>/mounts/*` are bind mounts of the container's snapshot and host binds.
+    pub shared: PathBuf,
+    /// The pod's network as the guest got it (tap + redirects in the pod's namespace).
+    net: Option<crate::vmnet::PodNet>,
     pub agent: AgentClient,
     pub plane: StdioPlane,
     virtiofsd: u32,
@@ -116,13 +134,15 @@ impl ProcIo {
 }
 
 impl VmPod {
-    /// Boots the VM for a container whose rootfs is mounted at `rootfs`.
+    /// Boots the VM for container `id` (a pod's sandbox or a plain container), sized by the
+    /// config and the spec's CRI sandbox annotations, with an empty pod share.
     pub async fn boot(
         config: &Config,
         ns: &str,
         id: &str,
         bundle: &Path,
-        rootfs: &Path,
+        annotations: &std::collections::HashMap<String, String>,
+        netns: Option<PathBuf>,
     ) -> Result<VmPod> {
         let guest_dir = runtime::vm::default_guest_dir();
         let mut cfg = match (&config.vm.kernel, &config.vm.initrd) {
@@ -159,8 +179,13 @@ impl VmPod {
                 "virtiofsd not found at {VIRTIOFSD}: apt-get install qemu-system-x86 (Debian ships it with QEMU)"
             )));
         }
-        cfg.vcpus = config.vm.vcpus.unwrap_or(1);
-        cfg.memory_mib = config.vm.memory_mib.unwrap_or(256);
+        let (vcpus, memory_mib) = vm_size(
+            config.vm.vcpus.unwrap_or(1),
+            config.vm.memory_mib.unwrap_or(256),
+            annotations,
+        );
+        cfg.vcpus = vcpus;
+        cfg.memory_mib = memory_mib;
         cfg.kernel_params = config.vm.kernel_params.clone();
         cfg.shared_memory = true;
         let call_timeout = config
@@ -180,15 +205,23 @@ impl VmPod {
         // Next to the work dir, which the QEMU driver owns (and recreates).
         let vfs_sock = work_dir.with_extension("vfs.sock");
         let _ = std::fs::remove_file(&vfs_sock);
+        let shared = work_dir.with_extension("shared");
+        remove_share(&shared);
+        mkdir(&shared)?;
         let log = std::fs::File::create(bundle.join("virtiofsd.log"))
             .map_err(|e| ShimError::Internal(format!("virtiofsd log: {e}")))?;
         let child = std::process::Command::new(VIRTIOFSD)
             .arg(format!("--socket-path={}", vfs_sock.display()))
             .args([
                 "-o",
-                &format!("source={}", rootfs.display()),
+                &format!("source={}", shared.display()),
                 "-o",
                 "cache=none",
+                // chroot, not a mount namespace of its own: containers added to the pod later
+                // are bind mounts under the share made after virtiofsd starts, and it must
+                // see them.
+                "-o",
+                "sandbox=chroot",
             ])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -202,6 +235,7 @@ impl VmPod {
             // SAFETY: kill(2) has no memory effects; the pid is our child until reaped.
             unsafe { libc::kill(virtiofsd as i32, libc::SIGKILL) };
             let _ = std::fs::remove_file(&vfs_sock);
+            remove_share(&shared);
         };
         let t = Instant::now();
         while !vfs_sock.exists() {
@@ -215,6 +249,27 @@ impl VmPod {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let net = match netns {
+            Some(ns) => {
+                let r = tokio::task::spawn_blocking(move || crate::vmnet::setup(&ns))
+                    .await
+                    .map_err(|e| ShimError::Internal(format!("blocking task: {e}")))
+                    .and_then(|r| r);
+                match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        kill_vfs();
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        let drop_net = || {
+            if let Some(n) = &net {
+                crate::vmnet::teardown(&n.netns, &n.host_if);
+            }
+        };
         cfg.extra_args = vec![
             // `ps` names the container on the QEMU command line.
             "-name".into(),
@@ -224,10 +279,15 @@ impl VmPod {
             "-device".into(),
             format!("vhost-user-fs-device,chardev=vfs,tag={SHARE_TAG}"),
         ];
+        if let Some(n) = &net {
+            cfg.netns = Some(n.netns.clone());
+            cfg.extra_args.extend(n.qemu_args());
+        }
         let vm: Arc<dyn Vm> = match Qemu::new().start(&cfg).await {
             Ok(v) => Arc::from(v),
             Err(e) => {
                 kill_vfs();
+                drop_net();
                 return Err(vm_err(e));
             }
         };
@@ -236,6 +296,9 @@ impl VmPod {
             "work_dir": vm.work_dir(),
             "vfs_sock": vfs_sock,
             "virtiofsd": virtiofsd,
+            "shared": shared,
+            "netns": net.as_ref().map(|n| n.netns.clone()),
+            "host_if": net.as_ref().map(|n| n.host_if.clone()),
         });
         let _ = std::fs::write(&state_file, record.to_string());
         let up = async {
@@ -249,29 +312,57 @@ impl VmPod {
                 .ok_or_else(|| ShimError::Internal("agent client missing".into()))?;
             let sb = pa::CreateSandboxRequest {
                 sandbox_id: id.to_string(),
-                storages: vec![pa::Storage {
-                    driver: "virtiofs".into(),
-                    source: SHARE_TAG.into(),
-                    mount_point: GUEST_ROOT.into(),
-                    ..Default::default()
-                }],
+                storages: vec![
+                    pa::Storage {
+                        driver: "virtiofs".into(),
+                        source: SHARE_TAG.into(),
+                        mount_point: GUEST_SHARED.into(),
+                        ..Default::default()
+                    },
+                    pa::Storage {
+                        driver: "tmpfs".into(),
+                        source: "shm".into(),
+                        mount_point: GUEST_SHM.into(),
+                        // Kubernetes' default /dev/shm size.
+                        options: vec!["mode=1777".into(), "size=65536k".into()],
+                        ..Default::default()
+                    },
+                ],
                 ..Default::default()
             };
             agent
                 .create_sandbox(agent::ctx(call_timeout), &sb)
                 .await
                 .map_err(rpc)?;
+            if let Some(n) = &net {
+                agent
+                    .update_interface(agent::ctx(call_timeout), &n.iface)
+                    .await
+                    .map_err(rpc)?;
+                let routes = pa::Routes {
+                    routes: n.routes.clone(),
+                    ..Default::default()
+                };
+                agent
+                    .add_routes(agent::ctx(call_timeout), &routes)
+                    .await
+                    .map_err(rpc)?;
+            }
             Ok::<_, ShimError>((plane, agent))
         };
         match up.await {
             Ok((plane, agent)) => {
                 log::info!(
-                    "container {id}: VM up ({} ms after spawn, accel {})",
+                    "container {id}: VM up ({} ms after spawn, accel {}, {vcpus} vCPU, {memory_mib} MiB)",
                     vm.started_at().elapsed().as_millis(),
                     vm.accel()
                 );
                 Ok(VmPod {
                     vm,
+                    owner: id.to_string(),
+                    owner_pid: Default::default(),
+                    shared,
+                    net,
                     agent,
                     plane,
                     virtiofsd,
@@ -285,6 +376,7 @@ impl VmPod {
                 let _ = vm.kill();
                 let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await;
                 kill_vfs();
+                drop_net();
                 let _ = std::fs::remove_file(&state_file);
                 Err(e)
             }
@@ -301,6 +393,15 @@ impl VmPod {
         // SAFETY: kill(2) has no memory effects.
         unsafe { libc::kill(self.virtiofsd as i32, libc::SIGKILL) };
         let _ = std::fs::remove_file(&self.vfs_sock);
+        let shared = self.shared.clone();
+        let net = self.net.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            remove_share(&shared);
+            if let Some(n) = net {
+                crate::vmnet::teardown(&n.netns, &n.host_if);
+            }
+        })
+        .await;
         let _ = std::fs::remove_dir_all(self.vm.work_dir());
         let _ = std::fs::remove_file(&self.state_file);
     }
@@ -405,6 +506,12 @@ pub fn cleanup_leftovers(bundle: &Path) {
         }
         let _ = std::fs::remove_file(sock);
     }
+    if let Some(shared) = v["shared"].as_str() {
+        remove_share(Path::new(shared));
+    }
+    if let (Some(ns), Some(dev)) = (v["netns"].as_str(), v["host_if"].as_str()) {
+        crate::vmnet::teardown(Path::new(ns), dev);
+    }
     let _ = std::fs::remove_file(&path);
 }
 
@@ -476,46 +583,266 @@ async fn copy_in(fd: OwnedFd, plane: StdioPlane, stream: u32) {
     let _ = plane.close(stream).await;
 }
 
-/// The spec as the guest runs it: root on the share, no host namespace paths, no host bind
-/// mounts, no hooks (each dropped with a warning).
-pub fn guest_spec(id: &str, spec: &Spec) -> Result<Vec<u8>> {
+/// A host path the guest sees through the pod's share: bind-mounted at
+/// `<shared>/<container>/mounts/<name>` on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBind {
+    pub source: PathBuf,
+    pub name: String,
+    pub readonly: bool,
+}
+
+/// Where one of a container's host binds appears in the guest.
+fn guest_bind_path(id: &str, name: &str) -> String {
+    format!("{GUEST_SHARED}/{id}/mounts/{name}")
+}
+
+/// The container's root in the guest (its snapshot, bind-mounted into the pod's share).
+pub fn guest_root(id: &str) -> String {
+    format!("{GUEST_SHARED}/{id}/rootfs")
+}
+
+/// The namespace file name under /proc/<pid>/ns for an OCI namespace type.
+fn ns_file(typ: &str) -> Option<&'static str> {
+    Some(match typ {
+        "network" => "net",
+        "ipc" => "ipc",
+        "uts" => "uts",
+        "pid" => "pid",
+        "mount" => "mnt",
+        "cgroup" => "cgroup",
+        "user" => "user",
+        _ => return None,
+    })
+}
+
+/// The pod a container joins in the guest: the sandbox container's guest pid and every pid
+/// containerd knows for the pod's containers (containerd only ever saw guest pids, so
+/// `/proc/<pid>/ns/...` paths naming them are guest paths already).
+#[derive(Debug, Default, Clone)]
+pub struct PodNs {
+    pub sandbox_pid: Option<i32>,
+    pub known_pids: Vec<i32>,
+}
+
+/// The spec as the guest runs it, and the host paths to share for it:
+/// - root on the pod share (`/run/janus/shared/<id>/rootfs`);
+/// - bind mounts of host paths go through the share; a bind on /dev/shm becomes the pod's
+///   guest tmpfs (shared by the pod's containers, as CRI's shm bind is on the host); binds of
+///   host /dev, /proc or /sys paths are dropped (the guest has its own);
+/// - namespace paths join the pod's sandbox container in the guest; with no sandbox (the
+///   sandbox itself, or a plain container) they are dropped and the guest makes new ones;
+/// - hooks are dropped (host hooks cannot run in the guest).
+pub fn guest_spec(id: &str, spec: &Spec, pod: &PodNs) -> Result<(Vec<u8>, Vec<HostBind>)> {
     let mut v = serde_json::to_value(spec)
         .map_err(|e| ShimError::Internal(format!("spec to JSON: {e}")))?;
-    v["root"]["path"] = serde_json::Value::String(GUEST_ROOT.into());
+    v["root"]["path"] = serde_json::Value::String(guest_root(id));
     if let Some(o) = v.as_object_mut() {
         if o.remove("hooks").is_some() {
             log::warn!("container {id}: OCI hooks are not run in VM mode");
         }
     }
     if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
-        ns.retain(|n| {
-            let joined = n["path"].as_str().is_some_and(|p| !p.is_empty());
-            if joined {
-                log::warn!(
-                    "container {id}: namespace {} at a host path is not joined in the VM",
-                    n["type"]
-                );
+        ns.retain_mut(|n| {
+            let Some(path) = n["path"].as_str().filter(|p| !p.is_empty()) else {
+                return true;
+            };
+            let typ = n["type"].as_str().unwrap_or_default();
+            let named_pid = path
+                .strip_prefix("/proc/")
+                .and_then(|r| r.split('/').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            if named_pid.is_some_and(|p| pod.known_pids.contains(&p)) {
+                return true;
             }
-            !joined
+            match (pod.sandbox_pid, ns_file(typ)) {
+                (Some(sb), Some(f)) => {
+                    n["path"] = serde_json::Value::String(format!("/proc/{sb}/ns/{f}"));
+                    true
+                }
+                _ => {
+                    log::info!("container {id}: {typ} namespace at host path {path}: the VM's own");
+                    false
+                }
+            }
         });
     }
+    let mut binds = Vec::new();
     if let Some(ms) = v["mounts"].as_array_mut() {
-        ms.retain(|m| {
+        let mut out = Vec::with_capacity(ms.len());
+        for mut m in std::mem::take(ms) {
+            let opts: Vec<String> = m["options"]
+                .as_array()
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
             let bind = m["type"].as_str() == Some("bind")
-                || m["options"]
-                    .as_array()
-                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            if bind {
-                log::warn!(
-                    "container {id}: bind mount of host {} on {} is not shared into the VM yet",
-                    m["source"],
-                    m["destination"]
-                );
+                || opts.iter().any(|x| x == "bind" || x == "rbind");
+            if !bind {
+                out.push(m);
+                continue;
             }
-            !bind
-        });
+            let dest = m["destination"].as_str().unwrap_or_default().to_string();
+            let src = m["source"].as_str().unwrap_or_default().to_string();
+            if dest == "/dev/shm" {
+                m["source"] = serde_json::Value::String(GUEST_SHM.into());
+                m["type"] = serde_json::Value::String("bind".into());
+                m["options"] = serde_json::json!(["rbind", "nosuid", "nodev", "noexec"]);
+                out.push(m);
+                continue;
+            }
+            let host_kernel = ["/dev", "/proc", "/sys"]
+                .iter()
+                .any(|k| Path::new(&src).starts_with(k));
+            if !src.starts_with('/') || host_kernel {
+                log::warn!(
+                    "container {id}: bind mount of host {src:?} on {dest} is not shared into the VM \
+                     (the guest has its own /dev, /proc and /sys)"
+                );
+                continue;
+            }
+            let base = Path::new(&src)
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let name = format!("{}-{}", binds.len(), base);
+            m["source"] = serde_json::Value::String(guest_bind_path(id, &name));
+            binds.push(HostBind {
+                source: PathBuf::from(&src),
+                name,
+                readonly: opts.iter().any(|o| o == "ro"),
+            });
+            out.push(m);
+        }
+        *ms = out;
     }
-    serde_json::to_vec(&v).map_err(|e| ShimError::Internal(format!("spec to JSON: {e}")))
+    let text =
+        serde_json::to_vec(&v).map_err(|e| ShimError::Internal(format!("spec to JSON: {e}")))?;
+    Ok((text, binds))
+}
+
+/// Makes a container's rootfs and host binds visible in the pod's share (blocking). Undone by
+/// [`unshare_container`], also on failure here.
+pub fn share_container(shared: &Path, id: &str, rootfs: &Path, binds: &[HostBind]) -> Result<()> {
+    let res = (|| {
+        let dir = shared.join(id);
+        let root = dir.join("rootfs");
+        mkdir(&root)?;
+        bind(rootfs, &root, false)?;
+        for b in binds {
+            let meta = std::fs::metadata(&b.source).map_err(|e| {
+                ShimError::InvalidArgument(format!(
+                    "container {id}: bind mount source {}: {e}",
+                    b.source.display()
+                ))
+            })?;
+            let target = dir.join("mounts").join(&b.name);
+            if meta.is_dir() {
+                mkdir(&target)?;
+            } else {
+                mkdir(&dir.join("mounts"))?;
+                std::fs::File::create(&target).map_err(|e| {
+                    ShimError::Internal(format!("create {}: {e}", target.display()))
+                })?;
+            }
+            bind(&b.source, &target, b.readonly)?;
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        unshare_container(shared, id);
+    }
+    res
+}
+
+fn mkdir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p)
+        .map_err(|e| ShimError::Internal(format!("create {}: {e}", p.display())))
+}
+
+/// A recursive bind, remounted read-only on the host too when asked (the guest's own ro bind
+/// alone would leave the host file system writable to a guest that ignores it).
+fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+    mount(Some(src), dst, None::<&str>, flags, None::<&str>).map_err(|e| {
+        ShimError::Internal(format!("bind {} on {}: {e}", src.display(), dst.display()))
+    })?;
+    if readonly {
+        mount(
+            None::<&str>,
+            dst,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| ShimError::Internal(format!("remount {} ro: {e}", dst.display())))?;
+    }
+    Ok(())
+}
+
+/// Removes a container's part of the pod's share (blocking, idempotent).
+pub fn unshare_container(shared: &Path, id: &str) {
+    remove_share(&shared.join(id));
+}
+
+/// Unmounts everything under `dir`, then deletes it, but only once nothing is mounted there
+/// any more: deleting through a live bind would delete the user's data.
+fn remove_share(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    if let Err(e) = runtime::linux::mounts::unmount_all(dir) {
+        log::warn!("unmount {}: {e}", dir.display());
+    }
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let busy = mi
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|m| Path::new(m).starts_with(dir));
+    if busy {
+        log::warn!("{} still has mounts: left in place", dir.display());
+        return;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// CRI's pod resource annotations (containerd >= 1.6 sets them from the pod's requests and
+/// limits).
+const ANN_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const ANN_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+const ANN_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// The VM's size: the config's (or the defaults) for the guest kernel and agent, plus the
+/// pod's CPU and memory limits from CRI's sandbox annotations when present, so the pod's
+/// containers get what the pod asked for on top of the guest's own needs.
+pub fn vm_size(
+    base_vcpus: u32,
+    base_mib: u32,
+    annotations: &std::collections::HashMap<String, String>,
+) -> (u32, u32) {
+    let num = |k: &str| {
+        annotations
+            .get(k)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|v| *v > 0)
+    };
+    let mut vcpus = base_vcpus;
+    if let (Some(q), Some(p)) = (num(ANN_CPU_QUOTA), num(ANN_CPU_PERIOD)) {
+        let host = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let extra = ((q + p - 1) / p) as u32;
+        vcpus = (base_vcpus + extra).min(host.max(base_vcpus));
+    }
+    let mut mib = base_mib;
+    if let Some(m) = num(ANN_MEMORY) {
+        mib = base_mib.saturating_add(((m + (1 << 20) - 1) >> 20) as u32);
+    }
+    (vcpus, mib)
 }
 
 /// Waits for a guest process's exit: its status from the agent, 137 when the VM is gone.
@@ -561,29 +888,123 @@ pub fn set_paused(pod: &VmPod, p: bool) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn guest_spec_rewrites_root_and_drops_host_things() {
-        let spec: Spec = serde_json::from_value(serde_json::json!({
+    fn spec(v: serde_json::Value) -> Spec {
+        let mut base = serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},
             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        });
+        for (k, x) in v.as_object().unwrap() {
+            base[k] = x.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn guest_spec_shares_binds_and_drops_host_things() {
+        let s = spec(serde_json::json!({
             "hooks": {"prestart": [{"path": "/bin/true"}]},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
-                {"destination": "/data", "source": "/srv", "options": ["rbind", "ro"]}
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "source": "/srv", "options": ["rbind"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/ctd/sandboxes/p/shm", "options": ["rbind"]},
+                {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse", "options": ["bind"]},
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs"}
             ],
             "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}]}
-        }))
-        .unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&guest_spec("c", &spec).unwrap()).unwrap();
-        assert_eq!(v["root"]["path"], GUEST_ROOT);
+        }));
+        let (text, binds) = guest_spec("c", &s, &PodNs::default()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(v["root"]["path"], "/run/janus/shared/c/rootfs");
         assert!(v.get("hooks").is_none());
-        assert_eq!(v["mounts"].as_array().unwrap().len(), 1);
+        let dests: Vec<_> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["destination"].as_str().unwrap(),
+                    m["source"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            dests,
+            [
+                ("/proc", "proc"),
+                ("/etc/hosts", "/run/janus/shared/c/mounts/0-hosts"),
+                ("/data", "/run/janus/shared/c/mounts/1-srv"),
+                ("/dev/shm", GUEST_SHM),
+                ("/run", "tmpfs"),
+            ]
+        );
+        assert_eq!(
+            binds,
+            [
+                HostBind {
+                    source: "/var/lib/x/hosts".into(),
+                    name: "0-hosts".into(),
+                    readonly: true
+                },
+                HostBind {
+                    source: "/srv".into(),
+                    name: "1-srv".into(),
+                    readonly: false
+                },
+            ]
+        );
         assert_eq!(
             v["linux"]["namespaces"],
             serde_json::json!([{"type": "pid"}])
         );
+    }
+
+    #[test]
+    fn pod_members_join_the_sandbox_in_the_guest() {
+        let s = spec(serde_json::json!({
+            "linux": {"namespaces": [
+                {"type": "pid", "path": "/proc/77/ns/pid"},
+                {"type": "network", "path": "/proc/55/ns/net"},
+                {"type": "ipc", "path": "/proc/55/ns/ipc"},
+                {"type": "uts", "path": "/var/run/netns/x"},
+                {"type": "mount"}
+            ]}
+        }));
+        let pod = PodNs {
+            sandbox_pid: Some(12),
+            known_pids: vec![12, 77],
+        };
+        let (text, _) = guest_spec("c", &s, &pod).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(
+            v["linux"]["namespaces"],
+            serde_json::json!([
+                {"type": "pid", "path": "/proc/77/ns/pid"},
+                {"type": "network", "path": "/proc/12/ns/net"},
+                {"type": "ipc", "path": "/proc/12/ns/ipc"},
+                {"type": "uts", "path": "/proc/12/ns/uts"},
+                {"type": "mount"}
+            ])
+        );
+    }
+
+    #[test]
+    fn vm_size_adds_the_pods_resources() {
+        let mut a = std::collections::HashMap::new();
+        assert_eq!(vm_size(1, 256, &a), (1, 256));
+        a.insert(ANN_MEMORY.to_string(), (100u64 << 20).to_string());
+        a.insert(ANN_CPU_QUOTA.to_string(), "50000".to_string());
+        a.insert(ANN_CPU_PERIOD.to_string(), "100000".to_string());
+        assert_eq!(vm_size(1, 256, &a), (2.min(host_cpus().max(1)), 356));
+        a.insert(ANN_MEMORY.to_string(), "junk".to_string());
+        a.insert(ANN_CPU_QUOTA.to_string(), "-1".to_string());
+        assert_eq!(vm_size(1, 256, &a), (1, 256));
+    }
+
+    fn host_cpus() -> u32 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
     }
 }

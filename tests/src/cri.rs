@@ -40,6 +40,9 @@ use crate::{
 pub const CRI_NAMESPACE: &str = "k8s.io";
 /// CRI runtime handler of our shim (RuntimeClass `janus`).
 pub const JANUS_HANDLER: &str = "janus";
+/// CRI runtime handler of our shim in VM mode (RuntimeClass `janus-vm`: the alias binary,
+/// no config file).
+pub const JANUS_VM_HANDLER: &str = "janus-vm";
 /// CRI runtime handler of containerd's runc shim (proves the harness).
 pub const RUNC_HANDLER: &str = "runc";
 /// Where CNI plugins live on Debian (`containernetworking-plugins`).
@@ -185,6 +188,8 @@ impl CriEnv {
       runtime_type = "io.containerd.janus.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus.options]
         ConfigPath = "{janus_config}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus-vm]
+      runtime_type = "io.containerd.janus-vm.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
@@ -392,7 +397,7 @@ impl Cri {
             require_janus: handler.contains("janus"),
             cri: true,
         })?;
-        if handler == JANUS_HANDLER && ctd.shim.is_none() {
+        if handler.starts_with(JANUS_HANDLER) && ctd.shim.is_none() {
             bail!("{JANUS_SHIM_NAME} not found");
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

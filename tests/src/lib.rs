@@ -74,6 +74,21 @@ fn workspace_target() -> PathBuf {
 
 /// The VM guest image (hack/build-guest.sh): `$JANUS_GUEST_DIR`, else `<workspace>/target/guest`
 /// (where the shim looks when run from the workspace's target dir).
+/// The virtiofsd socket of the VM-mode container (or pod sandbox) `id`, from its QEMU's
+/// command line (`-name <id>`, `-chardev socket,id=vfs,path=<socket>`).
+pub fn vm_share_socket(id: &str) -> Option<String> {
+    processes().into_iter().find_map(|p| {
+        let args: Vec<&str> = p.cmdline.split(' ').collect();
+        let named = args.windows(2).any(|w| w[0] == "-name" && w[1] == id);
+        if !p.cmdline.contains("qemu-system") || !named {
+            return None;
+        }
+        args.iter()
+            .find_map(|a| a.strip_prefix("socket,id=vfs,path="))
+            .map(str::to_string)
+    })
+}
+
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("JANUS_GUEST_DIR")
         .map(PathBuf::from)

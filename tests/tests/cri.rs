@@ -133,7 +133,7 @@ fn pod_lifecycle(h: &str) {
     // The sandbox container runs under the handler's shim (by executable: the Janus shim may
     // re-exec itself under its resolved path).
     let shims = c.shim_processes();
-    let want = if h == cri::JANUS_HANDLER {
+    let want = if h.starts_with(cri::JANUS_HANDLER) {
         std::fs::canonicalize(c.ctd.shim.as_ref().unwrap()).unwrap()
     } else {
         std::path::PathBuf::from("/usr/bin/containerd-shim-runc-v2")
@@ -1028,6 +1028,124 @@ fn pod_shared_pid_one_shim_pause_killed(h: &str) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// VM mode (handler `janus-vm`): one VM per pod
+
+/// The virtiofsd socket of the pod's VM (QEMU is named after the sandbox).
+fn pod_vm_socket(c: &Cri, pod: &Pod) -> String {
+    janus_tests::vm_share_socket(&pod.id)
+        .unwrap_or_else(|| c.fail(format!("no QEMU named after pod sandbox {}", pod.id)))
+}
+
+fn qemus_serving(sock: &str) -> usize {
+    janus_tests::processes()
+        .iter()
+        .filter(|p| p.cmdline.contains("qemu-system") && p.cmdline.contains(sock))
+        .count()
+}
+
+/// A pod's containers run in the one VM its sandbox booted, on the guest kernel, with the
+/// pod's host volumes (read-write and read-only) and CRI's own binds (/etc/hostname) shared
+/// in through virtio-fs; removing the pod leaves no QEMU, socket, share or mount.
+fn vm_pod_one_vm(h: &str) {
+    let c = Cri::start(h);
+    let vol = c.ctd.dir.join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("in.txt"), "from-host\n").unwrap();
+    let p = pod(&c, "vmpod");
+    let sock = pod_vm_socket(&c, &p);
+    let shared = sock.replace(".vfs.sock", ".shared");
+    let a = ctr_with(&c, &p, "a", &["sleep", "100000"], |cfg| {
+        for (path, ro) in [("/vol", false), ("/rovol", true)] {
+            cfg.mounts.push(api::Mount {
+                container_path: path.into(),
+                host_path: vol.display().to_string(),
+                readonly: ro,
+                ..Default::default()
+            });
+        }
+    });
+    c.wait_running(&a);
+    let b = sleeper(&c, &p, "b");
+    assert_eq!(qemus_serving(&sock), 1, "one QEMU for the pod");
+    for id in [&a, &b] {
+        assert!(
+            janus_tests::vm_share_socket(id).is_none(),
+            "container {id} got a VM of its own"
+        );
+    }
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let ka = c.exec_ok(&a, &["uname", "-r"]);
+    let kb = c.exec_ok(&b, &["uname", "-r"]);
+    assert_ne!(
+        ka.trim(),
+        host_kernel.trim(),
+        "container a runs on the host kernel"
+    );
+    assert_eq!(ka, kb, "the pod's containers run on different kernels");
+    assert_eq!(c.exec_ok(&a, &["cat", "/vol/in.txt"]), "from-host\n");
+    c.exec_ok(&a, &["sh", "-c", "echo from-guest > /vol/out.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(vol.join("out.txt")).unwrap_or_default(),
+        "from-guest\n",
+        "a write to the volume in the guest does not reach the host"
+    );
+    let r = c.exec_sync(&a, &["sh", "-c", "echo x > /rovol/nope"]);
+    assert_ne!(r.exit_code, 0, "wrote to a read-only volume:\n{r}");
+    assert!(!vol.join("nope").exists());
+    assert_eq!(c.exec_ok(&b, &["cat", "/etc/hostname"]).trim(), "vmpod");
+    c.stop_remove_pod(&p);
+    let gone = poll(secs(20), || {
+        (qemus_serving(&sock) == 0
+            && !std::path::Path::new(&sock).exists()
+            && !std::path::Path::new(&shared).exists())
+        .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "after RemovePodSandbox: qemu {}, socket {}, share {}",
+        qemus_serving(&sock),
+        std::path::Path::new(&sock).exists(),
+        std::path::Path::new(&shared).exists()
+    );
+    c.assert_no_leaks(&[p.id.clone(), a, b], secs(15));
+    assert_eq!(
+        std::fs::read_to_string(vol.join("in.txt")).unwrap(),
+        "from-host\n"
+    );
+}
+
+/// CRI's pod resources (containerd's sandbox annotations) size the VM on top of the
+/// configured base (256 MiB, 1 vCPU).
+fn vm_pod_sized_by_annotations(h: &str) {
+    let c = Cri::start(h);
+    let p = pod_with(&c, "vmsize", |cfg| {
+        cfg.linux.as_mut().unwrap().resources = Some(api::LinuxContainerResources {
+            memory_limit_in_bytes: 256 << 20,
+            cpu_period: 100_000,
+            cpu_quota: 100_000,
+            ..Default::default()
+        });
+    });
+    let a = sleeper(&c, &p, "a");
+    let mem = c.exec_ok(&a, &["grep", "MemTotal", "/proc/meminfo"]);
+    let kib: u64 = mem
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| c.fail(format!("MemTotal: {mem:?}")));
+    // 512 MiB of guest RAM less the kernel's reservations; 256 MiB would show < 256 MiB.
+    assert!(
+        kib > 400 << 10,
+        "guest MemTotal {kib} KiB: the pod's memory was not added"
+    );
+    let host = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let n: usize = c.exec_ok(&a, &["nproc"]).trim().parse().unwrap_or(0);
+    assert_eq!(n, 2.min(host), "guest vCPUs");
+}
+
 macro_rules! per_handler {
     ($($name:ident),* $(,)?) => {
         /// containerd's Go runc shim: proves the harness and the expectations.
@@ -1067,3 +1185,29 @@ per_handler!(
     update_container_resources,
     many_pods,
 );
+
+/// Our shim in VM mode, RuntimeClass handler `janus-vm`: the pod cases that do not look at
+/// host processes or host cgroups (the containers are in the guest), and the VM-only ones.
+mod janus_vm {
+    macro_rules! vm_cases {
+        ($($name:ident),* $(,)?) => {
+            $( #[test] fn $name() { super::$name(super::cri::JANUS_VM_HANDLER) } )*
+        };
+    }
+    vm_cases!(
+        pod_lifecycle,
+        container_exit_completed,
+        container_exit_error,
+        container_oom_killed,
+        container_stop_remove,
+        exec_sync,
+        exec_stream,
+        attach_stream,
+        container_logs,
+        pod_shared_net_ipc,
+        pod_ip_from_host,
+        readonly_rootfs,
+        vm_pod_one_vm,
+        vm_pod_sized_by_annotations,
+    );
+}

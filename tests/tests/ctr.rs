@@ -545,20 +545,10 @@ mod janus_vm_only {
         let ctd = Containerd::for_runtime(JANUS_VM);
         let c = ctd.container("vmleak");
         ctd.run_detached(JANUS_VM, &[], &c, &["sleep", "1000"]);
-        let bundle = ctd.bundle_dir(&c);
-        // virtiofsd names the bundle's rootfs; QEMU names virtiofsd's socket.
-        let rootfs = bundle.join("rootfs").display().to_string();
-        let procs = janus_tests::processes();
-        let vfs = procs
-            .iter()
-            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
-            .unwrap_or_else(|| panic!("no virtiofsd serving {rootfs}"));
-        let sock = vfs
-            .cmdline
-            .split(' ')
-            .find_map(|a| a.strip_prefix("--socket-path="))
-            .expect("virtiofsd --socket-path")
-            .to_string();
+        // QEMU is named after the container and names virtiofsd's socket.
+        let sock = janus_tests::vm_share_socket(&c.id).expect("QEMU of the container");
+        let shared = sock.replace(".vfs.sock", ".shared");
+        assert!(std::path::Path::new(&shared).is_dir(), "no share {shared}");
         // (qemu processes, virtiofsd processes: Debian's forks a sandboxed child)
         let vm_procs = || {
             let ps = janus_tests::processes();
@@ -581,6 +571,10 @@ mod janus_vm_only {
             !std::path::Path::new(&sock).exists(),
             "virtiofsd socket left"
         );
+        assert!(
+            !std::path::Path::new(&shared).exists(),
+            "share {shared} left"
+        );
     }
 }
 
@@ -594,18 +588,8 @@ mod janus_vm_faults {
         let ctd = Containerd::for_runtime(JANUS_VM);
         let c = ctd.container("vmkill");
         ctd.run_detached(JANUS_VM, &[], &c, &["sleep", "1000"]);
-        let rootfs = ctd.bundle_dir(&c).join("rootfs").display().to_string();
         let ps = janus_tests::processes();
-        let sock = ps
-            .iter()
-            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
-            .and_then(|p| {
-                p.cmdline
-                    .split(' ')
-                    .find_map(|a| a.strip_prefix("--socket-path="))
-                    .map(str::to_string)
-            })
-            .expect("virtiofsd of the container");
+        let sock = janus_tests::vm_share_socket(&c.id).expect("QEMU of the container");
         let qemu = ps
             .iter()
             .find(|p| p.cmdline.contains("qemu-system") && p.cmdline.contains(&sock))
@@ -640,18 +624,8 @@ mod janus_vm_faults {
         let ctd = Containerd::for_runtime(JANUS_VM);
         let c = ctd.container("shimkill");
         ctd.run_detached(JANUS_VM, &[], &c, &["sleep", "1000"]);
-        let rootfs = ctd.bundle_dir(&c).join("rootfs").display().to_string();
         let ps = janus_tests::processes();
-        let sock = ps
-            .iter()
-            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
-            .and_then(|p| {
-                p.cmdline
-                    .split(' ')
-                    .find_map(|a| a.strip_prefix("--socket-path="))
-                    .map(str::to_string)
-            })
-            .expect("virtiofsd of the container");
+        let sock = janus_tests::vm_share_socket(&c.id).expect("QEMU of the container");
         let id_arg = format!("-id {}", c.id);
         let shim = ps
             .iter()
@@ -679,6 +653,11 @@ mod janus_vm_faults {
             !std::path::Path::new(&sock).exists(),
             "virtiofsd socket left"
         );
+        let shared = sock.replace(".vfs.sock", ".shared");
+        let gone = janus_tests::poll(secs(5), || {
+            (!std::path::Path::new(&shared).exists()).then_some(())
+        });
+        assert!(gone.is_some(), "share {shared} left");
         let _ = ctd.ctr(&["task", "rm", "-f", &c]);
         let _ = ctd.ctr(&["containers", "rm", &c]);
         ctd.assert_no_leaks(&c, secs(10));
@@ -700,18 +679,8 @@ mod janus_vm_faults {
         );
         ctd.ctr_ok(&args);
         ctd.wait_status(&c, "RUNNING", secs(20));
-        let rootfs = ctd.bundle_dir(&c).join("rootfs").display().to_string();
         let ps = janus_tests::processes();
-        let sock = ps
-            .iter()
-            .find(|p| p.cmdline.contains("virtiofsd") && p.cmdline.contains(&rootfs))
-            .and_then(|p| {
-                p.cmdline
-                    .split(' ')
-                    .find_map(|a| a.strip_prefix("--socket-path="))
-                    .map(str::to_string)
-            })
-            .expect("virtiofsd of the container");
+        let sock = janus_tests::vm_share_socket(&c.id).expect("QEMU of the container");
         let qemu = ps
             .iter()
             .find(|p| p.cmdline.contains("qemu-system") && p.cmdline.contains(&sock))

@@ -76,12 +76,9 @@ fn runtimeclasses() {
         names.push(name.to_string());
     }
     assert_eq!(names, ["janus", "janus-vm"], "{}", p.display());
-    // The VM one is clearly marked as not available.
+    // Both handlers exist on the node side (the drop-in).
     let text = read(&p);
-    assert!(
-        text.contains("NOT AVAILABLE YET"),
-        "janus-vm must be marked"
-    );
+    assert!(!text.contains("NOT AVAILABLE"), "janus-vm is available now");
 }
 
 #[test]
@@ -153,10 +150,10 @@ fn containerd_dropin_defines_janus_handler() {
         cri["containerd"]["runtimes"]["runc"]["runtime_type"].as_str(),
         Some("io.containerd.runc.v2")
     );
-    // VM mode is not configured yet.
-    assert!(
-        cri["containerd"]["runtimes"].get("janus-vm").is_none(),
-        "janus-vm handler must stay commented out until VM mode exists"
+    // VM mode: the alias binary, which needs no config file.
+    assert_eq!(
+        cri["containerd"]["runtimes"]["janus-vm"]["runtime_type"].as_str(),
+        Some("io.containerd.janus-vm.v2")
     );
 }
 

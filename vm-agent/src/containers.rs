@@ -702,6 +702,8 @@ pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Resul
             let (fstype, flags) = match s.driver.as_str() {
                 "virtiofs" => (Some("virtiofs"), MsFlags::empty()),
                 "bind" => (None, MsFlags::MS_BIND),
+                // The pod's /dev/shm.
+                "tmpfs" => (Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
                 other => {
                     return Err(AgentError::InvalidArgument(format!(
                         "storage driver {other:?} is not supported"
@@ -716,7 +718,9 @@ pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Resul
                 s.source,
                 mp.display()
             ));
-            mount(Some(s.source.as_str()), &mp, fstype, flags, None::<&str>).map_err(|e| {
+            let data = s.options.join(",");
+            let data = (!data.is_empty()).then_some(data.as_str());
+            mount(Some(s.source.as_str()), &mp, fstype, flags, data).map_err(|e| {
                 AgentError::Internal(format!(
                     "mount {} {} on {}: {e}",
                     s.driver,

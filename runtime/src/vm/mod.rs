@@ -106,6 +106,9 @@ pub struct VmConfig {
     pub extra_args: Vec<String>,
     /// Leave the work directory in place after the VM ends (debugging).
     pub keep_work_dir: bool,
+    /// Run the VMM in this network namespace (a pod's, given as a path such as CNI's netns
+    /// file), so its tap devices are the pod's.
+    pub netns: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -122,6 +125,7 @@ impl VmConfig {
             shared_memory: false,
             extra_args: Vec::new(),
             keep_work_dir: false,
+            netns: None,
         }
     }
 

@@ -546,6 +546,22 @@ impl QemuVm {
             .stdout(log_file)
             .stderr(log_err)
             .current_dir(&dir);
+        if let Some(ns) = &cfg.netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let f =
+                fs::File::open(ns).ctx(|| format!("open network namespace {}", ns.display()))?;
+            // SAFETY: setns(2) is async-signal-safe; `f` outlives the spawn (the closure owns
+            // it) and is CLOEXEC, so QEMU does not inherit it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         log::debug!("vm: {} {}", qemu.display(), args.join(" "));
         let started = Instant::now();
         let proc = Process::spawn(&mut cmd).ctx(|| format!("spawn {}", qemu.display()))?;
