@@ -77,6 +77,9 @@ ensure_base_deps() {
 # Packages needed to build the workspace.
 ensure_build_deps() {
 	ensure_apt protobuf-compiler pkg-config build-essential libseccomp-dev
+	# The vmm crate's tests: iasl checks its ACPI tables (gcc, from build-essential,
+	# assembles the test guests).
+	ensure_apt acpica-tools
 }
 
 ensure_rust() {

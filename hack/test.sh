@@ -67,6 +67,9 @@ step "clippy (vm)" cargo clippy -p runtime --features vm --all-targets -- -D war
 # --lib --bins: the VM integration tests need the guest image (run below); the cli crate turns
 # runtime's vm feature on for the whole workspace build.
 step "unit tests" cargo test --workspace --exclude janus-tests --lib --bins
+# Our KVM microVM monitor: hand-written test guests (assembled here with gcc) booted on this
+# machine's /dev/kvm, and the ACPI tables through ACPICA's disassembler.
+step "vmm tests" cargo test -p vmm --tests
 
 IMAGE_OK=0
 build_test_images() {

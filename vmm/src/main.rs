@@ -1,0 +1,119 @@
+//! `janus-vmm`: boots one microVM and runs it until the guest powers off.
+//!
+//! janus-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
+//!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
+//!           [--timeout-ms N] [--disk PATH[,ro]]... [--acpi-dump DIR]
+//!
+//! Exit status: 0 when the guest powered off or reset, 1 on an error, 2 on a triple fault or
+//! a KVM failure, 3 on timeout.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use vmm::boot::Preference;
+use vmm::{Vm, VmConfig, VmExit};
+
+fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
+    let mut cfg = VmConfig::default();
+    let mut timeout = None;
+    let mut dump = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--kernel" => cfg.kernel = val()?.into(),
+            "--initrd" => cfg.initrd = Some(val()?.into()),
+            "--cmdline" => cfg.cmdline = val()?,
+            "--mem-mib" => cfg.mem_mib = val()?.parse().context("--mem-mib")?,
+            "--vcpus" => cfg.vcpus = val()?.parse().context("--vcpus")?,
+            "--serial-log" => cfg.serial_log = Some(val()?.into()),
+            "--timeout-ms" => {
+                timeout = Some(Duration::from_millis(
+                    val()?.parse().context("--timeout-ms")?,
+                ))
+            }
+            "--acpi-dump" => dump = Some(PathBuf::from(val()?)),
+            "--disk" => {
+                // PATH or PATH,ro
+                let v = val()?;
+                let (p, ro) = match v.strip_suffix(",ro") {
+                    Some(p) => (p.to_string(), true),
+                    None => (v, false),
+                };
+                cfg.disks.push((p.into(), ro));
+            }
+            "--entry" => {
+                cfg.entry = match val()?.as_str() {
+                    "pvh" => Preference::Pvh,
+                    "64" => Preference::Long64,
+                    o => bail!("--entry {o}: pvh or 64"),
+                }
+            }
+            "--hide-cpuid" => {
+                for f in val()?.split(',') {
+                    match f {
+                        "cx16" => cfg.cpuid.hide_cx16 = true,
+                        "xsave" => cfg.cpuid.hide_xsave = true,
+                        o => bail!("--hide-cpuid {o}: cx16 or xsave"),
+                    }
+                }
+            }
+            o => bail!("unknown argument {o}"),
+        }
+    }
+    if dump.is_none() && cfg.kernel.as_os_str().is_empty() {
+        bail!("--kernel is required");
+    }
+    Ok((cfg, timeout, dump))
+}
+
+fn main() {
+    let started = Instant::now();
+    let code = match real_main(started) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("janus-vmm: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main(started: Instant) -> anyhow::Result<i32> {
+    let (cfg, timeout, dump) = parse()?;
+    if let Some(dir) = dump {
+        // The tables as the guest would get them, one file per table (for iasl -d).
+        std::fs::create_dir_all(&dir)?;
+        let slots = vmm::vm::mmio_slots(cfg.disks.len());
+        for t in vmm::acpi::build(cfg.vcpus, &slots)? {
+            std::fs::write(dir.join(format!("{}.dat", t.signature)), &t.bytes)?;
+        }
+        return Ok(0);
+    }
+    let vm = Vm::new(&cfg).context("setting up the VM")?;
+    eprintln!(
+        "janus-vmm: ready in {} us ({:?})",
+        vm.ready_at.duration_since(started).as_micros(),
+        vm.entry
+    );
+    let devices = vm.devices.clone();
+    let t = Instant::now();
+    let exit = vm.run(timeout)?;
+    let secs = t.elapsed().as_secs_f64().max(1e-9);
+    let pio = devices.stats.pio.load(std::sync::atomic::Ordering::Relaxed);
+    let mmio = devices
+        .stats
+        .mmio
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "janus-vmm: {exit:?} after {:.3} s; exits: {pio} port IO, {mmio} MMIO ({:.0}/s)",
+        secs,
+        (pio + mmio) as f64 / secs
+    );
+    Ok(match exit {
+        VmExit::Guest(_) => 0,
+        VmExit::Failed(m) if m == "timed out" => 3,
+        VmExit::TripleFault | VmExit::Failed(_) => 2,
+    })
+}

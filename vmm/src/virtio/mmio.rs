@@ -1,0 +1,421 @@
+//! The virtio-mmio register file (virtio 1.2 section 4.2.2, version 2) in front of a
+//! `VirtioDevice`. Queue notifications are handled on the notifying vCPU's thread; used
+//! buffers raise the device's interrupt line (an irqfd).
+
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{
+    VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
+    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
+};
+use crate::devices::IrqLine;
+use crate::memory::GuestMemory;
+
+pub const MAGIC: u32 = 0x7472_6976; // "virt"
+pub const VERSION: u32 = 2;
+pub const VENDOR: u32 = 0x4a4e_5553; // "JNUS"
+
+pub const REG_MAGIC: u64 = 0x000;
+pub const REG_VERSION: u64 = 0x004;
+pub const REG_DEVICE_ID: u64 = 0x008;
+pub const REG_VENDOR_ID: u64 = 0x00c;
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const REG_QUEUE_SEL: u64 = 0x030;
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub const REG_QUEUE_NUM: u64 = 0x038;
+pub const REG_QUEUE_READY: u64 = 0x044;
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+pub const REG_STATUS: u64 = 0x070;
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+pub const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const REG_CONFIG: u64 = 0x100;
+
+/// Interrupt status bit: a used buffer was returned.
+pub const INT_VRING: u32 = 1;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    irq: IrqLine,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, irq: IrqLine) -> MmioTransport {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&n| Queue::new(n).expect("queue sizes are powers of two"))
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.device.reset();
+    }
+
+    /// Register reads; registers are 32 bits wide (config space aside), other widths read 0.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+            return;
+        }
+        let v: u32 = match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected().map(|q| q.max_size() as u32).unwrap_or(0),
+            REG_QUEUE_READY => self.selected().map(|q| q.ready() as u32).unwrap_or(0),
+            REG_INTERRUPT_STATUS => self.interrupt_status,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        if data.len() == 4 {
+            data.copy_from_slice(&v.to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            self.device.write_config(offset - REG_CONFIG, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(b) = <[u8; 4]>::try_from(data) else {
+            log::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        let v = u32::from_le_bytes(b);
+        // Queue setup is only allowed before DRIVER_OK (and while the queue is not ready).
+        let configuring = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = !(0xffff_ffffu64 << shift);
+                self.driver_features = (self.driver_features & mask) | ((v as u64) << shift);
+            }
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM if configuring => {
+                if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            REG_QUEUE_READY if configuring => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW
+            | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH
+                if configuring =>
+            {
+                if let Some(q) = self.selected() {
+                    let (lo, hi) = if offset & 0x4 == 0 {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
+                    match offset & !0x4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                        REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(v as usize),
+            REG_INTERRUPT_ACK => self.interrupt_status &= !v,
+            REG_STATUS => self.set_status(v),
+            _ => log::debug!("virtio-mmio: write {v:#x} at {offset:#x} ignored"),
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // FEATURES_OK only sticks if the driver accepted a subset of what we offered,
+        // including VERSION_1 (no legacy interface here).
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let ok = self.driver_features & !self.features() == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        let known = STATUS_ACKNOWLEDGE
+            | STATUS_DRIVER
+            | STATUS_DRIVER_OK
+            | STATUS_FEATURES_OK
+            | STATUS_FAILED;
+        self.status = v & known;
+    }
+
+    /// The driver notified queue `index`: process it if the device is live and the queue
+    /// valid; raise the interrupt when buffers were used.
+    pub fn notify(&mut self, index: usize) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !q.ready() || !q.is_valid(&self.mem) {
+            return;
+        }
+        if self.device.process_queue(index, q, &self.mem) {
+            self.interrupt_status |= INT_VRING;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if let Err(e) = self.irq.0.write(1) {
+                log::warn!("virtio-mmio interrupt: {e}");
+            }
+        }
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct Dummy {
+        notified: usize,
+        resets: usize,
+    }
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&[9, 8, 7, 6], offset, data);
+        }
+        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemory) -> bool {
+            self.notified += 1;
+            true
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport() -> (MmioTransport, EventFd) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let d = Dummy {
+            notified: 0,
+            resets: 0,
+        };
+        let t = MmioTransport::new(Box::new(d), mem, IrqLine(evt.try_clone().unwrap()));
+        (t, evt)
+    }
+
+    #[test]
+    fn identity_registers_and_config() {
+        let (mut t, _) = transport();
+        assert_eq!(r32(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(r32(&mut t, REG_VERSION), 2);
+        assert_eq!(r32(&mut t, REG_DEVICE_ID), 42);
+        w32(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 1);
+        w32(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 1 << 3);
+        assert_eq!(r32(&mut t, REG_QUEUE_NUM_MAX), 16);
+        w32(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(r32(&mut t, REG_QUEUE_NUM_MAX), 0);
+        let mut b = [0u8; 2];
+        t.read(REG_CONFIG + 1, &mut b);
+        assert_eq!(b, [8, 7]);
+        // Odd widths on registers read as zero and are ignored on write.
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(REG_STATUS, &[1]);
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+    }
+
+    #[test]
+    fn features_ok_needs_a_subset_with_version_1() {
+        let (mut t, _) = transport();
+        w32(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Without VERSION_1.
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // With a feature we do not offer.
+        w32(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, REG_DRIVER_FEATURES, 1);
+        w32(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, REG_DRIVER_FEATURES, 1 << 4);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        w32(&mut t, REG_DRIVER_FEATURES, 1 << 3);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(r32(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // Reset clears everything.
+        w32(&mut t, REG_STATUS, 0);
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+    }
+
+    #[test]
+    fn notify_only_after_driver_ok_on_a_valid_queue() {
+        let (mut t, evt) = transport();
+        // Before DRIVER_OK: nothing happens.
+        w32(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert!(evt.read().is_err());
+        w32(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, REG_DRIVER_FEATURES, 1);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w32(&mut t, REG_QUEUE_NUM, 16);
+        w32(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w32(&mut t, REG_QUEUE_AVAIL_LOW, 0x2000);
+        w32(&mut t, REG_QUEUE_USED_LOW, 0x3000);
+        w32(&mut t, REG_QUEUE_READY, 1);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        // A queue that does not exist, then the real one.
+        w32(&mut t, REG_QUEUE_NOTIFY, 3);
+        assert!(evt.read().is_err());
+        w32(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), INT_VRING);
+        w32(&mut t, REG_INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 0);
+        // Queue addresses are frozen after DRIVER_OK.
+        w32(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_is_not_processed() {
+        let (mut t, evt) = transport();
+        w32(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, REG_DRIVER_FEATURES, 1);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w32(&mut t, REG_QUEUE_NUM, 16);
+        w32(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w32(&mut t, REG_QUEUE_DESC_HIGH, 0x10);
+        w32(&mut t, REG_QUEUE_AVAIL_LOW, 0x2000);
+        w32(&mut t, REG_QUEUE_USED_LOW, 0x3000);
+        w32(&mut t, REG_QUEUE_READY, 1);
+        w32(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        w32(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert!(evt.read().is_err());
+    }
+}

@@ -1,0 +1,45 @@
+//! virtio devices on the MMIO transport (virtio 1.2, "virtio-mmio" version 2). Queues are
+//! `virtio-queue`'s split queues; the transport's register file is ours (the rust-vmm crate
+//! that has one, virtio-device, is not published on crates.io).
+
+pub mod blk;
+pub mod mmio;
+
+use virtio_queue::Queue;
+
+use crate::memory::GuestMemory;
+
+/// Feature bits every device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (the driver's progress).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// What a device model implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    /// virtio device id (2 = block, 3 = console, 19 = vsock, ...).
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its maximum size.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device feature bits (the transport adds `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Handles what the driver made available on queue `index`; true when buffers were
+    /// returned (the driver should get an interrupt).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+}
+
+/// Reads `data.len()` bytes at `offset` of a config space image.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = offset as usize;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = config.get(start + i).copied().unwrap_or(0);
+    }
+}

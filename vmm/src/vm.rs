@@ -1,0 +1,260 @@
+//! One microVM: KVM VM with in-kernel irqchip and PIT, memfd-backed RAM, the loaded guest,
+//! ACPI tables, legacy devices, and a thread per vCPU running until the guest powers off,
+//! resets, triple-faults, or KVM reports an error.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, Preference};
+use crate::cpu::{self, CpuidFilter, Entry};
+use crate::devices::{Devices, GuestStop, IrqLine};
+use crate::error::{io, Error, KvmContext, Result};
+use crate::memory::{self, GuestMemory};
+use crate::virtio::blk::Block;
+use crate::virtio::mmio::MmioTransport;
+use crate::{acpi, layout};
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    /// Where the serial console goes (`None`: the VMM's stdout).
+    pub serial_log: Option<PathBuf>,
+    pub cpuid: CpuidFilter,
+    pub entry: Preference,
+    /// virtio-blk disks: (image file, read-only).
+    pub disks: Vec<(PathBuf, bool)>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 128,
+            vcpus: 1,
+            serial_log: None,
+            cpuid: CpuidFilter::default(),
+            entry: Preference::default(),
+            disks: Vec::new(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    Guest(GuestStop),
+    /// Triple fault (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM could not go on (internal error, failed entry, unknown exit).
+    Failed(String),
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: GuestMemory,
+    _memfd: std::fs::File,
+    vcpus: Vec<VcpuFd>,
+    pub devices: Arc<Devices>,
+    pub entry: Entry,
+    /// When setup finished (the first KVM_RUN follows).
+    pub ready_at: Instant,
+}
+
+/// The virtio-mmio windows and interrupts of `n` devices, in slot order.
+pub fn mmio_slots(n: usize) -> Vec<acpi::MmioSlot> {
+    (0..n)
+        .map(|i| acpi::MmioSlot {
+            base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
+            irq: layout::FIRST_DEVICE_IRQ + i as u32,
+        })
+        .collect()
+}
+
+/// The signal that kicks vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Vm {
+    pub fn new(cfg: &VmConfig) -> Result<Vm> {
+        if cfg.vcpus == 0 || cfg.vcpus > 32 {
+            return Err(Error::Config(format!("{} vCPUs: 1 to 32", cfg.vcpus)));
+        }
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+        vm.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
+        vm.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
+        let mem_bytes = cfg.mem_mib << 20;
+        let (mem, memfd) = memory::create(mem_bytes)?;
+        memory::register(&vm, &mem)?;
+        let loaded = boot::load(
+            &mem,
+            mem_bytes,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            &cfg.cmdline,
+            cfg.entry,
+        )?;
+
+        let out: Box<dyn Write + Send> = match &cfg.serial_log {
+            Some(p) => Box::new(
+                std::fs::File::create(p).map_err(io(format!("serial log {}", p.display())))?,
+            ),
+            None => Box::new(std::io::stdout()),
+        };
+        let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+        vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
+            .kvm("KVM_IRQFD (serial)")?;
+        let mut devices = Devices::new(IrqLine(serial_evt), out);
+        let slots = mmio_slots(cfg.disks.len());
+        for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!ro)
+                .open(path)
+                .map_err(io(format!("disk {}", path.display())))?;
+            let id = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let blk = Block::new(f, *ro, &id).map_err(io(format!("disk {}", path.display())))?;
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+            vm.register_irqfd(&evt, slot.irq)
+                .kvm("KVM_IRQFD (virtio)")?;
+            devices.add_mmio(
+                slot.base,
+                MmioTransport::new(Box::new(blk), mem.clone(), IrqLine(evt)),
+            );
+        }
+        acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
+        let devices = Arc::new(devices);
+
+        let base = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .kvm("KVM_GET_SUPPORTED_CPUID")?;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let vcpu = vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?;
+            let mut cpuid = base.clone();
+            cpu::filter_cpuid(&mut cpuid, id, cfg.vcpus, cfg.cpuid);
+            let entry = (id == 0).then_some(loaded.entry);
+            cpu::configure(&vcpu, &mem, &cpuid, id, entry)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            _memfd: memfd,
+            vcpus,
+            devices,
+            entry: loaded.entry,
+            ready_at: Instant::now(),
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Runs the vCPUs until the guest stops; `timeout` ends a run that goes on too long.
+    pub fn run(self, timeout: Option<Duration>) -> Result<VmExit> {
+        register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Config(format!("kick signal handler: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let result: Arc<Mutex<Option<VmExit>>> = Arc::default();
+        let mut threads = Vec::new();
+        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+            let (stop, result, devices) = (stop.clone(), result.clone(), self.devices.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let r = run_vcpu(vcpu, &devices, &stop);
+                    let mut g = result.lock().unwrap_or_else(|e| e.into_inner());
+                    if g.is_none() {
+                        *g = r;
+                    }
+                    stop.store(true, Ordering::SeqCst);
+                })
+                .map_err(io("spawn vCPU thread"))?;
+            threads.push(t);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !stop.load(Ordering::SeqCst) {
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                let mut g = result.lock().unwrap_or_else(|e| e.into_inner());
+                g.get_or_insert(VmExit::Failed("timed out".into()));
+                stop.store(true, Ordering::SeqCst);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Kick every vCPU out of KVM_RUN until its thread has seen `stop`.
+        for t in &threads {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let r = result.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(r.unwrap_or(VmExit::Failed("no vCPU reported an exit".into())))
+    }
+}
+
+/// One vCPU's loop; `None` when another vCPU ended the run.
+fn run_vcpu(mut vcpu: VcpuFd, devices: &Devices, stop: &AtomicBool) -> Option<VmExit> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let Some(s) = devices.pio_write(port, data) {
+                    return Some(VmExit::Guest(s));
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio_write(addr, data),
+            Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Shutdown) => return Some(VmExit::TripleFault),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Some(VmExit::Failed(format!(
+                    "KVM entry failed: reason {reason:#x} on cpu {cpu}"
+                )))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Some(VmExit::Failed("KVM internal error".into()))
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => return Some(VmExit::Failed(format!("unhandled exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Some(VmExit::Failed(format!("KVM_RUN: {e}"))),
+        }
+    }
+}
