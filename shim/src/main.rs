@@ -1,5 +1,6 @@
 //! containerd-shim-janus-v2: one containerd shim v2 binary for namespace and VM pods.
 
+mod command;
 mod config;
 mod error;
 mod events;

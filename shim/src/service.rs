@@ -237,7 +237,7 @@ impl Service {
 
     /// Called by the reaper for every child that exited.
     pub fn on_exit(&self, pid: i32, code: i32) {
-        if runtime::vm::record_reaped(pid, code) {
+        if runtime::vm::record_reaped(pid, code) || crate::command::record_exit(pid, code) {
             return;
         }
         let owner = {

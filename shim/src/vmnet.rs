@@ -47,19 +47,23 @@ fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String> {
             Ok(())
         });
     }
-    let out = cmd.output().map_err(|e| {
-        ShimError::FailedPrecondition(format!(
-            "{prog}: {e} (VM-mode pod networking needs iproute2: apt-get install iproute2)"
-        ))
+    let (code, out, err) = crate::command::output(&mut cmd).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ShimError::FailedPrecondition(format!(
+                "{prog}: {e} (VM-mode pod networking needs iproute2: apt-get install iproute2)"
+            ))
+        } else {
+            ShimError::Internal(format!("{prog}: {e}"))
+        }
     })?;
-    if !out.status.success() {
+    if code != 0 {
         return Err(ShimError::Internal(format!(
             "{prog} {}: {}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&err).trim()
         )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Reads the pod's interface from `ip -j` output: the first Ethernet interface with an IPv4

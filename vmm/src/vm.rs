@@ -35,6 +35,9 @@ pub struct VmConfig {
     pub entry: Preference,
     /// virtio-blk disks: (image file, read-only).
     pub disks: Vec<(PathBuf, bool)>,
+    /// Guest RAM in a memfd a vhost-user backend can map (virtio-fs); otherwise anonymous
+    /// memory with huge pages.
+    pub shared_memory: bool,
 }
 
 impl Default for VmConfig {
@@ -49,6 +52,7 @@ impl Default for VmConfig {
             cpuid: CpuidFilter::default(),
             entry: Preference::default(),
             disks: Vec::new(),
+            shared_memory: false,
         }
     }
 }
@@ -67,7 +71,7 @@ pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,
     mem: GuestMemory,
-    _memfd: std::fs::File,
+    _memfd: Option<std::fs::File>,
     vcpus: Vec<VcpuFd>,
     pub devices: Arc<Devices>,
     pub entry: Entry,
@@ -107,7 +111,7 @@ impl Vm {
         };
         vm.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
         let mem_bytes = cfg.mem_mib << 20;
-        let (mem, memfd) = memory::create(mem_bytes)?;
+        let (mem, memfd) = memory::create(mem_bytes, cfg.shared_memory)?;
         memory::register(&vm, &mem)?;
         let loaded = boot::load(
             &mem,
