@@ -1,7 +1,7 @@
 #!/bin/bash
 # Janus vs the containerd runc shim, in one run, on one private containerd.
 #
-#   hack/bench.sh [-n N] [--no-vm] [--vm-boots B] [--vm-mib M] [--stdio-mib S]
+#   hack/bench.sh [-n N] [--no-vm] [--no-vmm] [--vm-boots B] [--vm-mib M] [--stdio-mib S]
 #       N = samples per runtime (default 20); B = VM boots per kind (default 5);
 #       M = MiB streamed out of a guest process (default 1024); S = MiB through ctr (256)
 #
@@ -16,6 +16,10 @@
 #      throughput of M MiB out of a guest process (MB/s); then through containerd: VM-mode
 #      `ctr run --rm /bin/true` (ratio to the bare boot and to namespace mode), PSS per VM pod
 #      (shim + QEMU + virtiofsd), stdio of S MiB via ctr in both modes
+#   6. our KVM VMM (janus-vmm, test guests built here with gcc): process start to the guest's
+#      first instruction (a guest that powers off at once: wall and CPU ms, medians of N),
+#      RSS beyond guest memory (guest RAM in a memfd, measured while an idle guest runs; bar:
+#      Firecracker's 5 MiB), MMIO exits per second (a guest reading a virtio-mmio register)
 # Targets (not asserted): latency <= 0.6x runc, shim CPU <= 5 ms, shim PSS <= 2.5 MiB.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -24,6 +28,7 @@ need_root
 
 N=20
 VM=1
+VMM=1
 VM_BOOTS=5
 VM_MIB=1024
 STDIO_MIB=256
@@ -31,6 +36,7 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 	-n) N="$2"; shift 2 ;;
 	--no-vm) VM=0; shift ;;
+	--no-vmm) VMM=0; shift ;;
 	--vm-boots) VM_BOOTS="$2"; shift 2 ;;
 	--vm-mib) VM_MIB="$2"; shift 2 ;;
 	--stdio-mib) STDIO_MIB="$2"; shift 2 ;;
@@ -187,4 +193,53 @@ if [ "$VM" = 1 ]; then
 	printf '%-52s %10s\n' "  of which QEMU (KiB)" "$qemu_pss"
 	printf '%-52s %10s\n' "stdio ${STDIO_MIB} MiB via ctr, namespace mode (MB/s)" "$tp_ns"
 	printf '%-52s %10s\n' "stdio ${STDIO_MIB} MiB via ctr, VM mode (MB/s)" "$tp_vm"
+fi
+
+if [ "$VMM" = 1 ] && [ -r /dev/kvm ]; then
+	echo
+	log "our VMM: janus-vmm with test guests, $N runs"
+	ensure_apt build-essential
+	(cd "$REPO_ROOT" && cargo build --release -p vmm >&2)
+	VMMB="$REPO_ROOT/target/release/janus-vmm"
+	G="$DIR/guests"
+	mkdir -p "$G"
+	for g in poweroff idle mmio_loop; do
+		gcc -nostdlib -static -no-pie -Wl,-Ttext=0x200000 -Wl,--build-id=none \
+			-o "$G/$g.elf" "$REPO_ROOT/vmm/tests/guests/$g.S"
+	done
+	truncate -s 1M "$G/disk.img"
+	walls=() setups=()
+	for i in $(seq 1 "$N"); do
+		t0=$(now_ns)
+		out="$("$VMMB" --kernel "$G/poweroff.elf" --serial-log /dev/null 2>&1)"
+		walls+=("$(( ($(now_ns) - t0) / 1000 ))")
+		setups+=("$(echo "$out" | sed -n 's/.*ready in \([0-9]*\) us.*/\1/p')")
+	done
+	wall_ms="$(printf '%s\n' "${walls[@]}" | median | awk '{printf "%.1f", $1/1000}')"
+	setup_ms="$(printf '%s\n' "${setups[@]}" | median | awk '{printf "%.2f", $1/1000}')"
+	# CPU: the reaped children's user+system ticks of a shell that ran the VMM N times.
+	ticks="$(bash -c 'for i in $(seq 1 '"$N"'); do "$0" --kernel "$1" --serial-log /dev/null 2>/dev/null; done
+		awk "{print \$16 + \$17}" /proc/$$/stat' "$VMMB" "$G/poweroff.elf")"
+	cpu_ms="$(awk -v t="$ticks" -v n="$N" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t*1000/hz/n}')"
+	"$VMMB" --kernel "$G/idle.elf" --serial-log "$G/idle.serial" --shared-memory --mem-mib 128 \
+		2>/dev/null &
+	vpid=$!
+	for _ in $(seq 1 200); do [ -s "$G/idle.serial" ] && break; sleep 0.01; done
+	rss_total="$(awk '/^VmRSS:/{print $2}' "/proc/$vpid/status")"
+	rss_guest="$(awk '/memfd:janus-guest-ram/{m=1; next} /^[0-9a-f]+-[0-9a-f]+ /{m=0} m && /^Rss:/{s+=$2} END{print s+0}' "/proc/$vpid/smaps")"
+	kill -9 "$vpid" 2>/dev/null; wait "$vpid" 2>/dev/null || true
+	mmio="$("$VMMB" --kernel "$G/mmio_loop.elf" --disk "$G/disk.img" --serial-log "$G/mmio.serial" 2>&1 \
+		| sed -n 's/.* MMIO (\([0-9]*\)\/s).*/\1/p')"
+	[ -s "$G/mmio.serial" ] && mmio="failed (guest saw a wrong magic)"
+	hw="$(grep -qwE 'vmx|svm' /proc/cpuinfo && echo "hardware KVM" || echo "software KVM (no vmx/svm)")"
+	echo
+	echo "== our VMM, janus-vmm ($hw) =="
+	printf '%-52s %10s\n' metric value
+	printf '%-52s %10s\n' "process start -> guest power-off, wall, median (ms)" "$wall_ms"
+	printf '%-52s %10s\n' "  CPU (user+sys), mean (ms)" "$cpu_ms"
+	printf '%-52s %10s\n' "  VMM setup before the first KVM_RUN, median (ms)" "$setup_ms"
+	printf '%-52s %10s\n' "RSS, idle test guest (KiB)" "$rss_total"
+	printf '%-52s %10s\n' "  of which guest memory touched (KiB)" "$rss_guest"
+	printf '%-52s %10s\n' "  VMM beyond guest memory (KiB; bar 5120)" "$((rss_total - rss_guest))"
+	printf '%-52s %10s\n' "MMIO exits per second (virtio-mmio register reads)" "$mmio"
 fi

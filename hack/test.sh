@@ -94,6 +94,14 @@ else
 	skip "integration tests" "release build or test images failed"
 fi
 
+# Our VMM against QEMU on Debian's kernel (slow: two boots of a few minutes each under this
+# machine's software KVM; see vmm/tests/linux_parity.rs).
+if [ "$GUEST_OK" = 1 ]; then
+	step "vmm linux parity" cargo test -p vmm --test linux_parity -- --ignored --nocapture
+else
+	skip "vmm linux parity" "guest image build failed"
+fi
+
 # VM mode: the QEMU driver tests, booting the guest for real (TCG here, KVM where the CPU has
 # vmx/svm).
 if [ "$GUEST_OK" = 1 ]; then

@@ -317,6 +317,25 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
         (_, false) => "no /dev/kvm: VMs would use TCG (software emulation)".to_string(),
     };
     r.line(Level::Ok, "virtualization", accel);
+    // Which VMM a VM would get. Our own (janus-vmm) runs Linux only on hardware
+    // virtualization: a software KVM (no vmx/svm, e.g. nested PVM) emulates guest kernel code
+    // one instruction at a time and cannot run all of it.
+    let builtin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("janus-vmm")))
+        .filter(|p| p.is_file());
+    let driver = match (hw && kvm, builtin) {
+        (true, Some(b)) => format!(
+            "qemu with KVM; janus-vmm at {} could run guests here (the builtin driver is not \
+             selectable yet)",
+            b.display()
+        ),
+        (true, None) => "qemu with KVM".to_string(),
+        (false, _) => {
+            "qemu with TCG; janus-vmm (builtin) needs vmx/svm to run Linux guests".to_string()
+        }
+    };
+    r.line(Level::Ok, "hypervisor driver", driver);
     let vm_ready = vm_checks(&mut r, guest_dir, vm_mode);
 
     println!();

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod error;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod virtio;
 pub mod vm;
 

@@ -2,7 +2,8 @@
 //!
 //! janus-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
 //!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
-//!           [--timeout-ms N] [--disk PATH[,ro]]... [--shared-memory] [--acpi-dump DIR]
+//!           [--timeout-ms N] [--disk PATH[,ro]]... [--shared-memory] [--no-seccomp]
+//!           [--acpi-dump DIR]
 //!
 //! Exit status: 0 when the guest powered off or reset, 1 on an error, 2 on a triple fault or
 //! a KVM failure, 3 on timeout.
@@ -35,6 +36,7 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
             }
             "--acpi-dump" => dump = Some(PathBuf::from(val()?)),
             "--shared-memory" => cfg.shared_memory = true,
+            "--no-seccomp" => cfg.seccomp = false,
             "--disk" => {
                 // PATH or PATH,ro
                 let v = val()?;

@@ -38,6 +38,8 @@ pub struct VmConfig {
     /// Guest RAM in a memfd a vhost-user backend can map (virtio-fs); otherwise anonymous
     /// memory with huge pages.
     pub shared_memory: bool,
+    /// Confine the VMM with its seccomp filter before the guest runs (off only to debug).
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -53,6 +55,7 @@ impl Default for VmConfig {
             entry: Preference::default(),
             disks: Vec::new(),
             shared_memory: false,
+            seccomp: true,
         }
     }
 }
@@ -75,6 +78,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     pub devices: Arc<Devices>,
     pub entry: Entry,
+    seccomp: bool,
     /// When setup finished (the first KVM_RUN follows).
     pub ready_at: Instant,
 }
@@ -175,6 +179,7 @@ impl Vm {
             vcpus,
             devices,
             entry: loaded.entry,
+            seccomp: cfg.seccomp,
             ready_at: Instant::now(),
         })
     }
@@ -187,15 +192,26 @@ impl Vm {
     pub fn run(self, timeout: Option<Duration>) -> Result<VmExit> {
         register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Config(format!("kick signal handler: {e}")))?;
+        // Each thread confines itself once started (the filter does not allow starting
+        // threads); the main thread once it has started them all.
+        let filter = if self.seccomp {
+            Some(crate::seccomp::filter()?)
+        } else {
+            None
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let result: Arc<Mutex<Option<VmExit>>> = Arc::default();
         let mut threads = Vec::new();
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let (stop, result, devices) = (stop.clone(), result.clone(), self.devices.clone());
+            let filter = filter.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
-                    let r = run_vcpu(vcpu, &devices, &stop);
+                    let r = match filter.as_deref().map(seccompiler::apply_filter) {
+                        Some(Err(e)) => Some(VmExit::Failed(format!("seccomp: {e}"))),
+                        _ => run_vcpu(vcpu, &devices, &stop),
+                    };
                     let mut g = result.lock().unwrap_or_else(|e| e.into_inner());
                     if g.is_none() {
                         *g = r;
@@ -204,6 +220,15 @@ impl Vm {
                 })
                 .map_err(io("spawn vCPU thread"))?;
             threads.push(t);
+        }
+        if let Some(f) = &filter {
+            if let Err(e) = seccompiler::apply_filter(f) {
+                stop.store(true, Ordering::SeqCst);
+                result
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(VmExit::Failed(format!("seccomp: {e}")));
+            }
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         while !stop.load(Ordering::SeqCst) {

@@ -218,3 +218,45 @@ fn bad_kernel_is_an_error() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// While the guest runs, every thread of the VMM is under its seccomp filter.
+#[test]
+fn seccomp_confines_every_thread() {
+    if !kvm_or_say("seccomp_confines_every_thread") {
+        return;
+    }
+    let elf = build_guest("idle", "idle-seccomp");
+    let log = out_dir().join("idle-seccomp.serial");
+    let _ = std::fs::remove_file(&log);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_janus-vmm"))
+        .arg("--kernel")
+        .arg(&elf)
+        .arg("--serial-log")
+        .arg(&log)
+        .args(["--vcpus", "2", "--timeout-ms", "60000"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::fs::read(&log).unwrap_or_default().is_empty() {
+        assert!(t.elapsed().as_secs() < 20, "the idle guest never wrote");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Give the main thread a moment to confine itself after starting the vCPUs.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    let mut n = 0;
+    for t in tasks {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let mode = status
+            .lines()
+            .find(|l| l.starts_with("Seccomp:"))
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(mode.split_whitespace().nth(1), Some("2"), "{status}");
+        n += 1;
+    }
+    assert!(n >= 3, "main thread and two vCPU threads: {n} tasks");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
