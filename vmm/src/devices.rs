@@ -73,6 +73,13 @@ impl Devices {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Hands host-side input to the device at `base` (see `MmioTransport::input`).
+    pub fn mmio_input(&self, base: u64, data: Vec<u8>) {
+        if let Some((_, mut t)) = self.mmio_at(base) {
+            t.input(data);
+        }
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         self.stats.pio.fetch_add(1, Ordering::Relaxed);
         data.fill(0xff);

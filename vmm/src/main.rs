@@ -2,7 +2,9 @@
 //!
 //! janus-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
 //!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
-//!           [--timeout-ms N] [--disk PATH[,ro]]... [--shared-memory] [--no-seccomp]
+//!           [--timeout-ms N] [--disk PATH[,ro]]... [--tap NAME[,mac=M]]... [--shared-memory]
+//!           [--console-socket PATH]
+//!           [--no-seccomp]
 //!           [--acpi-dump DIR]
 //!
 //! Exit status: 0 when the guest powered off or reset, 1 on an error, 2 on a triple fault or
@@ -36,6 +38,19 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
             }
             "--acpi-dump" => dump = Some(PathBuf::from(val()?)),
             "--shared-memory" => cfg.shared_memory = true,
+            "--console-socket" => cfg.console_socket = Some(val()?.into()),
+            "--tap" => {
+                // NAME or NAME,mac=aa:bb:cc:dd:ee:ff
+                let v = val()?;
+                let (name, mac) = match v.split_once(",mac=") {
+                    Some((n, m)) => (n.to_string(), parse_mac(m)?),
+                    None => (
+                        v.clone(),
+                        [0x52, 0x54, 0x00, 0x4a, 0x4e, cfg.taps.len() as u8],
+                    ),
+                };
+                cfg.taps.push((name, mac));
+            }
             "--no-seccomp" => cfg.seccomp = false,
             "--disk" => {
                 // PATH or PATH,ro
@@ -71,6 +86,17 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
     Ok((cfg, timeout, dump))
 }
 
+fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {s}"))?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {s}: six bytes"))
+}
+
 fn main() {
     let started = Instant::now();
     let code = match real_main(started) {
@@ -88,7 +114,8 @@ fn real_main(started: Instant) -> anyhow::Result<i32> {
     if let Some(dir) = dump {
         // The tables as the guest would get them, one file per table (for iasl -d).
         std::fs::create_dir_all(&dir)?;
-        let slots = vmm::vm::mmio_slots(cfg.disks.len());
+        let n = cfg.disks.len() + cfg.taps.len() + cfg.console_socket.is_some() as usize;
+        let slots = vmm::vm::mmio_slots(n);
         for t in vmm::acpi::build(cfg.vcpus, &slots)? {
             std::fs::write(dir.join(format!("{}.dat", t.signature)), &t.bytes)?;
         }

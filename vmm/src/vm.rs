@@ -19,7 +19,9 @@ use crate::devices::{Devices, GuestStop, IrqLine};
 use crate::error::{io, Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory};
 use crate::virtio::blk::Block;
+use crate::virtio::console;
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::net::{self, Net};
 use crate::{acpi, layout};
 
 #[derive(Debug, Clone)]
@@ -35,6 +37,10 @@ pub struct VmConfig {
     pub entry: Preference,
     /// virtio-blk disks: (image file, read-only).
     pub disks: Vec<(PathBuf, bool)>,
+    /// virtio-net devices: (tap name, MAC).
+    pub taps: Vec<(String, [u8; 6])>,
+    /// virtio-console whose host side is a unix socket the VMM listens on at this path.
+    pub console_socket: Option<PathBuf>,
     /// Guest RAM in a memfd a vhost-user backend can map (virtio-fs); otherwise anonymous
     /// memory with huge pages.
     pub shared_memory: bool,
@@ -54,6 +60,8 @@ impl Default for VmConfig {
             cpuid: CpuidFilter::default(),
             entry: Preference::default(),
             disks: Vec::new(),
+            taps: Vec::new(),
+            console_socket: None,
             shared_memory: false,
             seccomp: true,
         }
@@ -79,6 +87,10 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     pub entry: Entry,
     seccomp: bool,
+    /// Taps whose frames a receive thread feeds to the virtio-net device at each base.
+    rx: Vec<(u64, Arc<std::fs::File>)>,
+    /// The console's listening socket, its peer slot, and its device's base.
+    console: Option<(std::os::unix::net::UnixListener, console::Peer, u64)>,
     /// When setup finished (the first KVM_RUN follows).
     pub ready_at: Instant,
 }
@@ -136,7 +148,8 @@ impl Vm {
         vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
             .kvm("KVM_IRQFD (serial)")?;
         let mut devices = Devices::new(IrqLine(serial_evt), out);
-        let slots = mmio_slots(cfg.disks.len());
+        let n_console = cfg.console_socket.is_some() as usize;
+        let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + n_console);
         for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
             let f = std::fs::OpenOptions::new()
                 .read(true)
@@ -155,6 +168,41 @@ impl Vm {
                 slot.base,
                 MmioTransport::new(Box::new(blk), mem.clone(), IrqLine(evt)),
             );
+        }
+        let mut rx = Vec::new();
+        for ((name, mac), slot) in cfg.taps.iter().zip(&slots[cfg.disks.len()..]) {
+            let tap = Arc::new(net::open_tap(name).map_err(io(format!("tap {name}")))?);
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+            vm.register_irqfd(&evt, slot.irq)
+                .kvm("KVM_IRQFD (virtio)")?;
+            devices.add_mmio(
+                slot.base,
+                MmioTransport::new(
+                    Box::new(Net::new(tap.clone(), *mac)),
+                    mem.clone(),
+                    IrqLine(evt),
+                ),
+            );
+            rx.push((slot.base, tap));
+        }
+        let mut console_host = None;
+        if let (Some(path), Some(slot)) = (&cfg.console_socket, slots.last()) {
+            let _ = std::fs::remove_file(path);
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(io(format!("console socket {}", path.display())))?;
+            let peer = console::Peer::default();
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+            vm.register_irqfd(&evt, slot.irq)
+                .kvm("KVM_IRQFD (virtio)")?;
+            devices.add_mmio(
+                slot.base,
+                MmioTransport::new(
+                    Box::new(console::Console::new(peer.clone())),
+                    mem.clone(),
+                    IrqLine(evt),
+                ),
+            );
+            console_host = Some((listener, peer, slot.base));
         }
         acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
         let devices = Arc::new(devices);
@@ -180,6 +228,8 @@ impl Vm {
             devices,
             entry: loaded.entry,
             seccomp: cfg.seccomp,
+            rx,
+            console: console_host,
             ready_at: Instant::now(),
         })
     }
@@ -221,6 +271,34 @@ impl Vm {
                 .map_err(io("spawn vCPU thread"))?;
             threads.push(t);
         }
+        for (base, tap) in self.rx {
+            let (stop, devices, filter) = (stop.clone(), self.devices.clone(), filter.clone());
+            let t = std::thread::Builder::new()
+                .name("net-rx".into())
+                .spawn(move || {
+                    if let Some(Err(e)) = filter.as_deref().map(seccompiler::apply_filter) {
+                        log::error!("net-rx seccomp: {e}");
+                        return;
+                    }
+                    receive_loop(&tap, base, &devices, &stop);
+                })
+                .map_err(io("spawn receive thread"))?;
+            threads.push(t);
+        }
+        if let Some((listener, peer, base)) = self.console {
+            let (stop, devices, filter) = (stop.clone(), self.devices.clone(), filter.clone());
+            let t = std::thread::Builder::new()
+                .name("console".into())
+                .spawn(move || {
+                    if let Some(Err(e)) = filter.as_deref().map(seccompiler::apply_filter) {
+                        log::error!("console seccomp: {e}");
+                        return;
+                    }
+                    console_loop(&listener, &peer, base, &devices, &stop);
+                })
+                .map_err(io("spawn console thread"))?;
+            threads.push(t);
+        }
         if let Some(f) = &filter {
             if let Err(e) = seccompiler::apply_filter(f) {
                 stop.store(true, Ordering::SeqCst);
@@ -252,6 +330,82 @@ impl Vm {
         }
         let r = result.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(r.unwrap_or(VmExit::Failed("no vCPU reported an exit".into())))
+    }
+}
+
+/// Reads frames from a tap and hands them to the virtio-net device at `base`, until `stop`.
+fn receive_loop(tap: &std::fs::File, base: u64, devices: &Devices, stop: &AtomicBool) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; net::MAX_FRAME];
+    while !stop.load(Ordering::SeqCst) {
+        let mut p = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own; a bounded wait so `stop` is seen.
+        let r = unsafe { libc::poll(&mut p, 1, 100) };
+        if r <= 0 {
+            continue;
+        }
+        match (&*tap).read(&mut buf) {
+            Ok(n) if n > 0 => devices.mmio_input(base, buf[..n].to_vec()),
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("tap read: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Waits for `fd` to become readable (bounded, so `stop` is seen); true when it is.
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own.
+    unsafe { libc::poll(&mut p, 1, 100) > 0 }
+}
+
+/// Serves the console's socket: one peer at a time; its bytes go to the guest.
+fn console_loop(
+    listener: &std::os::unix::net::UnixListener,
+    peer: &console::Peer,
+    base: u64,
+    devices: &Devices,
+    stop: &AtomicBool,
+) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        if !readable(listener.as_raw_fd()) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        let Ok(reader) = stream.try_clone() else {
+            continue;
+        };
+        *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        // Whatever the guest wrote before anyone listened.
+        devices.mmio_input(base, Vec::new());
+        while !stop.load(Ordering::SeqCst) {
+            if !readable(reader.as_raw_fd()) {
+                continue;
+            }
+            match (&reader).read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => devices.mmio_input(base, buf[..n].to_vec()),
+            }
+        }
+        *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

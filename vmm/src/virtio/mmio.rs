@@ -239,6 +239,14 @@ impl MmioTransport {
         }
     }
 
+    /// Host-side input for the device (e.g. a received frame), delivered if the driver has
+    /// buffers posted; otherwise the device keeps it until it does.
+    pub fn input(&mut self, data: Vec<u8>) {
+        if let Some(q) = self.device.input(data) {
+            self.notify(q);
+        }
+    }
+
     pub fn device_type(&self) -> u32 {
         self.device.device_type()
     }

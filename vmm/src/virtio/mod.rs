@@ -3,7 +3,9 @@
 //! that has one, virtio-device, is not published on crates.io).
 
 pub mod blk;
+pub mod console;
 pub mod mmio;
+pub mod net;
 
 use virtio_queue::Queue;
 
@@ -34,6 +36,10 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Data from the host side (a received frame); the queue to process for it.
+    fn input(&mut self, _data: Vec<u8>) -> Option<usize> {
+        None
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a config space image.
