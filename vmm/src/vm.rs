@@ -19,9 +19,9 @@ use crate::devices::{Devices, GuestStop, IrqLine};
 use crate::error::{io, Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory};
 use crate::virtio::blk::Block;
-use crate::virtio::console;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{self, Net};
+use crate::virtio::{console, VirtioDevice};
 use crate::{acpi, layout};
 
 #[derive(Debug, Clone)]
@@ -95,6 +95,27 @@ pub struct Vm {
     pub ready_at: Instant,
 }
 
+/// A host-side device thread's body (given the devices and the stop flag).
+type HostThread = Box<dyn FnOnce(&Devices, &AtomicBool) + Send>;
+
+/// Puts a virtio device in `slot`: its transport, and its interrupt as an irqfd.
+fn attach(
+    vm: &VmFd,
+    devices: &mut Devices,
+    mem: &GuestMemory,
+    slot: &acpi::MmioSlot,
+    dev: Box<dyn VirtioDevice>,
+) -> Result<()> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+    vm.register_irqfd(&evt, slot.irq)
+        .kvm("KVM_IRQFD (virtio)")?;
+    devices.add_mmio(
+        slot.base,
+        MmioTransport::new(dev, mem.clone(), IrqLine(evt)),
+    );
+    Ok(())
+}
+
 /// The virtio-mmio windows and interrupts of `n` devices, in slot order.
 pub fn mmio_slots(n: usize) -> Vec<acpi::MmioSlot> {
     (0..n)
@@ -161,28 +182,18 @@ impl Vm {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
             let blk = Block::new(f, *ro, &id).map_err(io(format!("disk {}", path.display())))?;
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-            vm.register_irqfd(&evt, slot.irq)
-                .kvm("KVM_IRQFD (virtio)")?;
-            devices.add_mmio(
-                slot.base,
-                MmioTransport::new(Box::new(blk), mem.clone(), IrqLine(evt)),
-            );
+            attach(&vm, &mut devices, &mem, slot, Box::new(blk))?;
         }
         let mut rx = Vec::new();
         for ((name, mac), slot) in cfg.taps.iter().zip(&slots[cfg.disks.len()..]) {
             let tap = Arc::new(net::open_tap(name).map_err(io(format!("tap {name}")))?);
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-            vm.register_irqfd(&evt, slot.irq)
-                .kvm("KVM_IRQFD (virtio)")?;
-            devices.add_mmio(
-                slot.base,
-                MmioTransport::new(
-                    Box::new(Net::new(tap.clone(), *mac)),
-                    mem.clone(),
-                    IrqLine(evt),
-                ),
-            );
+            attach(
+                &vm,
+                &mut devices,
+                &mem,
+                slot,
+                Box::new(Net::new(tap.clone(), *mac)),
+            )?;
             rx.push((slot.base, tap));
         }
         let mut console_host = None;
@@ -191,17 +202,13 @@ impl Vm {
             let listener = std::os::unix::net::UnixListener::bind(path)
                 .map_err(io(format!("console socket {}", path.display())))?;
             let peer = console::Peer::default();
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-            vm.register_irqfd(&evt, slot.irq)
-                .kvm("KVM_IRQFD (virtio)")?;
-            devices.add_mmio(
-                slot.base,
-                MmioTransport::new(
-                    Box::new(console::Console::new(peer.clone())),
-                    mem.clone(),
-                    IrqLine(evt),
-                ),
-            );
+            attach(
+                &vm,
+                &mut devices,
+                &mem,
+                slot,
+                Box::new(console::Console::new(peer.clone())),
+            )?;
             console_host = Some((listener, peer, slot.base));
         }
         acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
@@ -271,33 +278,32 @@ impl Vm {
                 .map_err(io("spawn vCPU thread"))?;
             threads.push(t);
         }
-        for (base, tap) in self.rx {
+        // Host-side device threads, each confined like the vCPUs.
+        let helper = |name: &str, f: HostThread| {
             let (stop, devices, filter) = (stop.clone(), self.devices.clone(), filter.clone());
-            let t = std::thread::Builder::new()
-                .name("net-rx".into())
+            let tag = name.to_string();
+            std::thread::Builder::new()
+                .name(tag.clone())
                 .spawn(move || {
                     if let Some(Err(e)) = filter.as_deref().map(seccompiler::apply_filter) {
-                        log::error!("net-rx seccomp: {e}");
+                        log::error!("{tag} seccomp: {e}");
                         return;
                     }
-                    receive_loop(&tap, base, &devices, &stop);
+                    f(&devices, &stop)
                 })
-                .map_err(io("spawn receive thread"))?;
-            threads.push(t);
+                .map_err(io(format!("spawn {name} thread")))
+        };
+        for (base, tap) in self.rx {
+            threads.push(helper(
+                "net-rx",
+                Box::new(move |d, s| receive_loop(&tap, base, d, s)),
+            )?);
         }
         if let Some((listener, peer, base)) = self.console {
-            let (stop, devices, filter) = (stop.clone(), self.devices.clone(), filter.clone());
-            let t = std::thread::Builder::new()
-                .name("console".into())
-                .spawn(move || {
-                    if let Some(Err(e)) = filter.as_deref().map(seccompiler::apply_filter) {
-                        log::error!("console seccomp: {e}");
-                        return;
-                    }
-                    console_loop(&listener, &peer, base, &devices, &stop);
-                })
-                .map_err(io("spawn console thread"))?;
-            threads.push(t);
+            threads.push(helper(
+                "console",
+                Box::new(move |d, s| console_loop(&listener, &peer, base, d, s)),
+            )?);
         }
         if let Some(f) = &filter {
             if let Err(e) = seccompiler::apply_filter(f) {

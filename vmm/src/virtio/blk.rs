@@ -230,6 +230,15 @@ mod tests {
         Some(used_len)
     }
 
+    /// Header at 0x10000, one data buffer, status byte at 0x30000.
+    fn req(data: u64, len: u32, flags: u16) -> [RawDescriptor; 3] {
+        [
+            desc(0x10000, 16, 0),
+            desc(data, len, flags),
+            desc(0x30000, 1, F_WRITE),
+        ]
+    }
+
     fn header(m: &GuestMemory, at: u64, typ: u32, sector: u64) {
         m.write_obj(typ, GuestAddress(at)).unwrap();
         m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
@@ -243,28 +252,12 @@ mod tests {
         let data: Vec<u8> = (0..512u32).map(|i| i as u8).collect();
         m.write_slice(&data, GuestAddress(0x20000)).unwrap();
         header(&m, 0x10000, T_OUT, 3);
-        let used = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x20000, 512, 0),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        let used = run(&mut b, &m, &req(0x20000, 512, 0));
         assert_eq!(used, Some(1));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30000)).unwrap(), S_OK);
         header(&m, 0x10000, T_IN, 3);
         m.write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
-        let used = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x40000, 512, F_WRITE),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        let used = run(&mut b, &m, &req(0x40000, 512, F_WRITE));
         assert_eq!(used, Some(513));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30000)).unwrap(), S_OK);
         let mut back = vec![0u8; 512];
@@ -278,28 +271,12 @@ mod tests {
         let (mut b, _f) = disk(8);
         // Past the end of the disk.
         header(&m, 0x10000, T_IN, 8);
-        let r = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x40000, 512, F_WRITE),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        let r = run(&mut b, &m, &req(0x40000, 512, F_WRITE));
         assert_eq!(r, Some(1));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30000)).unwrap(), S_IOERR);
         // Not a whole sector.
         header(&m, 0x10000, T_IN, 0);
-        run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x40000, 100, F_WRITE),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        run(&mut b, &m, &req(0x40000, 100, F_WRITE));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30000)).unwrap(), S_IOERR);
         // Unknown type.
         header(&m, 0x10000, 77, 0);
@@ -338,26 +315,10 @@ mod tests {
         let mut b = Block::new(f.reopen().unwrap(), true, "ro-disk").unwrap();
         assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0);
         header(&m, 0x10000, T_OUT, 0);
-        run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x20000, 512, 0),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        run(&mut b, &m, &req(0x20000, 512, 0));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30000)).unwrap(), S_IOERR);
         header(&m, 0x10000, T_GET_ID, 0);
-        let used = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x10000, 16, 0),
-                desc(0x40000, 20, F_WRITE),
-                desc(0x30000, 1, F_WRITE),
-            ],
-        );
+        let used = run(&mut b, &m, &req(0x40000, 20, F_WRITE));
         assert_eq!(used, Some(21));
         let mut id = [0u8; 7];
         m.read_slice(&mut id, GuestAddress(0x40000)).unwrap();

@@ -366,29 +366,36 @@ mod tests {
         assert_eq!(r32(&mut t, REG_STATUS), 0);
     }
 
+    /// Negotiates VERSION_1, sets queue 0 up (descriptor table high half `desc_high`) and
+    /// brings the device to DRIVER_OK.
+    fn bring_up(t: &mut MmioTransport, desc_high: u32) {
+        w32(t, REG_DRIVER_FEATURES_SEL, 1);
+        w32(t, REG_DRIVER_FEATURES, 1);
+        w32(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w32(t, REG_QUEUE_NUM, 16);
+        w32(t, REG_QUEUE_DESC_LOW, 0x1000);
+        w32(t, REG_QUEUE_DESC_HIGH, desc_high);
+        w32(t, REG_QUEUE_AVAIL_LOW, 0x2000);
+        w32(t, REG_QUEUE_USED_LOW, 0x3000);
+        w32(t, REG_QUEUE_READY, 1);
+        w32(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
     #[test]
     fn notify_only_after_driver_ok_on_a_valid_queue() {
         let (mut t, evt) = transport();
         // Before DRIVER_OK: nothing happens.
         w32(&mut t, REG_QUEUE_NOTIFY, 0);
         assert!(evt.read().is_err());
-        w32(&mut t, REG_DRIVER_FEATURES_SEL, 1);
-        w32(&mut t, REG_DRIVER_FEATURES, 1);
-        w32(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        w32(&mut t, REG_QUEUE_NUM, 16);
-        w32(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
-        w32(&mut t, REG_QUEUE_AVAIL_LOW, 0x2000);
-        w32(&mut t, REG_QUEUE_USED_LOW, 0x3000);
-        w32(&mut t, REG_QUEUE_READY, 1);
-        w32(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        bring_up(&mut t, 0);
         // A queue that does not exist, then the real one.
         w32(&mut t, REG_QUEUE_NOTIFY, 3);
         assert!(evt.read().is_err());
@@ -405,24 +412,7 @@ mod tests {
     #[test]
     fn a_queue_outside_guest_memory_is_not_processed() {
         let (mut t, evt) = transport();
-        w32(&mut t, REG_DRIVER_FEATURES_SEL, 1);
-        w32(&mut t, REG_DRIVER_FEATURES, 1);
-        w32(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        w32(&mut t, REG_QUEUE_NUM, 16);
-        w32(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
-        w32(&mut t, REG_QUEUE_DESC_HIGH, 0x10);
-        w32(&mut t, REG_QUEUE_AVAIL_LOW, 0x2000);
-        w32(&mut t, REG_QUEUE_USED_LOW, 0x3000);
-        w32(&mut t, REG_QUEUE_READY, 1);
-        w32(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        bring_up(&mut t, 0x10);
         w32(&mut t, REG_QUEUE_NOTIFY, 0);
         assert!(evt.read().is_err());
     }
