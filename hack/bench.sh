@@ -163,7 +163,8 @@ if [ "$VM" = 1 ]; then
 	vlat="$(echo $VLAT | tr ' ' '\n' | median)"
 	c run -d $VMRT "$IMG" pss-vm sleep 1000 >/dev/null
 	sleep 3
-	VSOCK="$(pgrep -af virtiofsd | grep -F "$DIR/" | grep -o -- '--socket-path=[^ ]*' | head -n1 | cut -d= -f2)"
+	# QEMU is named after the container and names virtiofsd's socket.
+	VSOCK="$(pgrep -af "qemu-system.* -name pss-vm " | grep -o -- 'socket,id=vfs,path=[^ ]*' | head -n1 | cut -d= -f3)"
 	VP="$(pgrep -f "containerd-shim-janus.*-id pss-vm" | tr '\n' ' ') $(pgrep -f -- "$VSOCK" | tr '\n' ' ')"
 	pss_vm="$(pss_of $VP)"
 	qemu_pss="$(pss_of $(pgrep -f "qemu-system.*$VSOCK"))"
