@@ -73,6 +73,13 @@ impl Devices {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The guest notified queue `queue` of the device at `base` (through its ioeventfd).
+    pub fn mmio_notify(&self, base: u64, queue: usize) {
+        if let Some((_, mut t)) = self.mmio_at(base) {
+            t.notify(queue);
+        }
+    }
+
     /// Hands host-side input to the device at `base` (see `MmioTransport::input`).
     pub fn mmio_input(&self, base: u64, data: Vec<u8>) {
         if let Some((_, mut t)) = self.mmio_at(base) {

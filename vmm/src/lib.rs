@@ -8,6 +8,7 @@ pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;

@@ -47,7 +47,10 @@ const ALLOWED: &[libc::c_long] = &[
     // Timing.
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
-    // The tap and console threads wait with a timeout; the console takes one peer at a time.
+    // The device event loop (epoll, with a timeout); the console takes one peer at a time.
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_accept4,

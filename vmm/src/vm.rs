@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -17,9 +18,10 @@ use crate::boot::{self, Preference};
 use crate::cpu::{self, CpuidFilter, Entry};
 use crate::devices::{Devices, GuestStop, IrqLine};
 use crate::error::{io, Error, KvmContext, Result};
+use crate::events::{DeviceEvents, Source};
 use crate::memory::{self, GuestMemory};
 use crate::virtio::blk::Block;
-use crate::virtio::mmio::MmioTransport;
+use crate::virtio::mmio::{self, MmioTransport};
 use crate::virtio::net::{self, Net};
 use crate::virtio::{console, VirtioDevice};
 use crate::{acpi, layout};
@@ -87,16 +89,11 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     pub entry: Entry,
     seccomp: bool,
-    /// Taps whose frames a receive thread feeds to the virtio-net device at each base.
-    rx: Vec<(u64, Arc<std::fs::File>)>,
-    /// The console's listening socket, its peer slot, and its device's base.
-    console: Option<(std::os::unix::net::UnixListener, console::Peer, u64)>,
+    /// What the device event loop waits on (queue notifications, taps, the console socket).
+    sources: Vec<Source>,
     /// When setup finished (the first KVM_RUN follows).
     pub ready_at: Instant,
 }
-
-/// A host-side device thread's body (given the devices and the stop flag).
-type HostThread = Box<dyn FnOnce(&Devices, &AtomicBool) + Send>;
 
 /// Puts a virtio device in `slot`: its transport, and its interrupt as an irqfd.
 fn attach(
@@ -105,10 +102,23 @@ fn attach(
     mem: &GuestMemory,
     slot: &acpi::MmioSlot,
     dev: Box<dyn VirtioDevice>,
+    sources: &mut Vec<Source>,
 ) -> Result<()> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
     vm.register_irqfd(&evt, slot.irq)
         .kvm("KVM_IRQFD (virtio)")?;
+    // One ioeventfd per queue: KVM matches the queue index written to QueueNotify.
+    for queue in 0..dev.queue_max_sizes().len() as u32 {
+        let n = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+        let addr = IoEventAddress::Mmio(slot.base + mmio::REG_QUEUE_NOTIFY);
+        vm.register_ioevent(&n, &addr, queue)
+            .kvm("KVM_IOEVENTFD (virtio)")?;
+        sources.push(Source::Notify {
+            evt: n,
+            base: slot.base,
+            queue,
+        });
+    }
     devices.add_mmio(
         slot.base,
         MmioTransport::new(dev, mem.clone(), IrqLine(evt)),
@@ -169,6 +179,7 @@ impl Vm {
         vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
             .kvm("KVM_IRQFD (serial)")?;
         let mut devices = Devices::new(IrqLine(serial_evt), out);
+        let mut sources = Vec::new();
         let n_console = cfg.console_socket.is_some() as usize;
         let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + n_console);
         for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
@@ -182,9 +193,8 @@ impl Vm {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
             let blk = Block::new(f, *ro, &id).map_err(io(format!("disk {}", path.display())))?;
-            attach(&vm, &mut devices, &mem, slot, Box::new(blk))?;
+            attach(&vm, &mut devices, &mem, slot, Box::new(blk), &mut sources)?;
         }
-        let mut rx = Vec::new();
         for ((name, mac), slot) in cfg.taps.iter().zip(&slots[cfg.disks.len()..]) {
             let tap = Arc::new(net::open_tap(name).map_err(io(format!("tap {name}")))?);
             attach(
@@ -193,10 +203,13 @@ impl Vm {
                 &mem,
                 slot,
                 Box::new(Net::new(tap.clone(), *mac)),
+                &mut sources,
             )?;
-            rx.push((slot.base, tap));
+            sources.push(Source::Tap {
+                tap,
+                base: slot.base,
+            });
         }
-        let mut console_host = None;
         if let (Some(path), Some(slot)) = (&cfg.console_socket, slots.last()) {
             let _ = std::fs::remove_file(path);
             let listener = std::os::unix::net::UnixListener::bind(path)
@@ -208,8 +221,13 @@ impl Vm {
                 &mem,
                 slot,
                 Box::new(console::Console::new(peer.clone())),
+                &mut sources,
             )?;
-            console_host = Some((listener, peer, slot.base));
+            sources.push(Source::ConsoleListener {
+                listener,
+                peer,
+                base: slot.base,
+            });
         }
         acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
         let devices = Arc::new(devices);
@@ -235,8 +253,7 @@ impl Vm {
             devices,
             entry: loaded.entry,
             seccomp: cfg.seccomp,
-            rx,
-            console: console_host,
+            sources,
             ready_at: Instant::now(),
         })
     }
@@ -278,32 +295,28 @@ impl Vm {
                 .map_err(io("spawn vCPU thread"))?;
             threads.push(t);
         }
-        // Host-side device threads, each confined like the vCPUs.
-        let helper = |name: &str, f: HostThread| {
-            let (stop, devices, filter) = (stop.clone(), self.devices.clone(), filter.clone());
-            let tag = name.to_string();
-            std::thread::Builder::new()
-                .name(tag.clone())
+        // The device event loop, confined like the vCPUs (its epoll set is made before).
+        if !self.sources.is_empty() {
+            let mut em = EventManager::<DeviceEvents>::new()
+                .map_err(|e| Error::Config(format!("event loop: {e:?}")))?;
+            em.add_subscriber(DeviceEvents::new(self.devices.clone(), self.sources));
+            let (stop, filter) = (stop.clone(), filter.clone());
+            let t = std::thread::Builder::new()
+                .name("devices".into())
                 .spawn(move || {
                     if let Some(Err(e)) = filter.as_deref().map(seccompiler::apply_filter) {
-                        log::error!("{tag} seccomp: {e}");
+                        log::error!("device thread seccomp: {e}");
                         return;
                     }
-                    f(&devices, &stop)
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Err(e) = em.run_with_timeout(100) {
+                            log::error!("device event loop: {e:?}");
+                            return;
+                        }
+                    }
                 })
-                .map_err(io(format!("spawn {name} thread")))
-        };
-        for (base, tap) in self.rx {
-            threads.push(helper(
-                "net-rx",
-                Box::new(move |d, s| receive_loop(&tap, base, d, s)),
-            )?);
-        }
-        if let Some((listener, peer, base)) = self.console {
-            threads.push(helper(
-                "console",
-                Box::new(move |d, s| console_loop(&listener, &peer, base, d, s)),
-            )?);
+                .map_err(io("spawn device thread"))?;
+            threads.push(t);
         }
         if let Some(f) = &filter {
             if let Err(e) = seccompiler::apply_filter(f) {
@@ -336,82 +349,6 @@ impl Vm {
         }
         let r = result.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(r.unwrap_or(VmExit::Failed("no vCPU reported an exit".into())))
-    }
-}
-
-/// Reads frames from a tap and hands them to the virtio-net device at `base`, until `stop`.
-fn receive_loop(tap: &std::fs::File, base: u64, devices: &Devices, stop: &AtomicBool) {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; net::MAX_FRAME];
-    while !stop.load(Ordering::SeqCst) {
-        let mut p = libc::pollfd {
-            fd: tap.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd we own; a bounded wait so `stop` is seen.
-        let r = unsafe { libc::poll(&mut p, 1, 100) };
-        if r <= 0 {
-            continue;
-        }
-        match (&*tap).read(&mut buf) {
-            Ok(n) if n > 0 => devices.mmio_input(base, buf[..n].to_vec()),
-            Ok(_) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                log::warn!("tap read: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Waits for `fd` to become readable (bounded, so `stop` is seen); true when it is.
-fn readable(fd: std::os::fd::RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own.
-    unsafe { libc::poll(&mut p, 1, 100) > 0 }
-}
-
-/// Serves the console's socket: one peer at a time; its bytes go to the guest.
-fn console_loop(
-    listener: &std::os::unix::net::UnixListener,
-    peer: &console::Peer,
-    base: u64,
-    devices: &Devices,
-    stop: &AtomicBool,
-) {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; 64 * 1024];
-    while !stop.load(Ordering::SeqCst) {
-        if !readable(listener.as_raw_fd()) {
-            continue;
-        }
-        let Ok((stream, _)) = listener.accept() else {
-            continue;
-        };
-        let Ok(reader) = stream.try_clone() else {
-            continue;
-        };
-        *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-        // Whatever the guest wrote before anyone listened.
-        devices.mmio_input(base, Vec::new());
-        while !stop.load(Ordering::SeqCst) {
-            if !readable(reader.as_raw_fd()) {
-                continue;
-            }
-            match (&reader).read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => devices.mmio_input(base, buf[..n].to_vec()),
-            }
-        }
-        *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

@@ -1,0 +1,159 @@
+//! The device event loop (event-manager). Queue notifications arrive as ioeventfds: KVM
+//! completes the guest's QueueNotify write itself and signals the eventfd, so a notification
+//! costs no exit to the VMM. Taps and the console socket are readable fds. One thread serves
+//! them all; device work happens there, off the vCPU threads.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::Devices;
+use crate::virtio::{console, net};
+
+/// Something the loop waits on, and the device it feeds.
+pub enum Source {
+    /// The guest notified queue `queue` of the device at `base`.
+    Notify { evt: EventFd, base: u64, queue: u32 },
+    /// A frame arrived on the tap of the virtio-net device at `base`.
+    Tap { tap: Arc<File>, base: u64 },
+    /// A peer connects to the console socket of the device at `base`.
+    ConsoleListener {
+        listener: UnixListener,
+        peer: console::Peer,
+        base: u64,
+    },
+    /// The connected console peer sent bytes (or left).
+    ConsolePeer {
+        stream: UnixStream,
+        peer: console::Peer,
+        base: u64,
+    },
+}
+
+impl Source {
+    fn fd(&self) -> RawFd {
+        match self {
+            Source::Notify { evt, .. } => evt.as_raw_fd(),
+            Source::Tap { tap, .. } => tap.as_raw_fd(),
+            Source::ConsoleListener { listener, .. } => listener.as_raw_fd(),
+            Source::ConsolePeer { stream, .. } => stream.as_raw_fd(),
+        }
+    }
+}
+
+pub struct DeviceEvents {
+    devices: Arc<Devices>,
+    /// Indexed by the event's data; a finished source leaves `None`.
+    sources: Vec<Option<Source>>,
+    /// The source of the console peer now connected (a newer one replaces an older one).
+    console_peer: Option<usize>,
+    buf: Vec<u8>,
+}
+
+impl DeviceEvents {
+    pub fn new(devices: Arc<Devices>, sources: Vec<Source>) -> DeviceEvents {
+        DeviceEvents {
+            devices,
+            sources: sources.into_iter().map(Some).collect(),
+            console_peer: None,
+            buf: vec![0u8; net::MAX_FRAME],
+        }
+    }
+
+    fn watch(&mut self, ops: &mut EventOps, s: Source) -> Option<usize> {
+        let i = self.sources.len();
+        if let Err(e) = ops.add(Events::with_data_raw(s.fd(), i as u32, EventSet::IN)) {
+            log::warn!("event loop: watch fd {}: {e:?}", s.fd());
+            return None;
+        }
+        self.sources.push(Some(s));
+        Some(i)
+    }
+}
+
+impl MutEventSubscriber for DeviceEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, s) in self.sources.iter().enumerate() {
+            if let Some(s) = s {
+                if let Err(e) = ops.add(Events::with_data_raw(s.fd(), i as u32, EventSet::IN)) {
+                    log::warn!("event loop: watch fd {}: {e:?}", s.fd());
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let i = events.data() as usize;
+        let mut done = false;
+        let mut new = None;
+        match self.sources.get(i).and_then(|s| s.as_ref()) {
+            Some(Source::Notify { evt, base, queue }) => {
+                let _ = evt.read();
+                self.devices.mmio_notify(*base, *queue as usize);
+            }
+            Some(Source::Tap { tap, base }) => match (&**tap).read(&mut self.buf) {
+                Ok(n) if n > 0 => self.devices.mmio_input(*base, self.buf[..n].to_vec()),
+                Ok(_) => done = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("tap read: {e}");
+                    done = true;
+                }
+            },
+            Some(Source::ConsoleListener {
+                listener,
+                peer,
+                base,
+            }) => {
+                if let Ok((stream, _)) = listener.accept() {
+                    if let Ok(w) = stream.try_clone() {
+                        // One peer at a time: a new one replaces the old.
+                        *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+                        // Whatever the guest wrote before anyone listened.
+                        self.devices.mmio_input(*base, Vec::new());
+                        new = Some(Source::ConsolePeer {
+                            stream,
+                            peer: peer.clone(),
+                            base: *base,
+                        });
+                    }
+                }
+            }
+            Some(Source::ConsolePeer { stream, peer, base }) => {
+                match (&*stream).read(&mut self.buf) {
+                    Ok(n) if n > 0 => self.devices.mmio_input(*base, self.buf[..n].to_vec()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    _ => {
+                        if self.console_peer == Some(i) {
+                            *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            self.console_peer = None;
+                        }
+                        done = true;
+                    }
+                }
+            }
+            None => {}
+        }
+        if done
+            || events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR)
+        {
+            let _ = ops.remove(events);
+            if let Some(s) = self.sources.get_mut(i) {
+                *s = None;
+            }
+        }
+        if let Some(s) = new {
+            if let Some(j) = self.watch(ops, s) {
+                self.console_peer = Some(j);
+            }
+        }
+    }
+}
