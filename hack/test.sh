@@ -69,7 +69,9 @@ step "clippy (vm)" cargo clippy -p runtime --features vm --all-targets -- -D war
 step "unit tests" cargo test --workspace --exclude janus-tests --lib --bins
 # Our KVM microVM monitor: hand-written test guests (assembled here with gcc) booted on this
 # machine's /dev/kvm, and the ACPI tables through ACPICA's disassembler.
-step "vmm tests" cargo test -p vmm --tests
+# --nocapture: a test that cannot run here says so by name (e.g. the full Linux boot, which
+# needs vmx/svm).
+step "vmm tests" cargo test -p vmm --tests -- --nocapture
 
 IMAGE_OK=0
 build_test_images() {
