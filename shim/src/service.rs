@@ -151,6 +151,17 @@ fn pod_netns(spec: &Spec) -> Option<PathBuf> {
         .filter(|p| !p.as_os_str().is_empty())
 }
 
+/// What Delete returns for a process: its pid and how it ended.
+fn delete_response(p: &Proc) -> DeleteResponse {
+    let st = p.lock();
+    DeleteResponse {
+        pid: st.pid as u32,
+        exit_status: st.exit_status,
+        exited_at: MessageField::from_option(st.exited_at.clone()),
+        ..Default::default()
+    }
+}
+
 fn signal_pid(pid: i32, sig: u32) -> Result<()> {
     // SAFETY: kill(2) has no memory effects.
     if unsafe { libc::kill(pid, sig as i32) } != 0 {
@@ -948,25 +959,7 @@ impl Service {
             Ok(())
         })
         .await?;
-        self.containers().remove(&c.id);
-        let st = p.lock();
-        self.inner.events.send(
-            TASK_DELETE_EVENT_TOPIC,
-            TaskDelete {
-                container_id: c.id.clone(),
-                pid: st.pid as u32,
-                exit_status: st.exit_status,
-                exited_at: MessageField::from_option(st.exited_at.clone()),
-                id: c.id.clone(),
-                ..Default::default()
-            },
-        );
-        Ok(DeleteResponse {
-            pid: st.pid as u32,
-            exit_status: st.exit_status,
-            exited_at: MessageField::from_option(st.exited_at.clone()),
-            ..Default::default()
-        })
+        Ok(self.forget(&c, &p))
     }
 
     fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<Arc<std::sync::atomic::AtomicU64>> {
@@ -1103,6 +1096,24 @@ impl Service {
         Ok(pid as u32)
     }
 
+    /// The last step of deleting a container (either mode): drop it and tell containerd.
+    fn forget(&self, c: &Container, init: &Proc) -> DeleteResponse {
+        self.containers().remove(&c.id);
+        let r = delete_response(init);
+        self.inner.events.send(
+            TASK_DELETE_EVENT_TOPIC,
+            TaskDelete {
+                container_id: c.id.clone(),
+                pid: r.pid,
+                exit_status: r.exit_status,
+                exited_at: r.exited_at.clone(),
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        );
+        r
+    }
+
     async fn delete_process(&self, c: Arc<Container>, p: Arc<Proc>) -> Result<DeleteResponse> {
         if let (Some(pod), true) = (c.vm.clone(), p.exec_id.is_empty()) {
             return self.vm_delete_init(c, p, pod).await;
@@ -1116,13 +1127,7 @@ impl Service {
             }
             wait_tty(&p).await;
             c.execs().remove(&p.exec_id);
-            let st = p.lock();
-            return Ok(DeleteResponse {
-                pid: st.pid as u32,
-                exit_status: st.exit_status,
-                exited_at: MessageField::from_option(st.exited_at.clone()),
-                ..Default::default()
-            });
+            return Ok(delete_response(&p));
         }
         match p.status() {
             Status::Running => {
@@ -1159,25 +1164,7 @@ impl Service {
             Ok(())
         })
         .await?;
-        self.containers().remove(&c.id);
-        let st = p.lock();
-        self.inner.events.send(
-            TASK_DELETE_EVENT_TOPIC,
-            TaskDelete {
-                container_id: c.id.clone(),
-                pid: st.pid as u32,
-                exit_status: st.exit_status,
-                exited_at: MessageField::from_option(st.exited_at.clone()),
-                id: c.id.clone(),
-                ..Default::default()
-            },
-        );
-        Ok(DeleteResponse {
-            pid: st.pid as u32,
-            exit_status: st.exit_status,
-            exited_at: MessageField::from_option(st.exited_at.clone()),
-            ..Default::default()
-        })
+        Ok(self.forget(&c, &p))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Kubernetes path: containerd's CRI plugin driven over gRPC (`runtime.v1`) as kubelet
-//! drives it, every pod with `runtime_handler` `janus` (`janus::*`) or, to prove the harness and
-//! the expectations, `runc` (`runc::*`, containerd's Go runc shim).
+//! drives it, every pod with `runtime_handler` `janus` (`janus::*`), `janus-vm` (`janus_vm::*`,
+//! one VM per pod) or, to prove the harness and the expectations, `runc` (`runc::*`,
+//! containerd's Go runc shim).
 //!
 //! Run: `cargo test -p janus-tests --test cri` (all), `... --test cri -- janus::` (our shim),
 //! `... --test cri -- runc::` (harness check). Needs root, containerd, runc, busybox-static,
@@ -1146,68 +1147,61 @@ fn vm_pod_sized_by_annotations(h: &str) {
     assert_eq!(n, 2.min(host), "guest vCPUs");
 }
 
-macro_rules! per_handler {
-    ($($name:ident),* $(,)?) => {
-        /// containerd's Go runc shim: proves the harness and the expectations.
-        mod runc {
-            $( #[test] fn $name() { super::$name(super::cri::RUNC_HANDLER) } )*
-        }
-        /// Our shim, RuntimeClass handler `janus`.
-        mod janus {
-            $( #[test] fn $name() { super::$name(super::cri::JANUS_HANDLER) } )*
+/// One test module: each case run with CRI runtime handler `$h`.
+macro_rules! suite {
+    ($m:ident, $h:ident; $($name:ident),* $(,)?) => {
+        mod $m {
+            $( #[test] fn $name() { super::$name(super::cri::$h) } )*
         }
     };
 }
 
-per_handler!(
-    pod_lifecycle,
-    container_exit_completed,
-    container_exit_error,
-    container_oom_killed,
-    container_stop_remove,
-    exec_sync,
-    exec_stream,
-    attach_stream,
-    container_logs,
-    pod_shared_net_ipc,
-    pod_shared_pid_one_shim_pause_killed,
-    pod_ip_from_host,
-    run_as_user_group,
-    readonly_rootfs,
-    capabilities_add_drop,
-    privileged,
-    seccomp_runtime_default,
-    seccomp_unconfined,
-    sysctls,
-    host_network,
-    host_pid,
-    host_ipc,
-    update_container_resources,
-    many_pods,
-);
-
-/// Our shim in VM mode, RuntimeClass handler `janus-vm`: the pod cases that do not look at
-/// host processes or host cgroups (the containers are in the guest), and the VM-only ones.
-mod janus_vm {
-    macro_rules! vm_cases {
-        ($($name:ident),* $(,)?) => {
-            $( #[test] fn $name() { super::$name(super::cri::JANUS_VM_HANDLER) } )*
-        };
-    }
-    vm_cases!(
-        pod_lifecycle,
-        container_exit_completed,
-        container_exit_error,
-        container_oom_killed,
-        container_stop_remove,
-        exec_sync,
-        exec_stream,
-        attach_stream,
-        container_logs,
-        pod_shared_net_ipc,
-        pod_ip_from_host,
-        readonly_rootfs,
-        vm_pod_one_vm,
-        vm_pod_sized_by_annotations,
-    );
+/// The pod cases every handler runs, plus `$extra` for some.
+macro_rules! cases {
+    ($m:ident, $h:ident; $($extra:ident),* $(,)?) => {
+        suite!(
+            $m, $h;
+            pod_lifecycle,
+            container_exit_completed,
+            container_exit_error,
+            container_oom_killed,
+            container_stop_remove,
+            exec_sync,
+            exec_stream,
+            attach_stream,
+            container_logs,
+            pod_shared_net_ipc,
+            pod_ip_from_host,
+            readonly_rootfs
+            $(, $extra)*
+        );
+    };
 }
+
+/// Everything, with the cases that look at host processes and cgroups.
+macro_rules! host_cases {
+    ($m:ident, $h:ident) => {
+        cases!(
+            $m, $h;
+            pod_shared_pid_one_shim_pause_killed,
+            run_as_user_group,
+            capabilities_add_drop,
+            privileged,
+            seccomp_runtime_default,
+            seccomp_unconfined,
+            sysctls,
+            host_network,
+            host_pid,
+            host_ipc,
+            update_container_resources,
+            many_pods,
+        );
+    };
+}
+
+// containerd's Go runc shim (proves the harness and the expectations), and our shim in
+// namespace mode (`janus`).
+host_cases!(runc, RUNC_HANDLER);
+host_cases!(janus, JANUS_HANDLER);
+// Our shim in VM mode (`janus-vm`): the containers are in the guest; plus the VM-only cases.
+cases!(janus_vm, JANUS_VM_HANDLER; vm_pod_one_vm, vm_pod_sized_by_annotations);

@@ -429,75 +429,51 @@ fn thread_sleep(d: Duration) {
 
 // ---------------------------------------------------------------------------------------------
 
-macro_rules! per_runtime {
-    ($($name:ident),* $(,)?) => {
-        /// containerd's Go runc shim: these prove the harness.
-        mod runc {
-            $( #[test] fn $name() { super::$name(super::RUNC) } )*
-        }
-        /// Our shim.
-        mod janus {
-            $( #[test] fn $name() { super::$name(super::JANUS) } )*
+/// One test module: each case run against `$rt`.
+macro_rules! suite {
+    ($m:ident, $rt:ident; $($name:ident),* $(,)?) => {
+        mod $m {
+            $( #[test] fn $name() { super::$name(super::$rt) } )*
         }
     };
 }
 
-per_runtime!(
-    run_echo,
-    run_exit_0,
-    run_exit_1,
-    run_exit_3,
-    run_exit_137,
-    stdin_pipe,
-    tty,
-    log_uri_file,
-    exec,
-    exec_tty,
-    exec_exit_code,
-    kill_signals,
-    kill_sigkill,
-    detached_ls_ps,
-    pause_resume,
-    metrics,
-    update_memory,
-    oom,
-    no_leaks_after_delete,
-    force_delete_running,
-    force_delete_stopped,
-);
-
-/// The same cases in VM mode (`io.containerd.janus-vm.v2`: every container in its own QEMU
-/// VM with our kernel and agent). Not here: cases that look at the host's cgroups
-/// (update_memory, no_leaks_after_delete); `janus_vm_only` covers those for VMs.
-macro_rules! vm_mode {
-    ($($name:ident),* $(,)?) => {
-        mod janus_vm {
-            $( #[test] fn $name() { super::$name(super::JANUS_VM) } )*
-        }
+/// The cases every runtime and mode runs, plus `$extra` for some.
+macro_rules! cases {
+    ($m:ident, $rt:ident; $($extra:ident),* $(,)?) => {
+        suite!(
+            $m, $rt;
+            run_echo,
+            run_exit_0,
+            run_exit_1,
+            run_exit_3,
+            run_exit_137,
+            stdin_pipe,
+            tty,
+            log_uri_file,
+            exec,
+            exec_tty,
+            exec_exit_code,
+            kill_signals,
+            kill_sigkill,
+            detached_ls_ps,
+            pause_resume,
+            metrics,
+            oom,
+            force_delete_running,
+            force_delete_stopped
+            $(, $extra)*
+        );
     };
 }
 
-vm_mode!(
-    run_echo,
-    run_exit_0,
-    run_exit_1,
-    run_exit_3,
-    run_exit_137,
-    stdin_pipe,
-    tty,
-    log_uri_file,
-    exec,
-    exec_tty,
-    exec_exit_code,
-    kill_signals,
-    kill_sigkill,
-    detached_ls_ps,
-    pause_resume,
-    metrics,
-    oom,
-    force_delete_running,
-    force_delete_stopped,
-);
+// containerd's Go runc shim (proves the harness) and our shim in namespace mode: these also
+// look at the host's cgroups.
+cases!(runc, RUNC; update_memory, no_leaks_after_delete);
+cases!(janus, JANUS; update_memory, no_leaks_after_delete);
+// VM mode (`io.containerd.janus-vm.v2`: a plain ctr container gets a QEMU VM of its own with
+// our kernel and agent); `janus_vm_only` covers cgroups and leaks for VMs.
+cases!(janus_vm, JANUS_VM;);
 
 mod janus_vm_only {
     use super::*;
