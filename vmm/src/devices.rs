@@ -87,6 +87,13 @@ impl Devices {
         }
     }
 
+    /// A host-side event on port `port` of the device at `base` (console sockets).
+    pub fn mmio_host_event(&self, base: u64, port: usize, ev: crate::virtio::HostEvent) {
+        if let Some((_, mut t)) = self.mmio_at(base) {
+            t.host_event(port, ev);
+        }
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         self.stats.pio.fetch_add(1, Ordering::Relaxed);
         data.fill(0xff);

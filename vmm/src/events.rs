@@ -1,8 +1,9 @@
 //! The device event loop (event-manager). Queue notifications arrive as ioeventfds: KVM
 //! completes the guest's QueueNotify write itself and signals the eventfd, so a notification
-//! costs no exit to the VMM. Taps and the console socket are readable fds. One thread serves
+//! costs no exit to the VMM. Taps and the console ports' sockets are readable fds. One thread serves
 //! them all; device work happens there, off the vCPU threads.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,7 +14,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::Devices;
-use crate::virtio::{console, net};
+use crate::virtio::{console, net, HostEvent};
 
 /// Something the loop waits on, and the device it feeds.
 pub enum Source {
@@ -21,17 +22,19 @@ pub enum Source {
     Notify { evt: EventFd, base: u64, queue: u32 },
     /// A frame arrived on the tap of the virtio-net device at `base`.
     Tap { tap: Arc<File>, base: u64 },
-    /// A peer connects to the console socket of the device at `base`.
+    /// A peer connects to the socket of console port `port` of the device at `base`.
     ConsoleListener {
         listener: UnixListener,
         peer: console::Peer,
         base: u64,
+        port: usize,
     },
-    /// The connected console peer sent bytes (or left).
+    /// The connected peer of a console port sent bytes (or left).
     ConsolePeer {
         stream: UnixStream,
         peer: console::Peer,
         base: u64,
+        port: usize,
     },
 }
 
@@ -50,8 +53,9 @@ pub struct DeviceEvents {
     devices: Arc<Devices>,
     /// Indexed by the event's data; a finished source leaves `None`.
     sources: Vec<Option<Source>>,
-    /// The source of the console peer now connected (a newer one replaces an older one).
-    console_peer: Option<usize>,
+    /// The source of each console port's peer now connected, by (device, port): a newer
+    /// peer replaces an older one.
+    console_peers: HashMap<(u64, usize), usize>,
     buf: Vec<u8>,
 }
 
@@ -60,7 +64,7 @@ impl DeviceEvents {
         DeviceEvents {
             devices,
             sources: sources.into_iter().map(Some).collect(),
-            console_peer: None,
+            console_peers: HashMap::new(),
             buf: vec![0u8; net::MAX_FRAME],
         }
     }
@@ -110,34 +114,56 @@ impl MutEventSubscriber for DeviceEvents {
                 listener,
                 peer,
                 base,
+                port,
             }) => {
                 if let Ok((stream, _)) = listener.accept() {
                     if let Ok(w) = stream.try_clone() {
-                        // One peer at a time: a new one replaces the old.
+                        // One peer at a time: a new one replaces the old, whose source then
+                        // reads as left.
+                        if let Some(old) = self.console_peers.remove(&(*base, *port)) {
+                            if let Some(Some(Source::ConsolePeer { stream, .. })) =
+                                self.sources.get(old)
+                            {
+                                let _ = stream.shutdown(std::net::Shutdown::Both);
+                            }
+                            // The guest sees the old session end before the new one starts.
+                            self.devices
+                                .mmio_host_event(*base, *port, HostEvent::Disconnected);
+                        }
                         *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                        // Whatever the guest wrote before anyone listened.
-                        self.devices.mmio_input(*base, Vec::new());
+                        self.devices
+                            .mmio_host_event(*base, *port, HostEvent::Connected);
                         new = Some(Source::ConsolePeer {
                             stream,
                             peer: peer.clone(),
                             base: *base,
+                            port: *port,
                         });
                     }
                 }
             }
-            Some(Source::ConsolePeer { stream, peer, base }) => {
-                match (&*stream).read(&mut self.buf) {
-                    Ok(n) if n > 0 => self.devices.mmio_input(*base, self.buf[..n].to_vec()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    _ => {
-                        if self.console_peer == Some(i) {
-                            *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                            self.console_peer = None;
-                        }
-                        done = true;
+            Some(Source::ConsolePeer {
+                stream,
+                peer,
+                base,
+                port,
+            }) => match (&*stream).read(&mut self.buf) {
+                Ok(n) if n > 0 => self.devices.mmio_host_event(
+                    *base,
+                    *port,
+                    HostEvent::Data(self.buf[..n].to_vec()),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    if self.console_peers.get(&(*base, *port)) == Some(&i) {
+                        *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        self.console_peers.remove(&(*base, *port));
+                        self.devices
+                            .mmio_host_event(*base, *port, HostEvent::Disconnected);
                     }
+                    done = true;
                 }
-            }
+            },
             None => {}
         }
         if done
@@ -151,8 +177,12 @@ impl MutEventSubscriber for DeviceEvents {
             }
         }
         if let Some(s) = new {
-            if let Some(j) = self.watch(ops, s) {
-                self.console_peer = Some(j);
+            let key = match &s {
+                Source::ConsolePeer { base, port, .. } => Some((*base, *port)),
+                _ => None,
+            };
+            if let (Some(j), Some(key)) = (self.watch(ops, s), key) {
+                self.console_peers.insert(key, j);
             }
         }
     }

@@ -41,8 +41,9 @@ pub struct VmConfig {
     pub disks: Vec<(PathBuf, bool)>,
     /// virtio-net devices: (tap name, MAC).
     pub taps: Vec<(String, [u8; 6])>,
-    /// virtio-console whose host side is a unix socket the VMM listens on at this path.
-    pub console_socket: Option<PathBuf>,
+    /// Ports of one virtio-console device, each a name (`None`: an unnamed port, no
+    /// multiport when it is the only one) and the unix socket the VMM listens on for it.
+    pub console_ports: Vec<(Option<String>, PathBuf)>,
     /// Guest RAM in a memfd a vhost-user backend can map (virtio-fs); otherwise anonymous
     /// memory with huge pages.
     pub shared_memory: bool,
@@ -63,7 +64,7 @@ impl Default for VmConfig {
             entry: Preference::default(),
             disks: Vec::new(),
             taps: Vec::new(),
-            console_socket: None,
+            console_ports: Vec::new(),
             shared_memory: false,
             seccomp: true,
         }
@@ -180,7 +181,7 @@ impl Vm {
             .kvm("KVM_IRQFD (serial)")?;
         let mut devices = Devices::new(IrqLine(serial_evt), out);
         let mut sources = Vec::new();
-        let n_console = cfg.console_socket.is_some() as usize;
+        let n_console = !cfg.console_ports.is_empty() as usize;
         let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + n_console);
         for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
             let f = std::fs::OpenOptions::new()
@@ -210,24 +211,36 @@ impl Vm {
                 base: slot.base,
             });
         }
-        if let (Some(path), Some(slot)) = (&cfg.console_socket, slots.last()) {
-            let _ = std::fs::remove_file(path);
-            let listener = std::os::unix::net::UnixListener::bind(path)
-                .map_err(io(format!("console socket {}", path.display())))?;
-            let peer = console::Peer::default();
+        if let (false, Some(slot)) = (cfg.console_ports.is_empty(), slots.last()) {
+            if cfg.console_ports.len() > console::MAX_PORTS {
+                return Err(Error::Config(format!(
+                    "{} console ports: at most {}",
+                    cfg.console_ports.len(),
+                    console::MAX_PORTS
+                )));
+            }
+            let mut ports = Vec::new();
+            for (port, (name, path)) in cfg.console_ports.iter().enumerate() {
+                let _ = std::fs::remove_file(path);
+                let listener = std::os::unix::net::UnixListener::bind(path)
+                    .map_err(io(format!("console socket {}", path.display())))?;
+                let peer = console::Peer::default();
+                ports.push((name.clone(), peer.clone()));
+                sources.push(Source::ConsoleListener {
+                    listener,
+                    peer,
+                    base: slot.base,
+                    port,
+                });
+            }
             attach(
                 &vm,
                 &mut devices,
                 &mem,
                 slot,
-                Box::new(console::Console::new(peer.clone())),
+                Box::new(console::Console::new(ports)),
                 &mut sources,
             )?;
-            sources.push(Source::ConsoleListener {
-                listener,
-                peer,
-                base: slot.base,
-            });
         }
         acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
         let devices = Arc::new(devices);

@@ -395,3 +395,62 @@ fn virtio_console_echo_with_a_host_peer() {
         "{serial}\n{stderr}"
     );
 }
+
+/// A multiport virtio-console, as the builtin driver's agent channel uses it: the guest
+/// learns both port names through the control queue, sees port 1's host side connect, and
+/// gets its line echoed back by that port's peer (port 0, with no peer, stays silent).
+#[test]
+fn virtio_console_named_ports_with_a_host_peer() {
+    if !kvm_or_say("virtio_console_named_ports_with_a_host_peer") {
+        return;
+    }
+    let elf = build_guest("virtio_console_ports", "virtio_console_ports");
+    let log = out_dir().join("virtio_console_ports.serial");
+    let agent = out_dir().join("ports-agent.sock");
+    let stdio = out_dir().join("ports-stdio.sock");
+    let _ = std::fs::remove_file(&log);
+    let child = Command::new(env!("CARGO_BIN_EXE_janus-vmm"))
+        .arg("--kernel")
+        .arg(&elf)
+        .arg("--port")
+        .arg(format!("janus.agent={}", agent.display()))
+        .arg("--port")
+        .arg(format!("janus.stdio={}", stdio.display()))
+        .args(["--timeout-ms", "60000"])
+        .arg("--serial-log")
+        .arg(&log)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&stdio) {
+            break s;
+        }
+        assert!(t.elapsed().as_secs() < 20, "no port socket");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut line = String::new();
+    use std::io::{BufRead, Write};
+    std::io::BufReader::new(&stream)
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "janus-port-ping\n");
+    (&stream).write_all(line.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{serial}\n{stderr}");
+    assert!(!serial.contains("FAIL"), "{serial}");
+    assert!(
+        serial.contains("max_nr_ports 0x0000000000000002"),
+        "{serial}"
+    );
+    assert!(serial.contains("port 0 name janus.agent"), "{serial}");
+    assert!(serial.contains("port 1 name janus.stdio"), "{serial}");
+    assert!(
+        serial.contains("port janus.stdio: echoed back in"),
+        "{serial}\n{stderr}"
+    );
+    assert!(!agent.exists() || std::os::unix::net::UnixStream::connect(&agent).is_err());
+}

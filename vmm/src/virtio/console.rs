@@ -1,7 +1,17 @@
-//! virtio-console (one port, no features) whose host side is a unix socket the VMM listens
-//! on: what the guest writes goes to the connected peer (kept, up to a bound, until one
-//! connects), what the peer writes goes to the guest's receive buffers. A byte stream, so
+//! virtio-console with named ports (VIRTIO_CONSOLE_F_MULTIPORT), each port's host side a unix
+//! socket the VMM listens on. This is the agent channel of the builtin driver: the agent
+//! already speaks ttrpc and framed stdio over two named virtio-serial ports under QEMU
+//! (`janus.agent`, `janus.stdio`, found through `/sys/class/virtio-ports/*/name`), so the
+//! same guest and host code serve both drivers; a vsock device would have needed a second
+//! transport in the agent and on the host.
+//!
+//! Port semantics follow QEMU's virtio-serial with `server=on,wait=off` chardevs: a peer
+//! connecting to a port's socket opens the port for the guest (PORT_OPEN 1, guest reads stop
+//! returning EOF), its leaving closes it (PORT_OPEN 0). What the peer writes waits until the
+//! guest has the port open (Linux drops data for ports nobody opened). A byte stream, so
 //! frames may be split across buffers.
+//!
+//! A driver that does not negotiate MULTIPORT sees port 0 only, on queues 0 and 1.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -10,52 +20,146 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
+pub use super::HostEvent;
 use super::VirtioDevice;
 use crate::memory::GuestMemory;
 
 pub const DEVICE_ID: u32 = 3;
 pub const RX: usize = 0;
 pub const TX: usize = 1;
-const QUEUE_SIZES: &[u16] = &[128, 128];
+/// Control queues (multiport): device -> driver, driver -> device.
+pub const CTRL_RX: usize = 2;
+pub const CTRL_TX: usize = 3;
+pub const F_MULTIPORT: u64 = 1 << 1;
+const QUEUE_SIZE: u16 = 128;
 /// Output kept while no peer is connected, and input waiting for receive buffers.
 const MAX_BUFFERED: usize = 1 << 20;
+/// A port count no sane command line reaches; bounds the queue table.
+pub const MAX_PORTS: usize = 16;
 
-/// The connected peer, shared with the thread that accepts and reads it.
+/// Control events (virtio 1.2 section 5.3.6.2).
+pub const DEVICE_READY: u16 = 0;
+pub const DEVICE_ADD: u16 = 1;
+pub const PORT_READY: u16 = 3;
+pub const PORT_OPEN: u16 = 6;
+pub const PORT_NAME: u16 = 7;
+const CTRL_HEADER: usize = 8;
+
+/// The connected peer of a port, shared with the thread that accepts and reads it.
 pub type Peer = Arc<Mutex<Option<UnixStream>>>;
 
-pub struct Console {
+struct Port {
+    name: Option<String>,
     peer: Peer,
     /// Guest output waiting for a peer.
     unsent: Vec<u8>,
-    /// Peer input waiting for receive buffers.
+    /// Peer input waiting for receive buffers (and for the guest to open the port).
     input: VecDeque<u8>,
+    host_connected: bool,
+    /// The driver said PORT_READY for it.
+    ready: bool,
+    guest_open: bool,
+}
+
+pub struct Console {
+    ports: Vec<Port>,
+    sizes: Vec<u16>,
+    multiport: bool,
+    /// Control messages waiting for the driver's control receive buffers.
+    ctrl_out: VecDeque<Vec<u8>>,
+    /// Queues the device wants processed next (see `VirtioDevice::take_kicks`).
+    kicks: Vec<usize>,
     pub dropped: u64,
 }
 
+/// Receive and transmit queue of port `p`.
+pub fn port_queues(p: usize) -> (usize, usize) {
+    if p == 0 {
+        (RX, TX)
+    } else {
+        (4 + 2 * (p - 1), 5 + 2 * (p - 1))
+    }
+}
+
+fn port_of_queue(q: usize) -> Option<(usize, bool)> {
+    match q {
+        RX | TX => Some((0, q == TX)),
+        CTRL_RX | CTRL_TX => None,
+        q => Some(((q - 4) / 2 + 1, q % 2 == 1)),
+    }
+}
+
+/// A control message: id, event, value, then the payload (a port name).
+pub fn control(id: u32, event: u16, value: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CTRL_HEADER + payload.len());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
 impl Console {
-    pub fn new(peer: Peer) -> Console {
+    /// Ports in order (port 0 first); each a name (multiport) and its peer slot.
+    pub fn new(ports: Vec<(Option<String>, Peer)>) -> Console {
+        let n = ports.len().clamp(1, MAX_PORTS);
+        // Queue 2 and 3 exist (control) as soon as there is more than one port.
+        let nq = if n > 1 || ports.iter().any(|(name, _)| name.is_some()) {
+            2 + 2 * n
+        } else {
+            2
+        };
         Console {
-            peer,
-            unsent: Vec::new(),
-            input: VecDeque::new(),
+            ports: ports
+                .into_iter()
+                .take(MAX_PORTS)
+                .map(|(name, peer)| Port {
+                    name,
+                    peer,
+                    unsent: Vec::new(),
+                    input: VecDeque::new(),
+                    host_connected: false,
+                    ready: false,
+                    guest_open: false,
+                })
+                .collect(),
+            sizes: vec![QUEUE_SIZE; nq],
+            multiport: false,
+            ctrl_out: VecDeque::new(),
+            kicks: Vec::new(),
             dropped: 0,
         }
     }
 
-    fn flush(&mut self) {
-        if self.unsent.is_empty() {
+    fn offers_multiport(&self) -> bool {
+        self.sizes.len() > 2
+    }
+
+    /// Whether guest output and host input may flow on port `p` now.
+    fn open(&self, p: usize) -> bool {
+        !self.multiport || self.ports[p].guest_open
+    }
+
+    fn flush(&mut self, p: usize) {
+        let port = &mut self.ports[p];
+        if port.unsent.is_empty() {
             return;
         }
-        let mut g = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = port.peer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = g.as_mut() {
-            if s.write_all(&self.unsent).is_err() {
+            if s.write_all(&port.unsent).is_err() {
                 *g = None;
             }
-            self.unsent.clear();
+            port.unsent.clear();
         }
     }
 
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn send_control(&mut self, id: u32, event: u16, value: u16, payload: &[u8]) {
+        self.ctrl_out.push_back(control(id, event, value, payload));
+        self.kicks.push(CTRL_RX);
+    }
+
+    fn transmit(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -68,8 +172,9 @@ impl Console {
                 }
                 _ => self.dropped += 1,
             }
-            if self.unsent.len() + data.len() <= MAX_BUFFERED {
-                self.unsent.extend_from_slice(&data);
+            let port = &mut self.ports[p];
+            if port.unsent.len() + data.len() <= MAX_BUFFERED {
+                port.unsent.extend_from_slice(&data);
             } else {
                 self.dropped += 1;
             }
@@ -78,21 +183,25 @@ impl Console {
             }
             used = true;
         }
-        self.flush();
+        self.flush(p);
         used
     }
 
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn receive(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        if !self.open(p) {
+            return false;
+        }
         let mut used = false;
-        while !self.input.is_empty() {
+        while !self.ports[p].input.is_empty() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
+            let input = &mut self.ports[p].input;
             let n = match Writer::new(mem, chain) {
                 Ok(mut w) => {
-                    let n = w.available_bytes().min(self.input.len());
-                    let chunk: Vec<u8> = self.input.drain(..n).collect();
+                    let n = w.available_bytes().min(input.len());
+                    let chunk: Vec<u8> = input.drain(..n).collect();
                     w.write_all(&chunk).map(|_| n).unwrap_or(0)
                 }
                 Err(_) => {
@@ -107,6 +216,95 @@ impl Console {
         }
         used
     }
+
+    fn control_receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while let Some(msg) = self.ctrl_out.front() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let n = match Writer::new(mem, chain) {
+                // A message is never split: the driver parses one per buffer.
+                Ok(mut w) if w.available_bytes() >= msg.len() => {
+                    w.write_all(msg).map(|_| msg.len()).unwrap_or(0)
+                }
+                _ => {
+                    self.dropped += 1;
+                    0
+                }
+            };
+            if n > 0 {
+                self.ctrl_out.pop_front();
+            }
+            if queue.add_used(mem, head, n as u32).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn control_transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut msg = Vec::new();
+            match Reader::new(mem, chain) {
+                Ok(mut r) if r.available_bytes() <= 4096 => {
+                    if r.read_to_end(&mut msg).is_err() {
+                        msg.clear();
+                    }
+                }
+                _ => {}
+            }
+            if msg.len() >= CTRL_HEADER {
+                let id = u32::from_le_bytes(msg[0..4].try_into().unwrap_or_default());
+                let event = u16::from_le_bytes([msg[4], msg[5]]);
+                let value = u16::from_le_bytes([msg[6], msg[7]]);
+                self.control_message(id, event, value);
+            } else {
+                self.dropped += 1;
+            }
+            if queue.add_used(mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn control_message(&mut self, id: u32, event: u16, value: u16) {
+        let p = id as usize;
+        match event {
+            DEVICE_READY if value == 1 => {
+                for i in 0..self.ports.len() {
+                    self.send_control(i as u32, DEVICE_ADD, 0, &[]);
+                }
+            }
+            PORT_READY if p < self.ports.len() => {
+                if value != 1 {
+                    log::warn!("virtio-console: driver failed to add port {p}");
+                    return;
+                }
+                self.ports[p].ready = true;
+                if let Some(name) = self.ports[p].name.clone() {
+                    self.send_control(id, PORT_NAME, 0, name.as_bytes());
+                }
+                if self.ports[p].host_connected {
+                    self.send_control(id, PORT_OPEN, 1, &[]);
+                }
+            }
+            PORT_OPEN if p < self.ports.len() => {
+                self.ports[p].guest_open = value == 1;
+                if value == 1 {
+                    self.kicks.push(port_queues(p).0);
+                    self.flush(p);
+                }
+            }
+            _ => log::debug!("virtio-console: control event {event} ({id}, {value}) ignored"),
+        }
+    }
 }
 
 impl VirtioDevice for Console {
@@ -115,41 +313,103 @@ impl VirtioDevice for Console {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
+        &self.sizes
     }
 
     fn features(&self) -> u64 {
-        0
+        if self.offers_multiport() {
+            F_MULTIPORT
+        } else {
+            0
+        }
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn ack_features(&mut self, features: u64) {
+        self.multiport = features & F_MULTIPORT != 0;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // cols, rows (u16 each; no size), max_nr_ports (u32), emerg_wr (u32, not offered).
+        let mut cfg = [0u8; 12];
+        cfg[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
+        super::read_config_bytes(&cfg, offset, data);
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
         match index {
-            RX => self.receive(queue, mem),
-            TX => self.transmit(queue, mem),
-            _ => false,
+            CTRL_RX if self.multiport => self.control_receive(queue, mem),
+            CTRL_TX if self.multiport => self.control_transmit(queue, mem),
+            q => match port_of_queue(q) {
+                Some((p, tx)) if p < self.ports.len() && (p == 0 || self.multiport) => {
+                    if tx {
+                        self.transmit(p, queue, mem)
+                    } else {
+                        self.receive(p, queue, mem)
+                    }
+                }
+                _ => false,
+            },
         }
     }
 
-    /// Peer input (empty: a peer just connected, so send what was kept for it).
+    fn take_kicks(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.kicks)
+    }
+
+    /// Port 0's peer input (empty: a peer just connected).
     fn input(&mut self, data: Vec<u8>) -> Option<usize> {
-        if data.is_empty() {
-            self.flush();
-            return None;
+        let ev = if data.is_empty() {
+            HostEvent::Connected
+        } else {
+            HostEvent::Data(data)
+        };
+        self.host_event(0, ev);
+        None
+    }
+
+    fn host_event(&mut self, p: usize, ev: HostEvent) {
+        if p >= self.ports.len() {
+            return;
         }
-        if self.input.len() + data.len() > MAX_BUFFERED {
-            self.dropped += 1;
-            return Some(RX);
+        match ev {
+            HostEvent::Connected => {
+                self.ports[p].host_connected = true;
+                if self.multiport && self.ports[p].ready {
+                    self.send_control(p as u32, PORT_OPEN, 1, &[]);
+                }
+                // Whatever the guest wrote before anyone listened.
+                self.flush(p);
+            }
+            HostEvent::Data(data) => {
+                let port = &mut self.ports[p];
+                if port.input.len() + data.len() > MAX_BUFFERED {
+                    self.dropped += 1;
+                } else {
+                    port.input.extend(data);
+                }
+                self.kicks.push(port_queues(p).0);
+            }
+            HostEvent::Disconnected => {
+                let port = &mut self.ports[p];
+                port.host_connected = false;
+                // A new session starts clean, as with a fresh chardev connection.
+                port.input.clear();
+                if self.multiport && port.ready {
+                    self.send_control(p as u32, PORT_OPEN, 0, &[]);
+                }
+            }
         }
-        self.input.extend(data);
-        Some(RX)
     }
 
     fn reset(&mut self) {
-        self.input.clear();
+        self.multiport = false;
+        self.ctrl_out.clear();
+        self.kicks.clear();
+        for p in &mut self.ports {
+            p.input.clear();
+            p.ready = false;
+            p.guest_open = false;
+        }
     }
 }
 
@@ -164,16 +424,34 @@ mod tests {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
     }
 
+    /// A queue with `bufs` (address, length, device-writable) chains of one descriptor each.
+    /// Every mock queue has its rings at the same addresses: the newest one wins.
+    fn queue<'a>(
+        m: &'a GuestMemory,
+        bufs: &[(u64, u32, bool)],
+    ) -> (MockSplitQueue<'a, GuestMemory>, Queue) {
+        let mq = MockSplitQueue::new(m, 16);
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .map(|&(a, l, w)| RawDescriptor::from(Descriptor::new(a, l, if w { 2 } else { 0 }, 0)))
+            .collect();
+        for (i, d) in descs.iter().enumerate() {
+            mq.add_desc_chains(std::slice::from_ref(d), i as u16)
+                .unwrap();
+        }
+        let q = mq.create_queue().unwrap();
+        (mq, q)
+    }
+
     #[test]
     fn output_waits_for_a_peer_and_input_spans_buffers() {
         let m = mem();
         let peer: Peer = Arc::default();
-        let mut c = Console::new(peer.clone());
+        let mut c = Console::new(vec![(None, peer.clone())]);
+        assert_eq!(c.features(), 0);
+        assert_eq!(c.queue_max_sizes().len(), 2);
         m.write_slice(b"hello", GuestAddress(0x10000)).unwrap();
-        let mq = MockSplitQueue::new(&m, 16);
-        mq.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x10000, 5, 0, 0))], 0)
-            .unwrap();
-        let mut q: Queue = mq.create_queue().unwrap();
+        let (_mq, mut q) = queue(&m, &[(0x10000, 5, false)]);
         assert!(c.process_queue(TX, &mut q, &m));
         // No peer yet: kept, then sent when one connects.
         let (a, mut b) = UnixStream::pair().unwrap();
@@ -183,7 +461,8 @@ mod tests {
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
         // Seven bytes in, two 4-byte buffers.
-        assert_eq!(c.input(b"abcdefg".to_vec()), Some(RX));
+        c.input(b"abcdefg".to_vec());
+        assert_eq!(c.take_kicks(), vec![RX]);
         let mq = MockSplitQueue::new(&m, 16);
         mq.add_desc_chains(
             &[
@@ -204,5 +483,130 @@ mod tests {
             m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap(),
             2
         );
+    }
+
+    /// Feeds the driver's control message to the device.
+    fn driver_says(c: &mut Console, m: &GuestMemory, id: u32, event: u16, value: u16) {
+        m.write_slice(&control(id, event, value, &[]), GuestAddress(0x40000))
+            .unwrap();
+        let (_mq, mut q) = queue(m, &[(0x40000, 8, false)]);
+        assert!(c.process_queue(CTRL_TX, &mut q, m));
+    }
+
+    /// Collects the device's control messages (one 64-byte buffer each).
+    fn device_says(c: &mut Console, m: &GuestMemory) -> Vec<(u32, u16, u16, Vec<u8>)> {
+        let bufs: Vec<_> = (0..8).map(|i| (0x50000 + i * 0x100, 64, true)).collect();
+        let (mq, mut q) = queue(m, &bufs);
+        c.process_queue(CTRL_RX, &mut q, m);
+        let used = m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap();
+        (0..used as u64)
+            .map(|i| {
+                let e = mq.used_addr().unchecked_add(4 + 8 * i);
+                let id = m.read_obj::<u32>(e).unwrap() as u64;
+                let len = m.read_obj::<u32>(e.unchecked_add(4)).unwrap() as usize;
+                let mut b = vec![0u8; len];
+                m.read_slice(&mut b, GuestAddress(bufs[id as usize].0))
+                    .unwrap();
+                (
+                    u32::from_le_bytes(b[0..4].try_into().unwrap()),
+                    u16::from_le_bytes([b[4], b[5]]),
+                    u16::from_le_bytes([b[6], b[7]]),
+                    b[8..].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn multiport_names_ports_and_opens_them_as_peers_come_and_go() {
+        let m = mem();
+        let peers: Vec<Peer> = (0..2).map(|_| Peer::default()).collect();
+        let mut c = Console::new(vec![
+            (Some("janus.agent".into()), peers[0].clone()),
+            (Some("janus.stdio".into()), peers[1].clone()),
+        ]);
+        assert_eq!(c.features(), F_MULTIPORT);
+        assert_eq!(c.queue_max_sizes().len(), 6);
+        let mut cfg = [0u8; 4];
+        c.read_config(4, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), 2);
+        c.ack_features(F_MULTIPORT);
+        // A peer on port 1 before the driver is up: opened once the port is ready.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        *peers[1].lock().unwrap() = Some(a);
+        c.host_event(1, HostEvent::Connected);
+        driver_says(&mut c, &m, 0, DEVICE_READY, 1);
+        assert_eq!(
+            device_says(&mut c, &m),
+            vec![(0, DEVICE_ADD, 0, vec![]), (1, DEVICE_ADD, 0, vec![])]
+        );
+        driver_says(&mut c, &m, 0, PORT_READY, 1);
+        driver_says(&mut c, &m, 1, PORT_READY, 1);
+        assert_eq!(
+            device_says(&mut c, &m),
+            vec![
+                (0, PORT_NAME, 0, b"janus.agent".to_vec()),
+                (1, PORT_NAME, 0, b"janus.stdio".to_vec()),
+                (1, PORT_OPEN, 1, vec![]),
+            ]
+        );
+        // Host input waits until the guest opens the port.
+        c.host_event(1, HostEvent::Data(b"xyz".to_vec()));
+        let (rx1, tx1) = port_queues(1);
+        assert_eq!((rx1, tx1), (4, 5));
+        let (_mq, mut q) = queue(&m, &[(0x60000, 16, true)]);
+        assert!(!c.process_queue(rx1, &mut q, &m));
+        driver_says(&mut c, &m, 1, PORT_OPEN, 1);
+        assert!(c.take_kicks().contains(&rx1));
+        // (Mock queues share their ring addresses: a fresh one after each use.)
+        let (_mq, mut q) = queue(&m, &[(0x60000, 16, true)]);
+        assert!(c.process_queue(rx1, &mut q, &m));
+        let mut x = [0u8; 3];
+        m.read_slice(&mut x, GuestAddress(0x60000)).unwrap();
+        assert_eq!(&x, b"xyz");
+        // Guest output on port 1 reaches port 1's peer only.
+        m.write_slice(b"out", GuestAddress(0x70000)).unwrap();
+        let (_mq, mut q) = queue(&m, &[(0x70000, 3, false)]);
+        assert!(c.process_queue(tx1, &mut q, &m));
+        let mut got = [0u8; 3];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out");
+        // The peer leaves: the guest is told.
+        c.host_event(1, HostEvent::Disconnected);
+        assert_eq!(device_says(&mut c, &m), vec![(1, PORT_OPEN, 0, vec![])]);
+        // Malformed: a short control message and an unknown port are ignored.
+        m.write_slice(&[1, 2, 3], GuestAddress(0x40000)).unwrap();
+        let (_mq, mut q) = queue(&m, &[(0x40000, 3, false)]);
+        assert!(c.process_queue(CTRL_TX, &mut q, &m));
+        driver_says(&mut c, &m, 9, PORT_OPEN, 1);
+        c.host_event(9, HostEvent::Connected);
+        // A control buffer too small for a name is used empty, the message kept.
+        c.reset();
+        c.ack_features(F_MULTIPORT);
+        driver_says(&mut c, &m, 0, PORT_READY, 1);
+        let (mq, mut q) = queue(&m, &[(0x50000, 4, true)]);
+        assert!(c.process_queue(CTRL_RX, &mut q, &m));
+        assert_eq!(
+            m.read_obj::<u32>(mq.used_addr().unchecked_add(8)).unwrap(),
+            0
+        );
+        assert_eq!(device_says(&mut c, &m).len(), 1);
+    }
+
+    #[test]
+    fn without_multiport_only_port_zero_exists() {
+        let m = mem();
+        let mut c = Console::new(vec![
+            (Some("a".into()), Peer::default()),
+            (Some("b".into()), Peer::default()),
+        ]);
+        c.ack_features(0);
+        let (_mq, mut q) = queue(&m, &[(0x40000, 8, false)]);
+        assert!(!c.process_queue(CTRL_TX, &mut q, &m));
+        assert!(!c.process_queue(5, &mut q, &m));
+        // Port 0 flows without any PORT_OPEN.
+        c.host_event(0, HostEvent::Data(b"hi".to_vec()));
+        let (_mq, mut q) = queue(&m, &[(0x60000, 16, true)]);
+        assert!(c.process_queue(RX, &mut q, &m));
     }
 }

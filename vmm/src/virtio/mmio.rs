@@ -209,6 +209,7 @@ impl MmioTransport {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
+            self.device.ack_features(self.driver_features);
         }
         let known = STATUS_ACKNOWLEDGE
             | STATUS_DRIVER
@@ -230,13 +231,21 @@ impl MmioTransport {
         if !q.ready() || !q.is_valid(&self.mem) {
             return;
         }
-        if self.device.process_queue(index, q, &self.mem) {
-            self.interrupt_status |= INT_VRING;
-            std::sync::atomic::fence(Ordering::SeqCst);
-            if let Err(e) = self.irq.0.write(1) {
-                log::warn!("virtio-mmio interrupt: {e}");
+        let used = self.device.process_queue(index, q, &self.mem);
+        self.finish(used);
+    }
+
+    /// Processes queues `indices` (ready and valid ones); true when buffers were used.
+    fn process(&mut self, indices: &[usize]) -> bool {
+        let mut used = false;
+        for &i in indices {
+            if let Some(q) = self.queues.get_mut(i) {
+                if q.ready() && q.is_valid(&self.mem) {
+                    used |= self.device.process_queue(i, q, &self.mem);
+                }
             }
         }
+        used
     }
 
     /// Host-side input for the device (e.g. a received frame), delivered if the driver has
@@ -244,6 +253,43 @@ impl MmioTransport {
     pub fn input(&mut self, data: Vec<u8>) {
         if let Some(q) = self.device.input(data) {
             self.notify(q);
+        } else {
+            self.kicked();
+        }
+    }
+
+    /// A host-side event on port `port` of the device.
+    pub fn host_event(&mut self, port: usize, ev: super::HostEvent) {
+        self.device.host_event(port, ev);
+        self.kicked();
+    }
+
+    /// Runs the queues the device asked for, if it is live.
+    fn kicked(&mut self) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
+            // Nothing to run yet: the device keeps its data until the driver notifies.
+            self.device.take_kicks();
+            return;
+        }
+        self.finish(false);
+    }
+
+    /// Runs follow-up work the device asked for (bounded: a device cannot keep us here),
+    /// then raises the interrupt if buffers were used.
+    fn finish(&mut self, mut used: bool) {
+        for _ in 0..8 {
+            let kicks = self.device.take_kicks();
+            if kicks.is_empty() {
+                break;
+            }
+            used |= self.process(&kicks);
+        }
+        if used {
+            self.interrupt_status |= INT_VRING;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if let Err(e) = self.irq.0.write(1) {
+                log::warn!("virtio-mmio interrupt: {e}");
+            }
         }
     }
 

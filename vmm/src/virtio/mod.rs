@@ -40,6 +40,23 @@ pub trait VirtioDevice: Send {
     fn input(&mut self, _data: Vec<u8>) -> Option<usize> {
         None
     }
+    /// The driver's accepted features (FEATURES_OK was set).
+    fn ack_features(&mut self, _features: u64) {}
+    /// Something happened on the host side of port `port` (console ports).
+    fn host_event(&mut self, _port: usize, _ev: HostEvent) {}
+    /// Queues the device wants processed next, e.g. a control reply to deliver after the
+    /// driver's control message, or input that arrived for a port.
+    fn take_kicks(&mut self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// What happened on the host side of a device's port.
+#[derive(Debug)]
+pub enum HostEvent {
+    Connected,
+    Data(Vec<u8>),
+    Disconnected,
 }
 
 /// Reads `data.len()` bytes at `offset` of a config space image.
