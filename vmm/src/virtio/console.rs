@@ -250,13 +250,10 @@ impl Console {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let mut msg = Vec::new();
-            match Reader::new(mem, chain) {
-                Ok(mut r) if r.available_bytes() <= 4096 => {
-                    if r.read_to_end(&mut msg).is_err() {
-                        msg.clear();
-                    }
+            if let Ok(mut r) = Reader::new(mem, chain) {
+                if r.available_bytes() <= 4096 && r.read_to_end(&mut msg).is_err() {
+                    msg.clear();
                 }
-                _ => {}
             }
             if msg.len() >= CTRL_HEADER {
                 let id = u32::from_le_bytes(msg[0..4].try_into().unwrap_or_default());
