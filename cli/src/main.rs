@@ -65,8 +65,8 @@ fn default_guest_dir() -> PathBuf {
 /// config selects VM mode, warnings otherwise (namespace mode needs none of it, but the
 /// `containerd-shim-janus-vm-v2` alias does).
 /// Returns whether everything VM mode needs is in place.
-fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool) -> bool {
-    use runtime::vm::{qemu, Hypervisor, VmConfig};
+fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool, builtin: bool) -> bool {
+    use runtime::vm::{builtin::Builtin, qemu, Hypervisor, VmConfig};
     let bad = if required { Level::Fail } else { Level::Warn };
     match qemu::find_qemu(None) {
         Ok(q) => r.line(Level::Ok, "qemu", q.display().to_string()),
@@ -112,8 +112,15 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool) -> bool {
             return false;
         }
     };
+    // The driver the config selects (builtin only gets here with vmx/svm present).
+    let driver: Box<dyn Hypervisor> = if builtin {
+        Box::new(Builtin::new())
+    } else {
+        Box::new(qemu::Qemu::new())
+    };
+    let vmm = if builtin { "janus-vmm" } else { "QEMU" };
     let res = rt.block_on(async {
-        let vm = qemu::Qemu::new().start(&cfg).await?;
+        let vm = driver.start(&cfg).await?;
         let conn = vm.connect_agent(None).await;
         let elapsed = vm.started_at().elapsed();
         let accel = vm.accel();
@@ -125,7 +132,7 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool) -> bool {
             Level::Ok,
             "test boot",
             format!(
-                "agent {version} ready {} ms after QEMU start ({accel})",
+                "agent {version} ready {} ms after {vmm} start ({accel})",
                 t.as_millis()
             ),
         ),
@@ -275,6 +282,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
 
     // config
     let mut vm_mode = false;
+    let mut hypervisor = "qemu".to_string();
     match std::fs::read_to_string(config) {
         Ok(text) => match text.parse::<toml::Table>() {
             Ok(t) => {
@@ -283,6 +291,13 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
                     .and_then(|m| m.as_str())
                     .unwrap_or("namespace");
                 vm_mode = mode == "vm";
+                if let Some(h) = t
+                    .get("vm")
+                    .and_then(|v| v.get("hypervisor"))
+                    .and_then(|h| h.as_str())
+                {
+                    hypervisor = h.to_string();
+                }
                 r.line(
                     Level::Ok,
                     "config",
@@ -317,26 +332,40 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
         (_, false) => "no /dev/kvm: VMs would use TCG (software emulation)".to_string(),
     };
     r.line(Level::Ok, "virtualization", accel);
-    // Which VMM a VM would get. Our own (janus-vmm) runs Linux only on hardware
-    // virtualization: a software KVM (no vmx/svm, e.g. nested PVM) emulates guest kernel code
-    // one instruction at a time and cannot run all of it.
-    let builtin = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("janus-vmm")))
-        .filter(|p| p.is_file());
-    let driver = match (hw && kvm, builtin) {
-        (true, Some(b)) => format!(
-            "qemu with KVM; janus-vmm at {} could run guests here (the builtin driver is not \
-             selectable yet)",
-            b.display()
-        ),
-        (true, None) => "qemu with KVM".to_string(),
-        (false, _) => {
-            "qemu with TCG; janus-vmm (builtin) needs vmx/svm to run Linux guests".to_string()
-        }
+    // Which VMM a VM would get. Our own (janus-vmm, vm.hypervisor = "builtin") runs Linux
+    // only on hardware virtualization: a software KVM (no vmx/svm, e.g. nested PVM) emulates
+    // guest kernel code one instruction at a time and cannot run all of it.
+    let vmm = runtime::vm::builtin::find_vmm(None);
+    let vmm_at = match &vmm {
+        Ok(p) => format!("janus-vmm at {}", p.display()),
+        Err(e) => e.to_string(),
     };
-    r.line(Level::Ok, "hypervisor driver", driver);
-    let vm_ready = vm_checks(&mut r, guest_dir, vm_mode);
+    let (level, driver) = match (hypervisor.as_str(), hw && kvm, &vmm) {
+        ("builtin", true, Ok(_)) => (Level::Ok, format!("builtin ({vmm_at}) with KVM")),
+        ("builtin", true, Err(_)) => (Level::Fail, format!("builtin, but {vmm_at}")),
+        ("builtin", false, _) => (
+            if vm_mode { Level::Fail } else { Level::Warn },
+            "vm.hypervisor = \"builtin\" needs vmx/svm, which this CPU lacks: VM containers \
+             would fail; use hypervisor = \"qemu\" (TCG) here"
+                .to_string(),
+        ),
+        ("qemu", true, _) => (
+            Level::Ok,
+            format!("qemu with KVM (vm.hypervisor = \"builtin\" would use {vmm_at})"),
+        ),
+        ("qemu", false, _) => (
+            Level::Ok,
+            "qemu with TCG; the builtin driver (janus-vmm) needs vmx/svm to run Linux guests"
+                .to_string(),
+        ),
+        (other, _, _) => (
+            Level::Fail,
+            format!("vm.hypervisor = {other:?}: \"qemu\" or \"builtin\""),
+        ),
+    };
+    r.line(level, "hypervisor driver", driver);
+    let builtin_ok = hypervisor == "builtin" && level == Level::Ok;
+    let vm_ready = vm_checks(&mut r, guest_dir, vm_mode, builtin_ok) && level != Level::Fail;
 
     println!();
     if r.failed {

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::Spec;
 use protocols::agent as pa;
 use runtime::aio;
-use runtime::vm::{agent, qemu::Qemu, AgentClient, Hypervisor, StdioPlane, Vm};
+use runtime::vm::{
+    agent, builtin::Builtin, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm,
+};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -60,6 +62,27 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
         runtime::vm::Error::AgentTimeout { .. } => ShimError::DeadlineExceeded(e.to_string()),
         runtime::vm::Error::Agent(t) => rpc(t),
         _ => ShimError::Internal(e.to_string()),
+    }
+}
+
+/// The driver for the config's `vm.hypervisor`: "qemu" (the default) or "builtin" (janus-vmm,
+/// which needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it,
+/// so the container fails at once with FailedPrecondition instead of hanging in boot).
+pub fn hypervisor(name: Option<&str>) -> std::result::Result<Box<dyn Hypervisor>, ShimError> {
+    match name.unwrap_or("qemu") {
+        "qemu" => Ok(Box::new(Qemu::new())),
+        "builtin" => match runtime::vm::builtin::hardware_virtualization() {
+            Some(_) => Ok(Box::new(Builtin::new())),
+            None => Err(ShimError::FailedPrecondition(
+                "vm.hypervisor = \"builtin\" needs hardware virtualization, but this CPU shows \
+                 neither vmx nor svm (a nested software KVM cannot boot Linux): use \
+                 hypervisor = \"qemu\", which falls back to software emulation"
+                    .into(),
+            )),
+        },
+        other => Err(ShimError::InvalidArgument(format!(
+            "vm.hypervisor = {other:?}: \"qemu\" or \"builtin\""
+        ))),
     }
 }
 
@@ -167,13 +190,7 @@ impl VmPod {
                 )));
             }
         }
-        if let Some(h) = config.vm.hypervisor.as_deref() {
-            if h != "qemu" {
-                return Err(ShimError::InvalidArgument(format!(
-                    "vm.hypervisor = {h:?}: only \"qemu\" is available in this build"
-                )));
-            }
-        }
+        let hypervisor = hypervisor(config.vm.hypervisor.as_deref())?;
         if !Path::new(VIRTIOFSD).is_file() {
             return Err(ShimError::FailedPrecondition(format!(
                 "virtiofsd not found at {VIRTIOFSD}: apt-get install qemu-system-x86 (Debian ships it with QEMU)"
@@ -270,20 +287,17 @@ impl VmPod {
                 crate::vmnet::teardown(&n.netns, &n.host_if);
             }
         };
-        cfg.extra_args = vec![
-            // `ps` names the container on the QEMU command line.
-            "-name".into(),
-            id.to_string(),
-            "-chardev".into(),
-            format!("socket,id=vfs,path={}", vfs_sock.display()),
-            "-device".into(),
-            format!("vhost-user-fs-device,chardev=vfs,tag={SHARE_TAG}"),
-        ];
+        // `ps` names the container on the VMM's command line.
+        cfg.name = Some(id.to_string());
+        cfg.fs = Some(FsShare {
+            tag: SHARE_TAG.into(),
+            socket: vfs_sock.clone(),
+        });
         if let Some(n) = &net {
             cfg.netns = Some(n.netns.clone());
-            cfg.extra_args.extend(n.qemu_args());
+            cfg.net.push(n.device());
         }
-        let vm: Arc<dyn Vm> = match Qemu::new().start(&cfg).await {
+        let vm: Arc<dyn Vm> = match hypervisor.start(&cfg).await {
             Ok(v) => Arc::from(v),
             Err(e) => {
                 kill_vfs();

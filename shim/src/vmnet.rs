@@ -199,14 +199,12 @@ pub fn teardown(netns: &Path, host_if: &str) {
 }
 
 impl PodNet {
-    /// QEMU's device on the tap, with the interface's MAC.
-    pub fn qemu_args(&self) -> Vec<String> {
-        vec![
-            "-netdev".into(),
-            format!("tap,id=pod0,ifname={TAP},script=no,downscript=no"),
-            "-device".into(),
-            format!("virtio-net-device,netdev=pod0,mac={}", self.iface.mac),
-        ]
+    /// The VM's network device: the tap, with the interface's MAC.
+    pub fn device(&self) -> runtime::vm::NetDevice {
+        runtime::vm::NetDevice {
+            tap: TAP.into(),
+            mac: self.iface.mac.clone(),
+        }
     }
 }
 

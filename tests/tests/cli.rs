@@ -90,3 +90,40 @@ fn check_fails_with_a_reason_on_a_broken_config() {
         "{out}"
     );
 }
+
+/// `janus check` names the builtin driver's state: usable with KVM where the CPU has vmx/svm,
+/// a failure (VM mode configured) where it has not, saying what to use instead.
+#[test]
+fn check_reports_the_builtin_driver() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("builtin.toml");
+    std::fs::write(&cfg, "mode = \"vm\"\n[vm]\nhypervisor = \"builtin\"\n").unwrap();
+    let o = Command::new(janus_cli())
+        .args(["check", "--address", "/nonexistent.sock", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|w| w == "vmx" || w == "svm"));
+    let line = out
+        .lines()
+        .find(|l| l.contains("hypervisor driver"))
+        .unwrap_or_else(|| panic!("no hypervisor driver line:\n{out}"));
+    if hw {
+        eprintln!("check_reports_the_builtin_driver: CPU has vmx/svm: expecting builtin with KVM");
+        assert!(line.starts_with("[ok  ]"), "{line}");
+        assert!(line.contains("builtin (janus-vmm at"), "{line}");
+    } else {
+        eprintln!("check_reports_the_builtin_driver: CPU has no vmx/svm: expecting a failure");
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            line.contains("FAIL") && line.contains("needs vmx/svm"),
+            "{line}"
+        );
+        assert!(line.contains("hypervisor = \"qemu\""), "{line}");
+    }
+}

@@ -4,7 +4,7 @@
 //!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
 //!           [--timeout-ms N] [--disk PATH[,ro]]... [--tap NAME[,mac=M]]... [--shared-memory]
 //!           [--console-socket PATH] [--port NAME=PATH]...
-//!           [--no-seccomp]
+//!           [--pidfile PATH] [--name NAME] [--no-seccomp]
 //!           [--acpi-dump DIR]
 //!
 //! Exit status: 0 when the guest powered off or reset, 1 on an error, 2 on a triple fault or
@@ -17,8 +17,17 @@ use anyhow::{bail, Context};
 use vmm::boot::Preference;
 use vmm::{Vm, VmConfig, VmExit};
 
-fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
+/// What the command line asks for.
+struct Args {
+    cfg: VmConfig,
+    timeout: Option<Duration>,
+    acpi_dump: Option<PathBuf>,
+    pidfile: Option<PathBuf>,
+}
+
+fn parse() -> anyhow::Result<Args> {
     let mut cfg = VmConfig::default();
+    let mut pidfile = None;
     let mut timeout = None;
     let mut dump = None;
     let mut args = std::env::args().skip(1);
@@ -64,6 +73,11 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
                 cfg.taps.push((name, mac));
             }
             "--no-seccomp" => cfg.seccomp = false,
+            "--pidfile" => pidfile = Some(PathBuf::from(val()?)),
+            // Only there for `ps`: which container this VM runs.
+            "--name" => {
+                val()?;
+            }
             "--disk" => {
                 // PATH or PATH,ro
                 let v = val()?;
@@ -95,7 +109,12 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
     if dump.is_none() && cfg.kernel.as_os_str().is_empty() {
         bail!("--kernel is required");
     }
-    Ok((cfg, timeout, dump))
+    Ok(Args {
+        cfg,
+        timeout,
+        acpi_dump: dump,
+        pidfile,
+    })
 }
 
 fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
@@ -122,7 +141,16 @@ fn main() {
 }
 
 fn real_main(started: Instant) -> anyhow::Result<i32> {
-    let (cfg, timeout, dump) = parse()?;
+    let Args {
+        cfg,
+        timeout,
+        acpi_dump: dump,
+        pidfile,
+    } = parse()?;
+    if let Some(p) = &pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("pidfile {}", p.display()))?;
+    }
     if let Some(dir) = dump {
         // The tables as the guest would get them, one file per table (for iasl -d).
         std::fs::create_dir_all(&dir)?;

@@ -25,7 +25,7 @@ pub enum Error {
     /// stderr (its argument and device errors land there).
     #[error(
         "VM boot failed: {reason}{}{}",
-        section("QEMU said", qemu_log),
+        section("the VMM said", qemu_log),
         section("guest console (tail)", console_tail)
     )]
     Boot {

@@ -2,7 +2,9 @@
 //! [`agent`] module talks ttrpc to the in-guest agent (`vm-agent`) over the VM's agent channel.
 //!
 //! Drivers: [`qemu::Qemu`] (`qemu-system-x86_64 -M microvm`, KVM when the CPU has vmx/svm and
-//! /dev/kvm opens, TCG otherwise). The builtin VMM comes later behind the same traits.
+//! /dev/kvm opens, TCG otherwise) and [`builtin::Builtin`] (our own `janus-vmm`, KVM only).
+//! Both give the guest the same devices: two named console ports for the agent and stdio,
+//! virtio-fs through virtiofsd, virtio-net on a tap, the serial console in a log file.
 //!
 //! Every VM owns a work directory (sockets, console log, QEMU's log and pidfile). Dropping the
 //! [`Vm`] kills a still-running VMM with SIGKILL, reaps it and removes that directory; a crashed
@@ -13,6 +15,7 @@
 //! A reaper that does so can hand the status over with [`record_reaped`].
 
 pub mod agent;
+pub mod builtin;
 mod error;
 mod process;
 pub mod qemu;
@@ -109,6 +112,29 @@ pub struct VmConfig {
     /// Run the VMM in this network namespace (a pod's, given as a path such as CNI's netns
     /// file), so its tap devices are the pod's.
     pub netns: Option<PathBuf>,
+    /// A name for the VM on the VMM's command line (`ps` shows which container it runs).
+    pub name: Option<String>,
+    /// virtio-fs through a vhost-user backend (virtiofsd); needs `shared_memory`.
+    pub fs: Option<FsShare>,
+    /// virtio-net devices, each on an existing tap (in `netns`).
+    pub net: Vec<NetDevice>,
+}
+
+/// A virtio-fs device served by a vhost-user backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsShare {
+    /// What the guest mounts (`mount -t virtiofs <tag> ...`).
+    pub tag: String,
+    /// The backend's (virtiofsd's) socket.
+    pub socket: PathBuf,
+}
+
+/// A virtio-net device on a tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetDevice {
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`, the guest interface's address.
+    pub mac: String,
 }
 
 impl VmConfig {
@@ -126,6 +152,9 @@ impl VmConfig {
             extra_args: Vec::new(),
             keep_work_dir: false,
             netns: None,
+            name: None,
+            fs: None,
+            net: Vec::new(),
         }
     }
 

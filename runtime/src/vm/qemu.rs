@@ -124,7 +124,7 @@ fn decide_accel(
 }
 
 /// "vmx" or "svm" when a `flags` line of /proc/cpuinfo lists it.
-fn cpu_virt_flag(cpuinfo: &str) -> Option<&'static str> {
+pub(super) fn cpu_virt_flag(cpuinfo: &str) -> Option<&'static str> {
     for line in cpuinfo.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
@@ -350,6 +350,25 @@ pub fn qemu_args(cfg: &VmConfig, wd: &WorkDir, accel: Accel, cmdline: &str) -> V
             cfg.memory_mib
         ));
     }
+    if let Some(name) = &cfg.name {
+        a.push("-name".into());
+        a.push(opt_path(Path::new(name)));
+    }
+    if let Some(fs) = &cfg.fs {
+        a.push("-chardev".into());
+        a.push(format!("socket,id=vfs,path={}", opt_path(&fs.socket)));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=vfs,tag={}", fs.tag));
+    }
+    for (i, n) in cfg.net.iter().enumerate() {
+        a.push("-netdev".into());
+        a.push(format!(
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            n.tap
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net{i},mac={}", n.mac));
+    }
     a.extend(cfg.extra_args.iter().cloned());
     a
 }
@@ -358,17 +377,34 @@ pub fn qemu_args(cfg: &VmConfig, wd: &WorkDir, accel: Accel, cmdline: &str) -> V
 /// `dir`, so a recycled pid is left alone) and removes `dir`. For the shim's `delete` after a
 /// crash. Returns whether a QEMU was killed.
 pub fn cleanup_work_dir(dir: &Path) -> Result<bool> {
-    let wd = WorkDir::new(dir);
     let mut killed = false;
-    if let Some(pid) = fs::read_to_string(&wd.pidfile)
+    // QEMU's pidfile, or janus-vmm's (the builtin driver).
+    for pidfile in [
+        WorkDir::new(dir).pidfile,
+        dir.join(super::builtin::VMM_PIDFILE),
+    ] {
+        killed |= kill_recorded(&pidfile);
+    }
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
+    }
+    Ok(killed)
+}
+
+/// SIGKILLs the process recorded in `pidfile` if its command line names the pidfile.
+fn kill_recorded(pidfile: &Path) -> bool {
+    let mut killed = false;
+    if let Some(pid) = fs::read_to_string(pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .filter(|p| *p > 0)
     {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let needle = wd.pidfile.as_os_str().as_bytes();
+        let needle = pidfile.as_os_str().as_bytes();
         if cmdline.windows(needle.len()).any(|w| w == needle) {
-            log::warn!("vm: killing leftover qemu {pid} of {}", dir.display());
+            log::warn!("vm: killing leftover VMM {pid} of {}", pidfile.display());
             // SAFETY: kill(2) on a pid whose command line we just checked.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             killed = true;
@@ -388,12 +424,7 @@ pub fn cleanup_work_dir(dir: &Path) -> Result<bool> {
             }
         }
     }
-    match fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
-    }
-    Ok(killed)
+    killed
 }
 
 fn fresh_work_dir() -> PathBuf {
@@ -411,7 +442,13 @@ fn fresh_work_dir() -> PathBuf {
 }
 
 /// A VM run by QEMU.
-pub struct QemuVm {
+pub type QemuVm = ProcessVm;
+
+/// A VM run by a VMM process (QEMU, or janus-vmm for the builtin driver): its work directory,
+/// the host ends of the guest channels, the agent client.
+pub struct ProcessVm {
+    /// Who runs it, for messages ("QEMU", "janus-vmm").
+    vmm: &'static str,
     proc: Arc<Process>,
     accel: AccelChoice,
     wd: WorkDir,
@@ -425,7 +462,7 @@ pub struct QemuVm {
 }
 
 /// A QMP (QEMU Machine Protocol) connection: JSON lines.
-struct Qmp {
+pub(super) struct Qmp {
     reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
 }
@@ -470,9 +507,10 @@ impl Qmp {
     }
 }
 
-impl std::fmt::Debug for QemuVm {
+impl std::fmt::Debug for ProcessVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuVm")
+        f.debug_struct("ProcessVm")
+            .field("vmm", &self.vmm)
             .field("pid", &self.proc.pid())
             .field("accel", &self.accel)
             .field("work_dir", &self.wd.dir)
@@ -480,30 +518,161 @@ impl std::fmt::Debug for QemuVm {
     }
 }
 
-impl QemuVm {
-    pub async fn start(cfg: &VmConfig) -> Result<QemuVm> {
-        let qemu = find_qemu(cfg.vmm_binary.as_deref())?;
-        for (what, p) in [
-            ("guest kernel", &cfg.kernel),
-            ("guest initramfs", &cfg.initrd),
-        ] {
-            if !p.is_file() {
-                return Err(Error::MissingAsset {
-                    what: what.into(),
-                    path: p.clone(),
-                    hint: super::GUEST_HINT.into(),
-                });
+/// Checks what every driver needs before spawning: kernel, initramfs, sizes.
+pub(super) fn check_config(cfg: &VmConfig) -> Result<()> {
+    for (what, p) in [
+        ("guest kernel", &cfg.kernel),
+        ("guest initramfs", &cfg.initrd),
+    ] {
+        if !p.is_file() {
+            return Err(Error::MissingAsset {
+                what: what.into(),
+                path: p.clone(),
+                hint: super::GUEST_HINT.into(),
+            });
+        }
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > 255 {
+        return Err(Error::Config(format!("vcpus = {} (1..=255)", cfg.vcpus)));
+    }
+    if cfg.memory_mib < 64 {
+        return Err(Error::Config(format!(
+            "memory = {} MiB (at least 64)",
+            cfg.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the VM's work directory (removing a previous VM's of the same name); the guard
+/// removes it again unless disarmed.
+pub(super) fn prepare_work_dir(cfg: &VmConfig) -> Result<(WorkDir, DirGuard)> {
+    let dir = cfg.work_dir.clone().unwrap_or_else(fresh_work_dir);
+    let wd = WorkDir::new(&dir);
+    let longest = [&wd.agent_sock, &wd.stdio_sock, &wd.qmp_sock]
+        .iter()
+        .map(|p| p.as_os_str().len())
+        .max()
+        .unwrap_or(0);
+    if longest > SUN_PATH_MAX {
+        return Err(Error::Config(format!(
+            "work dir {} is too long for unix sockets ({longest} > {SUN_PATH_MAX} bytes)",
+            dir.display()
+        )));
+    }
+    if dir.exists() {
+        // A previous VM of the same name: make sure it is gone.
+        cleanup_work_dir(&dir)?;
+    }
+    fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    Ok((wd, DirGuard(Some(dir), cfg.keep_work_dir)))
+}
+
+/// Spawns the VMM with its output into the work directory's log, in `cfg.netns` if set.
+pub(super) fn spawn_vmm(
+    binary: &Path,
+    args: &[String],
+    wd: &WorkDir,
+    cfg: &VmConfig,
+) -> Result<Process> {
+    let log_file =
+        fs::File::create(&wd.qemu_log).ctx(|| format!("create {}", wd.qemu_log.display()))?;
+    let log_err = log_file.try_clone().ctx(|| "dup vmm log")?;
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .current_dir(&wd.dir);
+    if let Some(ns) = &cfg.netns {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let f = fs::File::open(ns).ctx(|| format!("open network namespace {}", ns.display()))?;
+        // SAFETY: setns(2) is async-signal-safe; `f` outlives the spawn (the closure owns
+        // it) and is CLOEXEC, so the VMM does not inherit it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    log::debug!("vm: {} {}", binary.display(), args.join(" "));
+    Process::spawn(&mut cmd).ctx(|| format!("spawn {}", binary.display()))
+}
+
+/// Connects the host ends of the agent and stdio ports (plus whatever `more` does) while
+/// watching the VMM: its exit, or nothing within [`SOCKET_WAIT`], is a boot error.
+pub(super) async fn connect_channels<T>(
+    vmm: &str,
+    proc: &Process,
+    wd: &WorkDir,
+    more: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<(UnixStream, UnixStream, T)> {
+    let connect = async {
+        let mut last = String::new();
+        let a = agent::connect_socket(&wd.agent_sock, &mut last).await;
+        let s = agent::connect_socket(&wd.stdio_sock, &mut last).await;
+        more.await.map(|m| (a, s, m))
+    };
+    tokio::select! {
+        r = tokio::time::timeout(SOCKET_WAIT, connect) => match r {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => {
+                // The handshake broke: most likely the VMM is exiting. Prefer its status.
+                let exit = tokio::time::timeout(Duration::from_secs(2), proc.wait()).await;
+                let why = match exit {
+                    Ok(Ok(exit)) => format!("{vmm} exited at start ({exit})"),
+                    _ => format!("{vmm} handshake failed: {e}"),
+                };
+                Err(boot_error(wd, why))
             }
+            Err(_) => Err(boot_error(
+                wd,
+                format!("{vmm} did not come up within {SOCKET_WAIT:?}"),
+            )),
+        },
+        exit = proc.wait() => {
+            let exit = exit.ctx(|| format!("wait for {vmm}"))?;
+            Err(boot_error(wd, format!("{vmm} exited at start ({exit})")))
         }
-        if cfg.vcpus == 0 || cfg.vcpus > 255 {
-            return Err(Error::Config(format!("vcpus = {} (1..=255)", cfg.vcpus)));
+    }
+}
+
+impl ProcessVm {
+    /// A VM whose VMM process is up and whose channels are connected.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        vmm: &'static str,
+        proc: Process,
+        accel: AccelChoice,
+        wd: WorkDir,
+        started: Instant,
+        keep_dir: bool,
+        channels: (UnixStream, UnixStream),
+        qmp: Option<Qmp>,
+    ) -> ProcessVm {
+        ProcessVm {
+            vmm,
+            proc: Arc::new(proc),
+            accel,
+            wd,
+            started,
+            keep_dir,
+            agent_stream: Mutex::new(Some(channels.0)),
+            stdio_stream: Mutex::new(Some(channels.1)),
+            agent: Mutex::new(None),
+            qmp: tokio::sync::Mutex::new(qmp),
+            removed: AtomicBool::new(false),
         }
-        if cfg.memory_mib < 64 {
-            return Err(Error::Config(format!(
-                "memory = {} MiB (at least 64)",
-                cfg.memory_mib
-            )));
-        }
+    }
+
+    /// Boots a VM with QEMU.
+    pub async fn start(cfg: &VmConfig) -> Result<ProcessVm> {
+        let qemu = find_qemu(cfg.vmm_binary.as_deref())?;
+        check_config(cfg)?;
         let accel = choose_accel(cfg.accel)?;
         let tsc = if accel.accel == Accel::Tcg {
             host_tsc_khz()
@@ -513,58 +682,11 @@ impl QemuVm {
         if accel.accel == Accel::Tcg && tsc.is_none() {
             log::warn!("vm: host TSC frequency unknown: no tsc_early_khz= (microvm under TCG may hang at boot)");
         }
-
-        let dir = cfg.work_dir.clone().unwrap_or_else(fresh_work_dir);
-        let wd = WorkDir::new(&dir);
-        let longest = [&wd.agent_sock, &wd.stdio_sock, &wd.qmp_sock]
-            .iter()
-            .map(|p| p.as_os_str().len())
-            .max()
-            .unwrap_or(0);
-        if longest > SUN_PATH_MAX {
-            return Err(Error::Config(format!(
-                "work dir {} is too long for unix sockets ({longest} > {SUN_PATH_MAX} bytes)",
-                dir.display()
-            )));
-        }
-        if dir.exists() {
-            // A previous VM of the same name: make sure it is gone.
-            cleanup_work_dir(&dir)?;
-        }
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        // From here on the directory is ours: remove it on every error path.
-        let dir_guard = DirGuard(Some(dir.clone()), cfg.keep_work_dir);
-
+        let (wd, mut dir_guard) = prepare_work_dir(cfg)?;
         let cmdline = kernel_cmdline(accel.accel, tsc, &cfg.kernel_params);
         let args = qemu_args(cfg, &wd, accel.accel, &cmdline);
-        let log_file =
-            fs::File::create(&wd.qemu_log).ctx(|| format!("create {}", wd.qemu_log.display()))?;
-        let log_err = log_file.try_clone().ctx(|| "dup qemu log")?;
-        let mut cmd = Command::new(&qemu);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .current_dir(&dir);
-        if let Some(ns) = &cfg.netns {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let f =
-                fs::File::open(ns).ctx(|| format!("open network namespace {}", ns.display()))?;
-            // SAFETY: setns(2) is async-signal-safe; `f` outlives the spawn (the closure owns
-            // it) and is CLOEXEC, so QEMU does not inherit it.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        log::debug!("vm: {} {}", qemu.display(), args.join(" "));
         let started = Instant::now();
-        let proc = Process::spawn(&mut cmd).ctx(|| format!("spawn {}", qemu.display()))?;
+        let proc = spawn_vmm(&qemu, &args, &wd, cfg)?;
         log::info!(
             "vm: qemu pid {} accel={} ({}), {} vCPU, {} MiB, kernel {}, work dir {}",
             proc.pid(),
@@ -573,68 +695,35 @@ impl QemuVm {
             cfg.vcpus,
             cfg.memory_mib,
             cfg.kernel.display(),
-            dir.display()
+            wd.dir.display()
         );
-        let proc = Arc::new(proc);
-
         // Connect the host ends right away: the guest sees POLLHUP on a port without one.
         // Then a QMP handshake: QEMU answers qmp_capabilities from its main loop, i.e. once
         // every device was created (a bad -device makes QEMU exit after the chardev sockets
-        // already exist).
-        let connect = async {
+        // already exist). On error, dropping `proc` kills QEMU; the guard removes the dir.
+        let qmp = async {
             let mut last = String::new();
-            let a = agent::connect_socket(&wd.agent_sock, &mut last).await;
-            let s = agent::connect_socket(&wd.stdio_sock, &mut last).await;
             let q = agent::connect_socket(&wd.qmp_sock, &mut last).await;
             let mut qmp = Qmp::new(q);
-            qmp.execute("qmp_capabilities", None)
-                .await
-                .map(|_| (a, s, qmp))
+            qmp.execute("qmp_capabilities", None).await.map(|_| qmp)
         };
-        let (agent_stream, stdio_stream, qmp) = tokio::select! {
-            r = tokio::time::timeout(SOCKET_WAIT, connect) => match r {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    // QMP broke: most likely QEMU is exiting. Prefer its exit status.
-                    let exit = tokio::time::timeout(Duration::from_secs(2), proc.wait()).await;
-                    let why = match exit {
-                        Ok(Ok(exit)) => format!("QEMU exited at start ({exit})"),
-                        _ => format!("QMP handshake failed: {e}"),
-                    };
-                    return Err(boot_error(&wd, why));
-                }
-                Err(_) => {
-                    // Dropping `proc` kills QEMU; the guard removes the directory.
-                    return Err(boot_error(
-                        &wd,
-                        format!("QEMU did not come up within {SOCKET_WAIT:?}"),
-                    ));
-                }
-            },
-            exit = proc.wait() => {
-                let exit = exit.ctx(|| "wait for qemu")?;
-                return Err(boot_error(&wd, format!("QEMU exited at start ({exit})")));
-            }
-        };
+        let (agent_stream, stdio_stream, qmp) = connect_channels("QEMU", &proc, &wd, qmp).await?;
         log::debug!(
             "vm: qemu {} channels connected after {} ms",
             proc.pid(),
             started.elapsed().as_millis()
         );
-        let mut dir_guard = dir_guard;
-        dir_guard.0 = None;
-        Ok(QemuVm {
+        dir_guard.disarm();
+        Ok(ProcessVm::new(
+            "QEMU",
             proc,
             accel,
             wd,
             started,
-            keep_dir: cfg.keep_work_dir,
-            agent_stream: Mutex::new(Some(agent_stream)),
-            stdio_stream: Mutex::new(Some(stdio_stream)),
-            agent: Mutex::new(None),
-            qmp: tokio::sync::Mutex::new(Some(qmp)),
-            removed: AtomicBool::new(false),
-        })
+            cfg.keep_work_dir,
+            (agent_stream, stdio_stream),
+            Some(qmp),
+        ))
     }
 
     /// Runs a QMP command (`query-status`, `system_powerdown`, `device_add`...) and returns
@@ -651,7 +740,8 @@ impl QemuVm {
         let r = tokio::select! {
             r = conn.execute(command, arguments) => r,
             e = self.proc.wait() => Err(std::io::Error::other(format!(
-                "QEMU exited ({})",
+                "{} exited ({})",
+                self.vmm,
                 e.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string())
             ))),
         };
@@ -688,12 +778,12 @@ impl QemuVm {
         };
         boot_error(
             &self.wd,
-            format!("QEMU exited before the agent was ready ({what})"),
+            format!("{} exited before the agent was ready ({what})", self.vmm),
         )
     }
 }
 
-fn boot_error(wd: &WorkDir, reason: String) -> Error {
+pub(super) fn boot_error(wd: &WorkDir, reason: String) -> Error {
     Error::Boot {
         reason,
         console_tail: tail_lines(&wd.console_log, 40),
@@ -701,7 +791,14 @@ fn boot_error(wd: &WorkDir, reason: String) -> Error {
     }
 }
 
-struct DirGuard(Option<PathBuf>, bool);
+pub(super) struct DirGuard(Option<PathBuf>, bool);
+
+impl DirGuard {
+    /// The VM is up: its directory now goes with it.
+    pub(super) fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
@@ -712,7 +809,7 @@ impl Drop for DirGuard {
 }
 
 #[async_trait]
-impl Vm for QemuVm {
+impl Vm for ProcessVm {
     fn pid(&self) -> u32 {
         self.proc.pid()
     }
@@ -759,7 +856,8 @@ impl Vm for QemuVm {
         )
         .await?;
         log::info!(
-            "vm: qemu {} agent ready {} ms after spawn",
+            "vm: {} {} agent ready {} ms after spawn",
+            self.vmm,
             self.pid(),
             self.started.elapsed().as_millis()
         );
@@ -787,7 +885,12 @@ impl Vm for QemuVm {
 
     async fn shutdown(&self, timeout: Duration) -> Result<VmExit> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if self.proc.try_wait().ctx(|| "wait for qemu")?.is_none() {
+        if self
+            .proc
+            .try_wait()
+            .ctx(|| format!("wait for {}", self.vmm))?
+            .is_none()
+        {
             match self.agent() {
                 Some(client) => {
                     let empty = Empty::new();
@@ -807,8 +910,14 @@ impl Vm for QemuVm {
                     }
                 }
                 None => {
-                    log::debug!("vm: no agent connected: SIGTERM to qemu {}", self.pid());
-                    self.proc.signal(libc::SIGTERM).ctx(|| "signal qemu")?;
+                    log::debug!(
+                        "vm: no agent connected: SIGTERM to {} {}",
+                        self.vmm,
+                        self.pid()
+                    );
+                    self.proc
+                        .signal(libc::SIGTERM)
+                        .ctx(|| format!("signal {}", self.vmm))?;
                 }
             }
             if tokio::time::timeout_at(deadline, self.proc.wait())
@@ -816,41 +925,51 @@ impl Vm for QemuVm {
                 .is_err()
             {
                 log::warn!(
-                    "vm: qemu {} still running {timeout:?} after shutdown: SIGKILL",
+                    "vm: {} {} still running {timeout:?} after shutdown: SIGKILL",
+                    self.vmm,
                     self.pid()
                 );
-                self.proc.signal(libc::SIGKILL).ctx(|| "kill qemu")?;
+                self.proc
+                    .signal(libc::SIGKILL)
+                    .ctx(|| format!("kill {}", self.vmm))?;
             }
         }
         let exit = match tokio::time::timeout(Duration::from_secs(10), self.proc.wait()).await {
-            Ok(r) => r.ctx(|| "wait for qemu")?,
+            Ok(r) => r.ctx(|| format!("wait for {}", self.vmm))?,
             Err(_) => {
                 return Err(Error::io(
-                    format!("qemu {} did not exit after SIGKILL", self.pid()),
+                    format!("{} {} did not exit after SIGKILL", self.vmm, self.pid()),
                     std::io::Error::from(std::io::ErrorKind::TimedOut),
                 ))
             }
         };
-        log::info!("vm: qemu {} ended: {exit}", self.pid());
+        log::info!("vm: {} {} ended: {exit}", self.vmm, self.pid());
         self.agent.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.remove_dir();
         Ok(exit)
     }
 
     fn kill(&self) -> Result<()> {
-        self.proc.signal(libc::SIGKILL).ctx(|| "kill qemu")
+        self.proc
+            .signal(libc::SIGKILL)
+            .ctx(|| format!("kill {}", self.vmm))
     }
 
     async fn wait(&self) -> Result<VmExit> {
-        self.proc.wait().await.ctx(|| "wait for qemu")
+        self.proc
+            .wait()
+            .await
+            .ctx(|| format!("wait for {}", self.vmm))
     }
 
     fn try_wait(&self) -> Result<Option<VmExit>> {
-        self.proc.try_wait().ctx(|| "wait for qemu")
+        self.proc
+            .try_wait()
+            .ctx(|| format!("wait for {}", self.vmm))
     }
 }
 
-impl Drop for QemuVm {
+impl Drop for ProcessVm {
     fn drop(&mut self) {
         // Close our channel ends first, then make sure QEMU is gone (Process::drop SIGKILLs
         // and reaps it if we hold the last reference), then remove the directory.
