@@ -3,7 +3,7 @@
 //! janus-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
 //!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
 //!           [--timeout-ms N] [--disk PATH[,ro]]... [--tap NAME[,mac=M]]... [--shared-memory]
-//!           [--console-socket PATH]
+//!           [--console-socket PATH] [--fs TAG=SOCKET]... (--fs needs --shared-memory)
 //!           [--no-seccomp]
 //!           [--acpi-dump DIR]
 //!
@@ -39,6 +39,14 @@ fn parse() -> anyhow::Result<(VmConfig, Option<Duration>, Option<PathBuf>)> {
             "--acpi-dump" => dump = Some(PathBuf::from(val()?)),
             "--shared-memory" => cfg.shared_memory = true,
             "--console-socket" => cfg.console_socket = Some(val()?.into()),
+            "--fs" => {
+                // TAG=SOCKET: virtio-fs with the vhost-user backend (virtiofsd) at SOCKET.
+                let v = val()?;
+                let (tag, sock) = v
+                    .split_once('=')
+                    .with_context(|| format!("--fs {v}: TAG=SOCKET"))?;
+                cfg.fs.push((tag.to_string(), sock.into()));
+            }
             "--tap" => {
                 // NAME or NAME,mac=aa:bb:cc:dd:ee:ff
                 let v = val()?;
@@ -114,7 +122,8 @@ fn real_main(started: Instant) -> anyhow::Result<i32> {
     if let Some(dir) = dump {
         // The tables as the guest would get them, one file per table (for iasl -d).
         std::fs::create_dir_all(&dir)?;
-        let n = cfg.disks.len() + cfg.taps.len() + cfg.console_socket.is_some() as usize;
+        let n =
+            cfg.disks.len() + cfg.taps.len() + cfg.fs.len() + cfg.console_socket.is_some() as usize;
         let slots = vmm::vm::mmio_slots(n);
         for t in vmm::acpi::build(cfg.vcpus, &slots)? {
             std::fs::write(dir.join(format!("{}.dat", t.signature)), &t.bytes)?;

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::{
     VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use crate::devices::IrqLine;
 use crate::memory::GuestMemory;
@@ -215,7 +215,17 @@ impl MmioTransport {
             | STATUS_DRIVER_OK
             | STATUS_FEATURES_OK
             | STATUS_FAILED;
+        let going_live = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status = v & known;
+        if going_live {
+            if let Err(e) = self
+                .device
+                .activate(self.driver_features, &self.queues, &self.mem)
+            {
+                log::error!("virtio-mmio: {e}");
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
     }
 
     /// The driver notified queue `index`: process it if the device is live and the queue
@@ -231,11 +241,24 @@ impl MmioTransport {
             return;
         }
         if self.device.process_queue(index, q, &self.mem) {
-            self.interrupt_status |= INT_VRING;
-            std::sync::atomic::fence(Ordering::SeqCst);
-            if let Err(e) = self.irq.0.write(1) {
-                log::warn!("virtio-mmio interrupt: {e}");
-            }
+            self.used_buffers();
+        }
+    }
+
+    /// Buffers were used (by the device, or by the backend that serves its queues): the
+    /// driver learns it from InterruptStatus, then the interrupt.
+    fn used_buffers(&mut self) {
+        self.interrupt_status |= INT_VRING;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Err(e) = self.irq.0.write(1) {
+            log::warn!("virtio-mmio interrupt: {e}");
+        }
+    }
+
+    /// The vhost-user backend serving this device's queues used buffers.
+    pub fn backend_used_buffers(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.used_buffers();
         }
     }
 
