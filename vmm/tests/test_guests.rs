@@ -450,7 +450,8 @@ impl Drop for Virtiofsd {
 /// virtio-fs through a vhost-user backend: the guest finds the device and its tag, sets up
 /// the queues, and reads a host file through virtiofsd with FUSE (INIT, LOOKUP, OPEN, READ,
 /// RELEASE), notifications going to virtiofsd through ioeventfds and completions coming
-/// back as interrupts; then resets the device. The VMM runs with seccomp on.
+/// back as interrupts; then resets the device and sets it up again (the rings go back to the
+/// backend anew) and looks the file up once more. The VMM runs with seccomp on.
 #[test]
 fn virtio_fs_round_trip_through_virtiofsd() {
     if !kvm_or_say("virtio_fs_round_trip_through_virtiofsd") {
@@ -499,6 +500,7 @@ fn virtio_fs_round_trip_through_virtiofsd() {
         "{}\nvirtiofsd:\n{log}",
         r.serial
     );
+    assert!(r.serial.contains("fs: lookup after reset"), "{}", r.serial);
     assert!(r.serial.contains("fs: round trip done"), "{}", r.serial);
     // virtiofsd served the session and ended with it.
     assert!(log.contains("hello.txt"), "virtiofsd:\n{log}");

@@ -318,6 +318,273 @@ mod tests {
         assert!(check_config(&twice, true).is_err());
     }
 
+    /// A stand-in backend that records the requests it gets (in order) and answers as
+    /// virtiofsd would: VERSION_1, EVENT_IDX, a device feature we do not pass on, and
+    /// protocol features MQ and REPLY_ACK with two queues.
+    mod recorder {
+        use std::fs::File;
+        use std::sync::{Arc, Mutex};
+
+        use vhost::vhost_user::message::*;
+        use vhost::vhost_user::{
+            Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut,
+        };
+        use vhost::VhostUserMemoryRegionBase;
+
+        pub const OFFERED: u64 = (1 << 32) | (1 << 30) | (1 << 29) | 1;
+
+        #[derive(Default)]
+        pub struct Recorder {
+            pub log: Vec<String>,
+            /// (guest address, size, our address, file offset) per region that came with an fd.
+            pub regions: Vec<(u64, u64, u64, u64)>,
+            /// Ring addresses per SET_VRING_ADDR: (index, desc, used, avail).
+            pub rings: Vec<(u32, u64, u64, u64)>,
+        }
+
+        pub type Shared = Arc<Mutex<Recorder>>;
+
+        fn no<T>() -> Result<T> {
+            Err(Error::InvalidOperation("not in this test"))
+        }
+
+        impl Recorder {
+            fn note(&mut self, s: String) -> Result<()> {
+                self.log.push(s);
+                Ok(())
+            }
+        }
+
+        impl VhostUserBackendReqHandlerMut for Recorder {
+            fn set_owner(&mut self) -> Result<()> {
+                self.note("SET_OWNER".into())
+            }
+            fn reset_owner(&mut self) -> Result<()> {
+                self.note("RESET_OWNER".into())
+            }
+            fn reset_device(&mut self) -> Result<()> {
+                no()
+            }
+            fn get_features(&mut self) -> Result<u64> {
+                self.note("GET_FEATURES".into())?;
+                Ok(OFFERED)
+            }
+            fn set_features(&mut self, f: u64) -> Result<()> {
+                self.note(format!("SET_FEATURES {f:#x}"))
+            }
+            fn set_mem_table(
+                &mut self,
+                ctx: &[VhostUserMemoryRegion],
+                files: Vec<File>,
+                _: Option<bool>,
+            ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+                for (r, _) in ctx.iter().zip(files.iter()) {
+                    let r = *r;
+                    let (g, n, u, o) =
+                        (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
+                    self.regions.push((g, n, u, o));
+                }
+                self.note(format!("SET_MEM_TABLE {} {}", ctx.len(), files.len()))?;
+                Ok(None)
+            }
+            fn set_vring_num(&mut self, i: u32, n: u32) -> Result<()> {
+                self.note(format!("SET_VRING_NUM {i} {n}"))
+            }
+            fn set_vring_addr(
+                &mut self,
+                i: u32,
+                _: VhostUserVringAddrFlags,
+                desc: u64,
+                used: u64,
+                avail: u64,
+                _: u64,
+            ) -> Result<()> {
+                self.rings.push((i, desc, used, avail));
+                self.note(format!("SET_VRING_ADDR {i}"))
+            }
+            fn set_vring_base(&mut self, i: u32, b: u32) -> Result<()> {
+                self.note(format!("SET_VRING_BASE {i} {b}"))
+            }
+            fn get_vring_base(&mut self, i: u32) -> Result<VhostUserVringState> {
+                self.note(format!("GET_VRING_BASE {i}"))?;
+                Ok(VhostUserVringState::new(i, 0))
+            }
+            fn set_vring_kick(&mut self, i: u8, fd: Option<File>) -> Result<()> {
+                self.note(format!("SET_VRING_KICK {i} {}", fd.is_some()))
+            }
+            fn set_vring_call(&mut self, i: u8, fd: Option<File>) -> Result<()> {
+                self.note(format!("SET_VRING_CALL {i} {}", fd.is_some()))
+            }
+            fn set_vring_err(&mut self, _: u8, _: Option<File>) -> Result<()> {
+                no()
+            }
+            fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
+                self.note("GET_PROTOCOL_FEATURES".into())?;
+                Ok(VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIG)
+            }
+            fn set_protocol_features(&mut self, f: u64) -> Result<()> {
+                self.note(format!("SET_PROTOCOL_FEATURES {f:#x}"))
+            }
+            fn get_queue_num(&mut self) -> Result<u64> {
+                self.note("GET_QUEUE_NUM".into())?;
+                Ok(2)
+            }
+            fn set_vring_enable(&mut self, i: u32, on: bool) -> Result<()> {
+                self.note(format!("SET_VRING_ENABLE {i} {on}"))
+            }
+            fn get_config(&mut self, _: u32, _: u32, _: VhostUserConfigFlags) -> Result<Vec<u8>> {
+                no()
+            }
+            fn set_config(&mut self, _: u32, _: &[u8], _: VhostUserConfigFlags) -> Result<()> {
+                no()
+            }
+            fn set_backend_req_fd(&mut self, _: Backend) {}
+            fn set_gpu_socket(&mut self, _: GpuBackend) -> Result<()> {
+                no()
+            }
+            fn get_shared_object(&mut self, _: VhostUserSharedMsg) -> Result<File> {
+                no()
+            }
+            fn get_inflight_fd(
+                &mut self,
+                _: &VhostUserInflight,
+            ) -> Result<(VhostUserInflight, File)> {
+                no()
+            }
+            fn set_inflight_fd(&mut self, _: &VhostUserInflight, _: File) -> Result<()> {
+                no()
+            }
+            fn get_max_mem_slots(&mut self) -> Result<u64> {
+                no()
+            }
+            fn add_mem_region(
+                &mut self,
+                _: &VhostUserSingleMemoryRegion,
+                _: File,
+                _: Option<bool>,
+            ) -> Result<Option<VhostUserMemoryRegionBase>> {
+                no()
+            }
+            fn remove_mem_region(&mut self, _: &VhostUserSingleMemoryRegion) -> Result<()> {
+                no()
+            }
+            fn set_device_state_fd(
+                &mut self,
+                _: VhostTransferStateDirection,
+                _: VhostTransferStatePhase,
+                _: File,
+            ) -> Result<Option<File>> {
+                no()
+            }
+            fn check_device_state(&mut self) -> Result<()> {
+                no()
+            }
+            fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
+                no()
+            }
+            fn set_log_base(&mut self, _: &VhostUserLog, _: File) -> Result<()> {
+                no()
+            }
+        }
+    }
+
+    /// Serves one session on a socket in `dir` on a thread; the recorder it fills.
+    fn recording_backend(dir: &Path) -> (PathBuf, recorder::Shared, std::thread::JoinHandle<()>) {
+        let sock = dir.join("backend.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let rec = recorder::Shared::default();
+        let backend = std::sync::Arc::new(std::sync::Mutex::new(Default::default()));
+        let shared = rec.clone();
+        let t = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut h = vhost::vhost_user::BackendReqHandler::<
+                std::sync::Mutex<recorder::Recorder>,
+            >::from_stream(stream, backend.clone());
+            // Until the frontend hangs up.
+            while h.handle_request().is_ok() {}
+            let mut b = backend.lock().unwrap();
+            *shared.lock().unwrap() = std::mem::take(&mut *b);
+        });
+        (sock, rec, t)
+    }
+
+    #[test]
+    fn vhost_user_sequence_against_a_recording_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, rec, backend) = recording_backend(dir.path());
+        let mut fs = Fs::connect("myfs", &sock).unwrap();
+        // Ring features pass, the device's own bit 0 and PROTOCOL_FEATURES do not.
+        assert_eq!(fs.features(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        assert!(fs
+            .backend_queues()
+            .is_some_and(|b| b.kick.len() == 2 && b.call.len() == 2));
+
+        let (mem, _memfd) = crate::memory::create(32 << 20, true).unwrap();
+        let mut queues: Vec<Queue> = QUEUE_SIZES
+            .iter()
+            .map(|&n| Queue::new(n).unwrap())
+            .collect();
+        for (i, q) in queues.iter_mut().enumerate() {
+            let base = 0x10_0000 * (i as u32 + 1);
+            q.set_size(8);
+            q.set_desc_table_address(Some(base), Some(0));
+            q.set_avail_ring_address(Some(base + 0x1000), Some(0));
+            q.set_used_ring_address(Some(base + 0x2000), Some(0));
+            q.set_ready(true);
+        }
+        fs.activate(VIRTIO_F_VERSION_1, &queues, &mem).unwrap();
+        fs.reset();
+        // A reset with nothing started sends nothing.
+        fs.reset();
+        drop(fs);
+        backend.join().unwrap();
+
+        let r = rec.lock().unwrap();
+        let mut want: Vec<String> = [
+            "SET_OWNER",
+            "GET_FEATURES",
+            "GET_PROTOCOL_FEATURES",
+            "SET_PROTOCOL_FEATURES 0x9",
+            "GET_QUEUE_NUM",
+            "SET_FEATURES 0x140000000",
+            "SET_MEM_TABLE 1 1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for i in 0..2 {
+            want.extend([
+                format!("SET_VRING_NUM {i} 8"),
+                format!("SET_VRING_ADDR {i}"),
+                format!("SET_VRING_BASE {i} 0"),
+                format!("SET_VRING_CALL {i} true"),
+                format!("SET_VRING_KICK {i} true"),
+                format!("SET_VRING_ENABLE {i} true"),
+            ]);
+        }
+        for i in 0..2 {
+            want.extend([
+                format!("SET_VRING_ENABLE {i} false"),
+                format!("GET_VRING_BASE {i}"),
+            ]);
+        }
+        assert_eq!(r.log, want);
+        // Guest RAM by its memfd: guest address, size, where we mapped it, file offset.
+        let region = mem.iter().next().unwrap();
+        let host = region.as_ptr() as u64;
+        assert_eq!(r.regions, vec![(0, 32 << 20, host, 0)]);
+        // Rings by our addresses, not guest physical ones.
+        assert_eq!(
+            r.rings,
+            vec![
+                (0, host + 0x10_0000, host + 0x10_2000, host + 0x10_1000),
+                (1, host + 0x20_0000, host + 0x20_2000, host + 0x20_1000),
+            ]
+        );
+    }
+
     #[test]
     fn connect_names_the_socket() {
         let dir = tempfile::tempdir().unwrap();

@@ -216,7 +216,8 @@ impl MmioTransport {
             | STATUS_FEATURES_OK
             | STATUS_FAILED;
         let going_live = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        self.status = v & known;
+        // DEVICE_NEEDS_RESET is the device's to set; only a reset clears it.
+        self.status = (v & known) | (self.status & STATUS_NEEDS_RESET);
         if going_live {
             if let Err(e) = self
                 .device
@@ -430,6 +431,70 @@ mod tests {
         // Queue addresses are frozen after DRIVER_OK.
         w32(&mut t, REG_QUEUE_READY, 0);
         assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
+    }
+
+    /// A device served elsewhere: counts activations, fails them on request.
+    struct Served {
+        activations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        fail: bool,
+    }
+    impl VirtioDevice for Served {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemory) -> bool {
+            false
+        }
+        fn activate(
+            &mut self,
+            features: u64,
+            queues: &[Queue],
+            _: &GuestMemory,
+        ) -> Result<(), String> {
+            assert_eq!(features, VIRTIO_F_VERSION_1);
+            assert!(queues[0].ready() && queues[0].desc_table() == 0x1000);
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                Err("backend gone".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn driver_ok_activates_once_and_a_failure_needs_reset() {
+        for fail in [false, true] {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let d = Served {
+                activations: n.clone(),
+                fail,
+            };
+            let mut t = MmioTransport::new(Box::new(d), mem, IrqLine(evt.try_clone().unwrap()));
+            bring_up(&mut t, 0);
+            // DRIVER_OK written again: no second activation.
+            let s = r32(&mut t, REG_STATUS) & !STATUS_NEEDS_RESET;
+            w32(&mut t, REG_STATUS, s);
+            assert_eq!(n.load(Ordering::SeqCst), 1);
+            assert_eq!(r32(&mut t, REG_STATUS) & STATUS_NEEDS_RESET != 0, fail);
+            // A backend's completion interrupts only a live device.
+            t.backend_used_buffers();
+            assert_eq!(evt.read().unwrap(), 1);
+            w32(&mut t, REG_STATUS, 0);
+            t.backend_used_buffers();
+            assert!(evt.read().is_err());
+        }
     }
 
     #[test]

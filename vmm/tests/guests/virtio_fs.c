@@ -1,8 +1,8 @@
 /* Test guest (freestanding C, no SSE/x87, no int3): finds the virtio-fs device (id 26),
  * prints its tag, negotiates VERSION_1, sets up the high-priority queue and one request
  * queue, and speaks FUSE to the vhost-user backend (virtiofsd) over the request queue:
- * INIT, LOOKUP of "hello.txt" in the root, OPEN, READ, RELEASE. Prints the file's contents
- * and powers off. Each reply is announced by an interrupt. "FAIL" lines mark what went
+ * INIT, LOOKUP of "hello.txt" in the root, OPEN, READ, RELEASE. Prints the file's contents,
+ * resets the device, sets it up again and repeats the LOOKUP, and powers off. Each reply is announced by an interrupt. "FAIL" lines mark what went
  * wrong. The FUSE structs are linux/fuse.h's (protocol 7.36). */
 
 #include "guest.h"
@@ -221,10 +221,21 @@ int main(void)
 	*(struct fuse_release_in *)in.arg = (struct fuse_release_in){ .fh = fh };
 	fuse(fs, FUSE_RELEASE, node, sizeof(struct fuse_release_in), "FUSE_RELEASE");
 
-	/* A reset takes the rings back from the backend; the VMM must survive it. */
+	/* A reset takes the rings back from the backend; set up again (fresh rings, as after a
+	 * guest reboot), the device works as before. */
 	wr(fs + 0x70, 0);
 	if (rd(fs + 0x70) != 0)
 		fail("reset", rd(fs + 0x70));
+	negotiate(fs, 0);
+	memset(&hiprio, 0, sizeof(hiprio));
+	memset(&rq, 0, sizeof(rq));
+	setup_queue(fs, 0, &hiprio);
+	setup_queue(fs, 1, &rq);
+	wr(fs + 0x70, 1 | 2 | 8 | 4);
+	memcpy(in.arg, "hello.txt", 10);
+	if (fuse(fs, FUSE_LOOKUP, 1, 10, "FUSE_LOOKUP after reset") >= 0 &&
+	    ((struct fuse_entry_out *)out.arg)->attr.size == size)
+		puts("fs: lookup after reset\n");
 done:
 	puts("fs: interrupts ");
 	puthex(irq_count);
