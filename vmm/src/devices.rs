@@ -80,6 +80,13 @@ impl Devices {
         }
     }
 
+    /// The vhost-user backend of the device at `base` signalled used buffers.
+    pub fn mmio_backend_used(&self, base: u64) {
+        if let Some((_, mut t)) = self.mmio_at(base) {
+            t.backend_used_buffers();
+        }
+    }
+
     /// Hands host-side input to the device at `base` (see `MmioTransport::input`).
     pub fn mmio_input(&self, base: u64, data: Vec<u8>) {
         if let Some((_, mut t)) = self.mmio_at(base) {

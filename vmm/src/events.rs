@@ -20,6 +20,8 @@ use crate::virtio::{console, net, HostEvent};
 pub enum Source {
     /// The guest notified queue `queue` of the device at `base`.
     Notify { evt: EventFd, base: u64, queue: u32 },
+    /// The vhost-user backend of the device at `base` used buffers (its call eventfd).
+    BackendCall { evt: EventFd, base: u64 },
     /// A frame arrived on the tap of the virtio-net device at `base`.
     Tap { tap: Arc<File>, base: u64 },
     /// A peer connects to the socket of console port `port` of the device at `base`.
@@ -41,7 +43,7 @@ pub enum Source {
 impl Source {
     fn fd(&self) -> RawFd {
         match self {
-            Source::Notify { evt, .. } => evt.as_raw_fd(),
+            Source::Notify { evt, .. } | Source::BackendCall { evt, .. } => evt.as_raw_fd(),
             Source::Tap { tap, .. } => tap.as_raw_fd(),
             Source::ConsoleListener { listener, .. } => listener.as_raw_fd(),
             Source::ConsolePeer { stream, .. } => stream.as_raw_fd(),
@@ -99,6 +101,10 @@ impl MutEventSubscriber for DeviceEvents {
             Some(Source::Notify { evt, base, queue }) => {
                 let _ = evt.read();
                 self.devices.mmio_notify(*base, *queue as usize);
+            }
+            Some(Source::BackendCall { evt, base }) => {
+                let _ = evt.read();
+                self.devices.mmio_backend_used(*base);
             }
             Some(Source::Tap { tap, base }) => match (&**tap).read(&mut self.buf) {
                 Ok(n) if n > 0 => self.devices.mmio_input(*base, self.buf[..n].to_vec()),

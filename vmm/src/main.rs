@@ -4,6 +4,7 @@
 //!           [--serial-log PATH] [--hide-cpuid cx16,xsave] [--entry pvh|64]
 //!           [--timeout-ms N] [--disk PATH[,ro]]... [--tap NAME[,mac=M]]... [--shared-memory]
 //!           [--console-socket PATH] [--port NAME=PATH]...
+//!           [--fs TAG=SOCKET]... (--fs needs --shared-memory)
 //!           [--pidfile PATH] [--name NAME] [--no-seccomp]
 //!           [--acpi-dump DIR]
 //!
@@ -59,6 +60,14 @@ fn parse() -> anyhow::Result<Args> {
                 }
                 cfg.console_ports
                     .push((Some(name.to_string()), path.into()));
+            }
+            "--fs" => {
+                // TAG=SOCKET: virtio-fs with the vhost-user backend (virtiofsd) at SOCKET.
+                let v = val()?;
+                let (tag, sock) = v
+                    .split_once('=')
+                    .with_context(|| format!("--fs {v}: TAG=SOCKET"))?;
+                cfg.fs.push((tag.to_string(), sock.into()));
             }
             "--tap" => {
                 // NAME or NAME,mac=aa:bb:cc:dd:ee:ff
@@ -154,7 +163,10 @@ fn real_main(started: Instant) -> anyhow::Result<i32> {
     if let Some(dir) = dump {
         // The tables as the guest would get them, one file per table (for iasl -d).
         std::fs::create_dir_all(&dir)?;
-        let n = cfg.disks.len() + cfg.taps.len() + !cfg.console_ports.is_empty() as usize;
+        let n = cfg.disks.len()
+            + cfg.taps.len()
+            + cfg.fs.len()
+            + !cfg.console_ports.is_empty() as usize;
         let slots = vmm::vm::mmio_slots(n);
         for t in vmm::acpi::build(cfg.vcpus, &slots)? {
             std::fs::write(dir.join(format!("{}.dat", t.signature)), &t.bytes)?;

@@ -58,6 +58,9 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_nanosleep,
+    // vhost-user messages (virtio-fs) from the vCPU that sets DRIVER_OK, with fds attached.
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
     // Teardown, and dup'ing an accepted console peer.
     libc::SYS_close,
     libc::SYS_fcntl,

@@ -21,6 +21,7 @@ use crate::error::{io, Error, KvmContext, Result};
 use crate::events::{DeviceEvents, Source};
 use crate::memory::{self, GuestMemory};
 use crate::virtio::blk::Block;
+use crate::virtio::fs::Fs;
 use crate::virtio::mmio::{self, MmioTransport};
 use crate::virtio::net::{self, Net};
 use crate::virtio::{console, VirtioDevice};
@@ -44,6 +45,8 @@ pub struct VmConfig {
     /// Ports of one virtio-console device, each a name (`None`: an unnamed port, no
     /// multiport when it is the only one) and the unix socket the VMM listens on for it.
     pub console_ports: Vec<(Option<String>, PathBuf)>,
+    /// virtio-fs devices: (tag, vhost-user socket of the backend, e.g. virtiofsd).
+    pub fs: Vec<(String, PathBuf)>,
     /// Guest RAM in a memfd a vhost-user backend can map (virtio-fs); otherwise anonymous
     /// memory with huge pages.
     pub shared_memory: bool,
@@ -65,6 +68,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             taps: Vec::new(),
             console_ports: Vec::new(),
+            fs: Vec::new(),
             shared_memory: false,
             seccomp: true,
         }
@@ -109,15 +113,28 @@ fn attach(
     vm.register_irqfd(&evt, slot.irq)
         .kvm("KVM_IRQFD (virtio)")?;
     // One ioeventfd per queue: KVM matches the queue index written to QueueNotify.
+    let backend = dev.backend_queues();
     for queue in 0..dev.queue_max_sizes().len() as u32 {
-        let n = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         let addr = IoEventAddress::Mmio(slot.base + mmio::REG_QUEUE_NOTIFY);
+        if let Some(b) = &backend {
+            // Straight to the vhost-user backend: the VMM never sees these.
+            vm.register_ioevent(&b.kick[queue as usize], &addr, queue)
+                .kvm("KVM_IOEVENTFD (virtio)")?;
+            continue;
+        }
+        let n = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         vm.register_ioevent(&n, &addr, queue)
             .kvm("KVM_IOEVENTFD (virtio)")?;
         sources.push(Source::Notify {
             evt: n,
             base: slot.base,
             queue,
+        });
+    }
+    for call in backend.iter().flat_map(|b| b.call) {
+        sources.push(Source::BackendCall {
+            evt: call.try_clone().map_err(io("eventfd"))?,
+            base: slot.base,
         });
     }
     devices.add_mmio(
@@ -149,6 +166,7 @@ impl Vm {
         if cfg.vcpus == 0 || cfg.vcpus > 32 {
             return Err(Error::Config(format!("{} vCPUs: 1 to 32", cfg.vcpus)));
         }
+        crate::virtio::fs::check_config(&cfg.fs, cfg.shared_memory)?;
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
         vm.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
@@ -182,7 +200,7 @@ impl Vm {
         let mut devices = Devices::new(IrqLine(serial_evt), out);
         let mut sources = Vec::new();
         let n_console = !cfg.console_ports.is_empty() as usize;
-        let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + n_console);
+        let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + cfg.fs.len() + n_console);
         for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
             let f = std::fs::OpenOptions::new()
                 .read(true)
@@ -210,6 +228,11 @@ impl Vm {
                 tap,
                 base: slot.base,
             });
+        }
+        let fs_slots = &slots[cfg.disks.len() + cfg.taps.len()..];
+        for ((tag, socket), slot) in cfg.fs.iter().zip(fs_slots) {
+            let fs = Box::new(Fs::connect(tag, socket)?);
+            attach(&vm, &mut devices, &mem, slot, fs, &mut sources)?;
         }
         if let (false, Some(slot)) = (cfg.console_ports.is_empty(), slots.last()) {
             if cfg.console_ports.len() > console::MAX_PORTS {

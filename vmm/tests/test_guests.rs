@@ -454,3 +454,134 @@ fn virtio_console_named_ports_with_a_host_peer() {
     );
     assert!(!agent.exists() || std::os::unix::net::UnixStream::connect(&agent).is_err());
 }
+
+/// virtiofsd (Debian's, QEMU 7.2) on a temporary directory, killed on drop.
+struct Virtiofsd {
+    child: std::process::Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Virtiofsd {
+    const BIN: &'static str = "/usr/lib/qemu/virtiofsd";
+
+    fn start(dir: &Path, share: &Path) -> Virtiofsd {
+        let socket = dir.join("fs.sock");
+        let log = dir.join("virtiofsd.log");
+        let child = Command::new(Self::BIN)
+            .arg(format!("--socket-path={}", socket.display()))
+            .arg("-o")
+            .arg(format!("source={}", share.display()))
+            // chroot works as root in a container; the default (namespaces) may not.
+            .args(["-o", "sandbox=chroot", "-o", "log_level=debug"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("virtiofsd");
+        let t = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed().as_secs() < 20, "virtiofsd made no socket");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Virtiofsd { child, socket, log }
+    }
+
+    /// Its exit status once the VMM has closed the session (bounded wait).
+    fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs() < 10 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// virtio-fs through a vhost-user backend: the guest finds the device and its tag, sets up
+/// the queues, and reads a host file through virtiofsd with FUSE (INIT, LOOKUP, OPEN, READ,
+/// RELEASE), notifications going to virtiofsd through ioeventfds and completions coming
+/// back as interrupts; then resets the device and sets it up again (the rings go back to the
+/// backend anew) and looks the file up once more. The VMM runs with seccomp on.
+#[test]
+fn virtio_fs_round_trip_through_virtiofsd() {
+    if !kvm_or_say("virtio_fs_round_trip_through_virtiofsd") {
+        return;
+    }
+    if !Path::new(Virtiofsd::BIN).exists() {
+        eprintln!(
+            "virtio_fs_round_trip_through_virtiofsd: NOT RUN: no {}",
+            Virtiofsd::BIN
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let share = tmp.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let content = "janus virtio-fs says hello";
+    std::fs::write(share.join("hello.txt"), content).unwrap();
+    let mut fsd = Virtiofsd::start(tmp.path(), &share);
+    let fs_arg = format!("myfs={}", fsd.socket.display());
+    let r = run_guest(
+        "virtio_fs",
+        "virtio_fs",
+        &["--shared-memory", "--fs", &fs_arg],
+    );
+    let status = fsd.wait();
+    let log = std::fs::read_to_string(&fsd.log).unwrap_or_default();
+    assert_eq!(r.code, 0, "{}\n{}\nvirtiofsd:\n{log}", r.serial, r.stderr);
+    assert!(
+        !r.serial.contains("FAIL"),
+        "{}\nvirtiofsd:\n{log}",
+        r.serial
+    );
+    assert!(
+        r.serial.contains("device id 0x000000000000001a"),
+        "{}",
+        r.serial
+    );
+    assert!(
+        r.serial
+            .contains("fs: tag myfs, request queues 0x0000000000000001"),
+        "{}",
+        r.serial
+    );
+    assert!(
+        r.serial.contains(&format!("fs: read: {content}\n")),
+        "{}\nvirtiofsd:\n{log}",
+        r.serial
+    );
+    assert!(r.serial.contains("fs: lookup after reset"), "{}", r.serial);
+    assert!(r.serial.contains("fs: round trip done"), "{}", r.serial);
+    // virtiofsd served the session and ended with it.
+    assert!(log.contains("hello.txt"), "virtiofsd:\n{log}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "virtiofsd {status:?}:\n{log}"
+    );
+}
+
+/// `--fs` without memfd-backed guest RAM is refused before anything starts.
+#[test]
+fn virtio_fs_needs_shared_memory() {
+    let o = Command::new(env!("CARGO_BIN_EXE_janus-vmm"))
+        .args([
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--fs",
+            "myfs=/nonexistent.sock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--shared-memory"), "{e}");
+}

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::{
     VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use crate::devices::IrqLine;
 use crate::memory::GuestMemory;
@@ -216,7 +216,18 @@ impl MmioTransport {
             | STATUS_DRIVER_OK
             | STATUS_FEATURES_OK
             | STATUS_FAILED;
-        self.status = v & known;
+        let going_live = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        // DEVICE_NEEDS_RESET is the device's to set; only a reset clears it.
+        self.status = (v & known) | (self.status & STATUS_NEEDS_RESET);
+        if going_live {
+            if let Err(e) = self
+                .device
+                .activate(self.driver_features, &self.queues, &self.mem)
+            {
+                log::error!("virtio-mmio: {e}");
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
     }
 
     /// The driver notified queue `index`: process it if the device is live and the queue
@@ -233,6 +244,23 @@ impl MmioTransport {
         }
         let used = self.device.process_queue(index, q, &self.mem);
         self.finish(used);
+    }
+
+    /// Buffers were used (by the device, or by the backend that serves its queues): the
+    /// driver learns it from InterruptStatus, then the interrupt.
+    fn used_buffers(&mut self) {
+        self.interrupt_status |= INT_VRING;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Err(e) = self.irq.0.write(1) {
+            log::warn!("virtio-mmio interrupt: {e}");
+        }
+    }
+
+    /// The vhost-user backend serving this device's queues used buffers.
+    pub fn backend_used_buffers(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.used_buffers();
+        }
     }
 
     /// Processes queues `indices` (ready and valid ones); true when buffers were used.
@@ -285,11 +313,7 @@ impl MmioTransport {
             used |= self.process(&kicks);
         }
         if used {
-            self.interrupt_status |= INT_VRING;
-            std::sync::atomic::fence(Ordering::SeqCst);
-            if let Err(e) = self.irq.0.write(1) {
-                log::warn!("virtio-mmio interrupt: {e}");
-            }
+            self.used_buffers();
         }
     }
 
@@ -453,6 +477,70 @@ mod tests {
         // Queue addresses are frozen after DRIVER_OK.
         w32(&mut t, REG_QUEUE_READY, 0);
         assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
+    }
+
+    /// A device served elsewhere: counts activations, fails them on request.
+    struct Served {
+        activations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        fail: bool,
+    }
+    impl VirtioDevice for Served {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemory) -> bool {
+            false
+        }
+        fn activate(
+            &mut self,
+            features: u64,
+            queues: &[Queue],
+            _: &GuestMemory,
+        ) -> Result<(), String> {
+            assert_eq!(features, VIRTIO_F_VERSION_1);
+            assert!(queues[0].ready() && queues[0].desc_table() == 0x1000);
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                Err("backend gone".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn driver_ok_activates_once_and_a_failure_needs_reset() {
+        for fail in [false, true] {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let d = Served {
+                activations: n.clone(),
+                fail,
+            };
+            let mut t = MmioTransport::new(Box::new(d), mem, IrqLine(evt.try_clone().unwrap()));
+            bring_up(&mut t, 0);
+            // DRIVER_OK written again: no second activation.
+            let s = r32(&mut t, REG_STATUS) & !STATUS_NEEDS_RESET;
+            w32(&mut t, REG_STATUS, s);
+            assert_eq!(n.load(Ordering::SeqCst), 1);
+            assert_eq!(r32(&mut t, REG_STATUS) & STATUS_NEEDS_RESET != 0, fail);
+            // A backend's completion interrupts only a live device.
+            t.backend_used_buffers();
+            assert_eq!(evt.read().unwrap(), 1);
+            w32(&mut t, REG_STATUS, 0);
+            t.backend_used_buffers();
+            assert!(evt.read().is_err());
+        }
     }
 
     #[test]

@@ -4,10 +4,12 @@
 
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 
 use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 
@@ -19,6 +21,7 @@ pub const STATUS_ACKNOWLEDGE: u32 = 1;
 pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
 
 /// What a device model implements; the transport does the rest.
@@ -49,6 +52,20 @@ pub trait VirtioDevice: Send {
     fn take_kicks(&mut self) -> Vec<usize> {
         Vec::new()
     }
+    /// The driver set DRIVER_OK with these features and queues. A device whose queues
+    /// another process serves hands them over here; an error sets DEVICE_NEEDS_RESET.
+    fn activate(
+        &mut self,
+        _features: u64,
+        _queues: &[Queue],
+        _mem: &GuestMemory,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    /// `Some` when a vhost-user backend serves the queues rather than `process_queue`.
+    fn backend_queues(&self) -> Option<BackendQueues<'_>> {
+        None
+    }
 }
 
 /// What happened on the host side of a device's port.
@@ -57,6 +74,14 @@ pub enum HostEvent {
     Connected,
     Data(Vec<u8>),
     Disconnected,
+}
+
+/// A backend-served device's eventfds, one of each per queue: `kick` is the queue's
+/// ioeventfd (KVM signals it on QueueNotify, the backend reads it), `call` is what the
+/// backend signals when it used buffers (the device event loop raises the interrupt).
+pub struct BackendQueues<'a> {
+    pub kick: &'a [EventFd],
+    pub call: &'a [EventFd],
 }
 
 /// Reads `data.len()` bytes at `offset` of a config space image.
