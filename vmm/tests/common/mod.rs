@@ -1,0 +1,123 @@
+//! Shared by the integration tests: building the C/assembly test guests, the /dev/kvm check,
+//! a virtiofsd to talk to.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn out_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds `guests/<name>.S` or `guests/<name>.c` into a static ELF at 2 MiB. C guests are
+/// freestanding and kept off SSE/x87 (which this machine's KVM cannot run in kernel mode).
+pub fn build_guest(name: &str, tag: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let c = dir.join(format!("{name}.c"));
+    let src = if c.exists() {
+        c
+    } else {
+        dir.join(format!("{name}.S"))
+    };
+    // Tests run in parallel: each builds and logs under its own tag.
+    let out = out_dir().join(format!("{tag}.elf"));
+    let o = Command::new("gcc")
+        .args([
+            "-O1",
+            "-ffreestanding",
+            "-fno-pic",
+            "-mno-red-zone",
+            "-mgeneral-regs-only",
+            "-mno-sse",
+            "-mno-mmx",
+            "-mno-80387",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-fcf-protection=none",
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,-Ttext=0x200000",
+            "-Wl,--build-id=none",
+        ])
+        .arg("-I")
+        .arg(&dir)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("gcc (apt-get install gcc)");
+    assert!(
+        o.status.success(),
+        "gcc {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// /dev/kvm present? Says so by name when not (the unit tests still cover the rest).
+pub fn kvm_or_say(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("{test}: NOT RUN: /dev/kvm cannot be opened on this machine");
+    }
+    ok
+}
+
+/// virtiofsd (Debian's, QEMU 7.2) on a temporary directory, killed on drop.
+pub struct Virtiofsd {
+    child: std::process::Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Virtiofsd {
+    pub const BIN: &'static str = "/usr/lib/qemu/virtiofsd";
+
+    pub fn start(dir: &Path, share: &Path) -> Virtiofsd {
+        let socket = dir.join("fs.sock");
+        let log = dir.join("virtiofsd.log");
+        let child = Command::new(Self::BIN)
+            .arg(format!("--socket-path={}", socket.display()))
+            .arg("-o")
+            .arg(format!("source={}", share.display()))
+            // chroot works as root in a container; the default (namespaces) may not.
+            .args(["-o", "sandbox=chroot", "-o", "log_level=debug"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("virtiofsd");
+        let t = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed().as_secs() < 20, "virtiofsd made no socket");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Virtiofsd { child, socket, log }
+    }
+
+    /// Its exit status once the VMM has closed the session (bounded wait).
+    pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs() < 10 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
