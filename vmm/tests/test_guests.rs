@@ -283,36 +283,29 @@ fn virtio_net_arp_round_trip_through_a_tap() {
     );
 }
 
-/// virtio-console with a host-side peer on the VMM's unix socket: the guest's line reaches the
-/// peer, the peer echoes it, and the guest gets it back across several small receive buffers.
-#[test]
-fn virtio_console_echo_with_a_host_peer() {
-    if !kvm_or_say("virtio_console_echo_with_a_host_peer") {
-        return;
-    }
-    let elf = build_guest("virtio_console", "virtio_console");
-    let log = out_dir().join("virtio_console.serial");
-    let sock = out_dir().join("console.sock");
+/// Boots console guest `name` with `extra` arguments, acts as the echo peer on `sock` (the
+/// guest's first line goes back to it, which must be `want`), and returns the serial log and
+/// janus-vmm's stderr once the guest has powered off (exit status 0).
+fn console_echo(name: &str, extra: &[String], sock: &Path, want: &str) -> (String, String) {
+    let elf = build_guest(name, name);
+    let log = out_dir().join(format!("{name}.serial"));
     let _ = std::fs::remove_file(&log);
-    let _ = std::fs::remove_file(&sock);
     let child = Command::new(env!("CARGO_BIN_EXE_janus-vmm"))
         .arg("--kernel")
         .arg(&elf)
-        .arg("--console-socket")
-        .arg(&sock)
+        .args(extra)
         .args(["--timeout-ms", "60000"])
         .arg("--serial-log")
         .arg(&log)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The echo peer.
     let t = std::time::Instant::now();
     let stream = loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(sock) {
             break s;
         }
-        assert!(t.elapsed().as_secs() < 20, "no console socket");
+        assert!(t.elapsed().as_secs() < 20, "no socket {}", sock.display());
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
     let mut line = String::new();
@@ -320,13 +313,27 @@ fn virtio_console_echo_with_a_host_peer() {
     std::io::BufReader::new(&stream)
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line, "janus-console-ping\n");
+    assert_eq!(line, want);
     (&stream).write_all(line.as_bytes()).unwrap();
     let o = child.wait_with_output().unwrap();
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(0), "{serial}\n{stderr}");
     assert!(!serial.contains("FAIL"), "{serial}");
+    (serial, stderr)
+}
+
+/// virtio-console with a host-side peer on the VMM's unix socket: the guest's line reaches the
+/// peer, the peer echoes it, and the guest gets it back across several small receive buffers.
+#[test]
+fn virtio_console_echo_with_a_host_peer() {
+    if !kvm_or_say("virtio_console_echo_with_a_host_peer") {
+        return;
+    }
+    let sock = out_dir().join("console.sock");
+    let _ = std::fs::remove_file(&sock);
+    let extra = ["--console-socket".to_string(), sock.display().to_string()];
+    let (serial, stderr) = console_echo("virtio_console", &extra, &sock, "janus-console-ping\n");
     assert!(serial.contains("device id 0x0000000000000003"), "{serial}");
     assert!(
         serial.contains("console: echoed back in"),
@@ -342,44 +349,16 @@ fn virtio_console_named_ports_with_a_host_peer() {
     if !kvm_or_say("virtio_console_named_ports_with_a_host_peer") {
         return;
     }
-    let elf = build_guest("virtio_console_ports", "virtio_console_ports");
-    let log = out_dir().join("virtio_console_ports.serial");
     let agent = out_dir().join("ports-agent.sock");
     let stdio = out_dir().join("ports-stdio.sock");
-    let _ = std::fs::remove_file(&log);
-    let child = Command::new(env!("CARGO_BIN_EXE_janus-vmm"))
-        .arg("--kernel")
-        .arg(&elf)
-        .arg("--port")
-        .arg(format!("janus.agent={}", agent.display()))
-        .arg("--port")
-        .arg(format!("janus.stdio={}", stdio.display()))
-        .args(["--timeout-ms", "60000"])
-        .arg("--serial-log")
-        .arg(&log)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    let stream = loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&stdio) {
-            break s;
-        }
-        assert!(t.elapsed().as_secs() < 20, "no port socket");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let mut line = String::new();
-    use std::io::{BufRead, Write};
-    std::io::BufReader::new(&stream)
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "janus-port-ping\n");
-    (&stream).write_all(line.as_bytes()).unwrap();
-    let o = child.wait_with_output().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{serial}\n{stderr}");
-    assert!(!serial.contains("FAIL"), "{serial}");
+    let extra = [
+        "--port".to_string(),
+        format!("janus.agent={}", agent.display()),
+        "--port".to_string(),
+        format!("janus.stdio={}", stdio.display()),
+    ];
+    let (serial, stderr) =
+        console_echo("virtio_console_ports", &extra, &stdio, "janus-port-ping\n");
     assert!(
         serial.contains("max_nr_ports 0x0000000000000002"),
         "{serial}"

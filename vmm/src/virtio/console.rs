@@ -14,11 +14,11 @@
 //! A driver that does not negotiate MULTIPORT sees port 0 only, on queues 0 and 1.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueT, Writer};
 
 pub use super::HostEvent;
 use super::VirtioDevice;
@@ -160,29 +160,15 @@ impl Console {
     }
 
     fn transmit(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut data = Vec::new();
-            match Reader::new(mem, chain) {
-                Ok(mut r) if r.available_bytes() <= MAX_BUFFERED => {
-                    if r.read_to_end(&mut data).is_err() {
-                        self.dropped += 1;
-                    }
+        let used = super::drain_readable(queue, mem, MAX_BUFFERED, |data| {
+            let port = &mut self.ports[p];
+            match data {
+                Some(d) if port.unsent.len() + d.len() <= MAX_BUFFERED => {
+                    port.unsent.extend_from_slice(&d)
                 }
                 _ => self.dropped += 1,
             }
-            let port = &mut self.ports[p];
-            if port.unsent.len() + data.len() <= MAX_BUFFERED {
-                port.unsent.extend_from_slice(&data);
-            } else {
-                self.dropped += 1;
-            }
-            if queue.add_used(mem, head, 0).is_err() {
-                break;
-            }
-            used = true;
-        }
+        });
         self.flush(p);
         used
     }
@@ -246,27 +232,16 @@ impl Console {
     }
 
     fn control_transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut msg = Vec::new();
-            if let Ok(mut r) = Reader::new(mem, chain) {
-                if r.available_bytes() <= 4096 && r.read_to_end(&mut msg).is_err() {
-                    msg.clear();
-                }
-            }
-            if msg.len() >= CTRL_HEADER {
-                let id = u32::from_le_bytes(msg[0..4].try_into().unwrap_or_default());
-                let event = u16::from_le_bytes([msg[4], msg[5]]);
-                let value = u16::from_le_bytes([msg[6], msg[7]]);
-                self.control_message(id, event, value);
-            } else {
-                self.dropped += 1;
-            }
-            if queue.add_used(mem, head, 0).is_err() {
-                break;
-            }
-            used = true;
+        let mut msgs = Vec::new();
+        let used = super::drain_readable(queue, mem, 4096, |m| match m {
+            Some(m) if m.len() >= CTRL_HEADER => msgs.push(m),
+            _ => self.dropped += 1,
+        });
+        for m in msgs {
+            let id = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+            let event = u16::from_le_bytes([m[4], m[5]]);
+            let value = u16::from_le_bytes([m[6], m[7]]);
+            self.control_message(id, event, value);
         }
         used
     }
@@ -413,6 +388,7 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};

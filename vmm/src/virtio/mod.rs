@@ -84,6 +84,35 @@ pub struct BackendQueues<'a> {
     pub call: &'a [EventFd],
 }
 
+/// Takes every chain the driver made available on a driver-to-device queue: reads each
+/// whole (`None` for one that is unreadable or longer than `max` bytes), hands it to `f`,
+/// and returns it used with nothing written. True when any chain was used.
+pub fn drain_readable(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    max: usize,
+    mut f: impl FnMut(Option<Vec<u8>>),
+) -> bool {
+    use std::io::Read;
+    use virtio_queue::QueueT;
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let mut data = Vec::new();
+        let ok = virtio_queue::Reader::new(mem, chain)
+            .ok()
+            .filter(|r| r.available_bytes() <= max)
+            .map(|mut r| r.read_to_end(&mut data).is_ok())
+            .unwrap_or(false);
+        f(ok.then_some(data));
+        if queue.add_used(mem, head, 0).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
 /// Reads `data.len()` bytes at `offset` of a config space image.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     let start = offset as usize;

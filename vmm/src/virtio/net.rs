@@ -5,11 +5,11 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueT, Writer};
 
 use super::{read_config_bytes, VirtioDevice};
 use crate::memory::GuestMemory;
@@ -76,29 +76,15 @@ impl Net {
     }
 
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut frame = Vec::new();
-            let ok = Reader::new(mem, chain)
-                .ok()
-                .filter(|r| (HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()))
-                .map(|mut r| r.read_to_end(&mut frame).is_ok())
-                .unwrap_or(false);
-            if ok {
-                if let Err(e) = (&*self.tap).write_all(&frame) {
+        super::drain_readable(queue, mem, MAX_FRAME, |frame| match frame {
+            Some(f) if f.len() >= HDR_LEN => {
+                if let Err(e) = (&*self.tap).write_all(&f) {
                     log::debug!("tap write: {e}");
                     self.dropped += 1;
                 }
-            } else {
-                self.dropped += 1;
             }
-            if queue.add_used(mem, head, 0).is_err() {
-                break;
-            }
-            used = true;
-        }
-        used
+            _ => self.dropped += 1,
+        })
     }
 
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
@@ -177,6 +163,7 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};

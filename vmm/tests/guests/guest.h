@@ -144,6 +144,20 @@ static int find_device(u32 id)
 	return found;
 }
 
+/* The first device with `id`, its interrupt routed: its MMIO base, or 0 after a FAIL line
+ * naming `what` (the caller powers off). */
+static u64 open_device(u32 id, const char *what)
+{
+	int slot = find_device(id);
+	if (slot < 0) {
+		fail(what, id);
+		return 0;
+	}
+	setup_idt();
+	route_irq(FIRST_IRQ + (u32)slot);
+	return MMIO_BASE + (u64)slot * SLOT;
+}
+
 /* Feature negotiation: VERSION_1 plus `low` (bits 0-31); an unoffered bit must be refused. */
 static void negotiate(u64 base, u32 low)
 {

@@ -31,15 +31,11 @@ static int request(u64 base, u32 type, u64 sector, u8 *buf, int write_to_buf)
 int main(void)
 {
 	puts("virtio test guest\n");
-	int slot = find_device(2);
-	if (slot < 0) {
-		fail("no block device", 0);
+	u64 blk = open_device(2, "no block device");
+	if (!blk) {
 		poweroff();
 		return 1;
 	}
-	u64 blk = MMIO_BASE + (u64)slot * SLOT;
-	setup_idt();
-	route_irq(FIRST_IRQ + (u32)slot);
 	negotiate(blk, 0);
 	u64 sectors = rd(blk + 0x100) | ((u64)rd(blk + 0x104) << 32);
 	puts("blk: capacity ");

@@ -21,15 +21,11 @@ static void post_rx(u64 base, u16 i)
 int main(void)
 {
 	puts("virtio-console test guest\n");
-	int slot = find_device(3);
-	if (slot < 0) {
-		fail("no console device", 0);
+	u64 base = open_device(3, "no console device");
+	if (!base) {
 		poweroff();
 		return 1;
 	}
-	u64 base = MMIO_BASE + (u64)slot * SLOT;
-	setup_idt();
-	route_irq(FIRST_IRQ + (u32)slot);
 	negotiate(base, 0);
 	setup_queue(base, 0, &rxq);
 	setup_queue(base, 1, &txq);

@@ -76,15 +76,11 @@ static void control(u64 base)
 int main(void)
 {
 	puts("virtio-console ports test guest\n");
-	int slot = find_device(3);
-	if (slot < 0) {
-		fail("no console device", 0);
+	u64 base = open_device(3, "no console device");
+	if (!base) {
 		poweroff();
 		return 1;
 	}
-	u64 base = MMIO_BASE + (u64)slot * SLOT;
-	setup_idt();
-	route_irq(FIRST_IRQ + (u32)slot);
 	wr(base + 0x14, 0);
 	if (!(rd(base + 0x10) & 2))
 		fail("no MULTIPORT offered", rd(base + 0x10));

@@ -156,15 +156,11 @@ static int fuse(u64 base, u32 opcode, u64 nodeid, u32 len, const char *what)
 int main(void)
 {
 	puts("virtio-fs test guest\n");
-	int slot = find_device(26);
-	if (slot < 0) {
-		fail("no virtio-fs device", 0);
+	u64 fs = open_device(26, "no virtio-fs device");
+	if (!fs) {
 		poweroff();
 		return 1;
 	}
-	u64 fs = MMIO_BASE + (u64)slot * SLOT;
-	setup_idt();
-	route_irq(FIRST_IRQ + (u32)slot);
 	negotiate(fs, 0);
 	char tag[37];
 	for (int i = 0; i < 36; i++)

@@ -31,15 +31,11 @@ static void putmac(const u8 *m)
 int main(void)
 {
 	puts("virtio-net test guest\n");
-	int slot = find_device(1);
-	if (slot < 0) {
-		fail("no network device", 0);
+	u64 base = open_device(1, "no network device");
+	if (!base) {
 		poweroff();
 		return 1;
 	}
-	u64 base = MMIO_BASE + (u64)slot * SLOT;
-	setup_idt();
-	route_irq(FIRST_IRQ + (u32)slot);
 	negotiate(base, 1 << 5);
 	for (int i = 0; i < 6; i++)
 		mac[i] = *(volatile u8 *)(base + 0x100 + i);
