@@ -101,6 +101,13 @@ impl Devices {
         }
     }
 
+    /// Whether port `port` of the device at `base` takes more host input now.
+    pub fn mmio_wants_input(&self, base: u64, port: usize) -> bool {
+        self.mmio_at(base)
+            .map(|(_, t)| t.wants_input(port))
+            .unwrap_or(true)
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         self.stats.pio.fetch_add(1, Ordering::Relaxed);
         data.fill(0xff);

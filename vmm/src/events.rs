@@ -58,6 +58,9 @@ pub struct DeviceEvents {
     /// The source of each console port's peer now connected, by (device, port): a newer
     /// peer replaces an older one.
     console_peers: HashMap<(u64, usize), usize>,
+    /// Console peers not being read while their port's input waits for the guest
+    /// (backpressure: the peer's writes block in its socket instead of being dropped).
+    paused: Vec<usize>,
     buf: Vec<u8>,
 }
 
@@ -67,6 +70,7 @@ impl DeviceEvents {
             devices,
             sources: sources.into_iter().map(Some).collect(),
             console_peers: HashMap::new(),
+            paused: Vec::new(),
             buf: vec![0u8; net::MAX_FRAME],
         }
     }
@@ -79,6 +83,29 @@ impl DeviceEvents {
         }
         self.sources.push(Some(s));
         Some(i)
+    }
+}
+
+impl DeviceEvents {
+    /// Watches paused console peers again whose port has room now (the guest took input).
+    fn resume(&mut self, ops: &mut EventOps) {
+        let devices = &self.devices;
+        let sources = &self.sources;
+        let (ready, still): (Vec<usize>, Vec<usize>) =
+            self.paused.iter().partition(|&&j| match sources.get(j) {
+                Some(Some(Source::ConsolePeer { base, port, .. })) => {
+                    devices.mmio_wants_input(*base, *port)
+                }
+                _ => false,
+            });
+        self.paused = still;
+        for j in ready {
+            if let Some(Some(s)) = self.sources.get(j) {
+                if let Err(e) = ops.add(Events::with_data_raw(s.fd(), j as u32, EventSet::IN)) {
+                    log::warn!("event loop: watch fd {}: {e:?}", s.fd());
+                }
+            }
+        }
     }
 }
 
@@ -96,11 +123,16 @@ impl MutEventSubscriber for DeviceEvents {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let i = events.data() as usize;
         let mut done = false;
+        // Read data this time: a hang-up waits until the socket is drained.
+        let mut more = false;
+        let mut pause = false;
+        let mut notified = false;
         let mut new = None;
         match self.sources.get(i).and_then(|s| s.as_ref()) {
             Some(Source::Notify { evt, base, queue }) => {
                 let _ = evt.read();
                 self.devices.mmio_notify(*base, *queue as usize);
+                notified = true;
             }
             Some(Source::BackendCall { evt, base }) => {
                 let _ = evt.read();
@@ -154,11 +186,15 @@ impl MutEventSubscriber for DeviceEvents {
                 base,
                 port,
             }) => match (&*stream).read(&mut self.buf) {
-                Ok(n) if n > 0 => self.devices.mmio_host_event(
-                    *base,
-                    *port,
-                    HostEvent::Data(self.buf[..n].to_vec()),
-                ),
+                Ok(n) if n > 0 => {
+                    self.devices.mmio_host_event(
+                        *base,
+                        *port,
+                        HostEvent::Data(self.buf[..n].to_vec()),
+                    );
+                    more = true;
+                    pause = !self.devices.mmio_wants_input(*base, *port);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 _ => {
                     if self.console_peers.get(&(*base, *port)) == Some(&i) {
@@ -172,15 +208,20 @@ impl MutEventSubscriber for DeviceEvents {
             },
             None => {}
         }
-        if done
-            || events
-                .event_set()
-                .intersects(EventSet::HANG_UP | EventSet::ERROR)
-        {
+        let hup = events
+            .event_set()
+            .intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if done || (hup && !more) {
             let _ = ops.remove(events);
             if let Some(s) = self.sources.get_mut(i) {
                 *s = None;
             }
+        } else if pause {
+            let _ = ops.remove(events);
+            self.paused.push(i);
+        }
+        if notified && !self.paused.is_empty() {
+            self.resume(ops);
         }
         if let Some(s) = new {
             let key = match &s {

@@ -82,15 +82,19 @@ async fn builtin_driver_runs_janus_vmm_with_the_agent_ports() {
     .unwrap();
     assert_eq!(line, "janus-port-ping\n");
     w.write_all(line.as_bytes()).await.unwrap();
+    // Then more than janus-vmm buffers: held back while the guest is behind, none lost.
+    let bulk = common::console_bulk();
+    let writer = tokio::spawn(async move { w.write_all(&bulk).await.map(|_| w) });
     let exit = tokio::time::timeout(Duration::from_secs(30), vm.wait())
         .await
         .expect("guest powers off")
         .unwrap();
+    let _ = writer.await;
     let console = vm.console_tail(20);
     assert_eq!(exit.code, Some(0), "{exit}\n{console}");
     assert!(console.contains("port 0 name janus.agent"), "{console}");
     assert!(
-        console.contains("port janus.stdio: echoed back in"),
+        console.contains("port janus.stdio: echoed back, then bulk 0x0000000000180000 in"),
         "{console}"
     );
     let wd = vm.work_dir().to_path_buf();

@@ -34,6 +34,9 @@ pub const F_MULTIPORT: u64 = 1 << 1;
 const QUEUE_SIZE: u16 = 128;
 /// Output kept while no peer is connected, and input waiting for receive buffers.
 const MAX_BUFFERED: usize = 1 << 20;
+/// Input beyond which a port's peer is not read until the guest takes some (one read of
+/// the event loop is at most 64 KiB, so MAX_BUFFERED is never reached by a paused peer).
+pub const INPUT_HIGH: usize = 256 << 10;
 /// A port count no sane command line reaches; bounds the queue table.
 pub const MAX_PORTS: usize = 16;
 
@@ -328,6 +331,12 @@ impl VirtioDevice for Console {
         std::mem::take(&mut self.kicks)
     }
 
+    fn wants_input(&self, port: usize) -> bool {
+        self.ports
+            .get(port)
+            .is_none_or(|p| p.input.len() < INPUT_HIGH)
+    }
+
     /// Port 0's peer input (empty: a peer just connected).
     fn input(&mut self, data: Vec<u8>) -> Option<usize> {
         let ev = if data.is_empty() {
@@ -564,6 +573,20 @@ mod tests {
             0
         );
         assert_eq!(device_says(&mut c, &m).len(), 1);
+    }
+
+    #[test]
+    fn a_full_port_asks_for_no_more_input_until_the_guest_takes_it() {
+        let m = mem();
+        let mut c = Console::new(vec![(None, Peer::default())]);
+        c.ack_features(0);
+        assert!(c.wants_input(0));
+        c.host_event(0, HostEvent::Data(vec![7u8; INPUT_HIGH]));
+        assert!(!c.wants_input(0));
+        let (_mq, mut q) = queue(&m, &[(0x60000, 4096, true)]);
+        assert!(c.process_queue(RX, &mut q, &m));
+        assert!(c.wants_input(0));
+        assert_eq!(c.dropped, 0);
     }
 
     #[test]

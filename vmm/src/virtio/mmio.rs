@@ -292,6 +292,11 @@ impl MmioTransport {
         self.kicked();
     }
 
+    /// Whether port `port` of the device takes more host input now.
+    pub fn wants_input(&self, port: usize) -> bool {
+        self.device.wants_input(port)
+    }
+
     /// Runs the queues the device asked for, if it is live.
     fn kicked(&mut self) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {

@@ -47,6 +47,11 @@ pub trait VirtioDevice: Send {
     fn ack_features(&mut self, _features: u64) {}
     /// Something happened on the host side of port `port` (console ports).
     fn host_event(&mut self, _port: usize, _ev: HostEvent) {}
+    /// Whether port `port` takes more host input now; when not, its host side is not read
+    /// until the guest has taken some (backpressure instead of dropping).
+    fn wants_input(&self, _port: usize) -> bool {
+        true
+    }
     /// Queues the device wants processed next, e.g. a control reply to deliver after the
     /// driver's control message, or input that arrived for a port.
     fn take_kicks(&mut self) -> Vec<usize> {

@@ -5,6 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What the console-ports guest expects after its echo: 1.5 MiB (more than janus-vmm buffers
+/// per port) of a pattern it checks.
+pub fn console_bulk() -> Vec<u8> {
+    (0..1536 * 1024u32)
+        .map(|i| ((i * 7 + 3) % 251) as u8)
+        .collect()
+}
+
 pub fn out_dir() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
     std::fs::create_dir_all(&d).unwrap();
