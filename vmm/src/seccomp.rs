@@ -58,6 +58,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_nanosleep,
+    // Ending a console peer that a newer one replaces.
+    libc::SYS_shutdown,
     // vhost-user messages (virtio-fs) from the vCPU that sets DRIVER_OK, with fds attached.
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
