@@ -101,6 +101,22 @@ impl Devices {
         }
     }
 
+    /// Retries output that host peers could not take yet, on every device.
+    pub fn mmio_retry_output(&self) {
+        for (_, t) in &self.mmio {
+            t.lock().unwrap_or_else(|e| e.into_inner()).retry_output();
+        }
+    }
+
+    /// Writes out what host peers have not taken yet, until `deadline` (the VM has ended).
+    pub fn mmio_drain_output(&self, deadline: std::time::Instant) {
+        for (_, t) in &self.mmio {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain_output(deadline);
+        }
+    }
+
     /// Whether port `port` of the device at `base` takes more host input now.
     pub fn mmio_wants_input(&self, base: u64, port: usize) -> bool {
         self.mmio_at(base)

@@ -155,7 +155,8 @@ impl MutEventSubscriber for DeviceEvents {
                 port,
             }) => {
                 if let Ok((stream, _)) = listener.accept() {
-                    if let Ok(w) = stream.try_clone() {
+                    // Non-blocking both ways: a slow peer must not stall the device thread.
+                    if let (Ok(w), Ok(())) = (stream.try_clone(), stream.set_nonblocking(true)) {
                         // One peer at a time: a new one replaces the old, whose source then
                         // reads as left.
                         if let Some(old) = self.console_peers.remove(&(*base, *port)) {
@@ -195,7 +196,14 @@ impl MutEventSubscriber for DeviceEvents {
                     more = true;
                     pause = !self.devices.mmio_wants_input(*base, *port);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    more = true;
+                }
                 _ => {
                     if self.console_peers.get(&(*base, *port)) == Some(&i) {
                         *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;

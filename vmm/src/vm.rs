@@ -337,6 +337,7 @@ impl Vm {
                 .map_err(|e| Error::Config(format!("event loop: {e:?}")))?;
             em.add_subscriber(DeviceEvents::new(self.devices.clone(), self.sources));
             let (stop, filter) = (stop.clone(), filter.clone());
+            let devices = self.devices.clone();
             let t = std::thread::Builder::new()
                 .name("devices".into())
                 .spawn(move || {
@@ -344,10 +345,20 @@ impl Vm {
                         log::error!("device thread seccomp: {e}");
                         return;
                     }
+                    // Output a slow host peer could not take is retried when the loop is
+                    // idle and at least every 20 ms while it is busy.
+                    let mut retried = Instant::now();
                     while !stop.load(Ordering::SeqCst) {
-                        if let Err(e) = em.run_with_timeout(100) {
-                            log::error!("device event loop: {e:?}");
-                            return;
+                        match em.run_with_timeout(100) {
+                            Err(e) => {
+                                log::error!("device event loop: {e:?}");
+                                return;
+                            }
+                            Ok(n) if n == 0 || retried.elapsed().as_millis() >= 20 => {
+                                devices.mmio_retry_output();
+                                retried = Instant::now();
+                            }
+                            Ok(_) => {}
                         }
                     }
                 })
@@ -383,6 +394,11 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
+        // Guest output the guest saw delivered (its buffers were returned) but a peer has not
+        // read yet: hand it over before the process ends (the agent's last words, a
+        // container's last output), waiting a bounded time for slow peers.
+        self.devices
+            .mmio_drain_output(Instant::now() + Duration::from_secs(2));
         let r = result.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(r.unwrap_or(VmExit::Failed("no vCPU reported an exit".into())))
     }

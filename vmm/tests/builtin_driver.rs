@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{build_guest, kvm_or_say, Virtiofsd};
 use runtime::vm::builtin::Builtin;
 use runtime::vm::{FsShare, Vm, VmConfig};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn config(guest: &str, dir: &std::path::Path) -> VmConfig {
     let elf = build_guest(guest, &format!("driver-{guest}"));
@@ -73,18 +73,25 @@ async fn builtin_driver_runs_janus_vmm_with_the_agent_ports() {
     let stdio = vm.take_stdio_stream().expect("stdio channel");
     let (r, mut w) = stdio.into_split();
     let mut line = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        BufReader::new(r).read_line(&mut line),
-    )
-    .await
-    .expect("a line from the guest in time")
-    .unwrap();
+    let mut r = BufReader::new(r);
+    tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line))
+        .await
+        .expect("a line from the guest in time")
+        .unwrap();
     assert_eq!(line, "janus-port-ping\n");
     w.write_all(line.as_bytes()).await.unwrap();
     // Then more than janus-vmm buffers: held back while the guest is behind, none lost.
     let bulk = common::console_bulk();
     let writer = tokio::spawn(async move { w.write_all(&bulk).await.map(|_| w) });
+    // And 1 MiB back from the guest.
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < common::CONSOLE_TX_BULK {
+        match tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got += n,
+            other => panic!("guest output after {got} bytes: {other:?}"),
+        }
+    }
     let exit = tokio::time::timeout(Duration::from_secs(30), vm.wait())
         .await
         .expect("guest powers off")
@@ -94,7 +101,8 @@ async fn builtin_driver_runs_janus_vmm_with_the_agent_ports() {
     assert_eq!(exit.code, Some(0), "{exit}\n{console}");
     assert!(console.contains("port 0 name janus.agent"), "{console}");
     assert!(
-        console.contains("port janus.stdio: echoed back, then bulk 0x0000000000180000 in"),
+        console.contains("port janus.stdio: echoed back, then bulk 0x0000000000180000 in")
+            && console.contains("sent 0x0000000000100000"),
         "{console}"
     );
     let wd = vm.work_dir().to_path_buf();

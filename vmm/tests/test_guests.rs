@@ -284,14 +284,16 @@ fn virtio_net_arp_round_trip_through_a_tap() {
 }
 
 /// Boots console guest `name` with `extra` arguments, acts as the echo peer on `sock` (the
-/// guest's first line goes back to it, which must be `want`, followed by `then`), and returns
-/// the serial log and janus-vmm's stderr once the guest has powered off (exit status 0).
+/// guest's first line goes back to it, which must be `want`, followed by `then`; then it
+/// reads `out` bytes slowly), and returns the serial log and janus-vmm's stderr once the
+/// guest has powered off (exit status 0).
 fn console_echo(
     name: &str,
     extra: &[String],
     sock: &Path,
     want: &str,
     then: Vec<u8>,
+    out: usize,
 ) -> (String, String) {
     let elf = build_guest(name, name);
     let log = out_dir().join(format!("{name}.serial"));
@@ -322,9 +324,12 @@ fn console_echo(
     assert_eq!(line, want);
     (&stream).write_all(line.as_bytes()).unwrap();
     // From another thread: the VMM may hold these writes back until the guest reads.
+    let reader = stream.try_clone().unwrap();
     let writer = std::thread::spawn(move || (&stream).write_all(&then).map(|_| stream));
+    let got = common::read_slowly(reader, out);
     let o = child.wait_with_output().unwrap();
     let _ = writer.join();
+    assert_eq!(got, out, "bytes from the guest");
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(0), "{serial}\n{stderr}");
@@ -348,6 +353,7 @@ fn virtio_console_echo_with_a_host_peer() {
         &sock,
         "janus-console-ping\n",
         Vec::new(),
+        0,
     );
     assert!(serial.contains("device id 0x0000000000000003"), "{serial}");
     assert!(
@@ -360,7 +366,8 @@ fn virtio_console_echo_with_a_host_peer() {
 /// learns both port names through the control queue, sees port 1's host side connect, and
 /// gets its line echoed back by that port's peer (port 0, with no peer, stays silent); then
 /// 1.5 MiB from the peer, more than the VMM buffers, arrive whole: the VMM stops reading the
-/// peer while the guest is behind instead of dropping.
+/// peer while the guest is behind instead of dropping; and 1 MiB from the guest reaches a
+/// peer that reads slowly: the VMM holds the guest's buffers instead of blocking or dropping.
 #[test]
 fn virtio_console_named_ports_with_a_host_peer() {
     if !kvm_or_say("virtio_console_named_ports_with_a_host_peer") {
@@ -382,6 +389,7 @@ fn virtio_console_named_ports_with_a_host_peer() {
         &stdio,
         "janus-port-ping\n",
         bulk,
+        common::CONSOLE_TX_BULK,
     );
     assert!(
         serial.contains("max_nr_ports 0x0000000000000002"),

@@ -35,8 +35,9 @@ const QUEUE_SIZE: u16 = 128;
 /// Output kept while no peer is connected, and input waiting for receive buffers.
 const MAX_BUFFERED: usize = 1 << 20;
 /// Input beyond which a port's peer is not read until the guest takes some (one read of
-/// the event loop is at most 64 KiB, so MAX_BUFFERED is never reached by a paused peer).
-pub const INPUT_HIGH: usize = 256 << 10;
+/// the event loop is at most 64 KiB, so MAX_BUFFERED is never reached by a paused peer);
+/// output beyond which the guest's transmit buffers wait until the peer takes some.
+pub const HIGH: usize = 256 << 10;
 /// A port count no sane command line reaches; bounds the queue table.
 pub const MAX_PORTS: usize = 16;
 
@@ -59,6 +60,8 @@ struct Port {
     /// Peer input waiting for receive buffers (and for the guest to open the port).
     input: VecDeque<u8>,
     host_connected: bool,
+    /// Transmit buffers were left in the queue because the peer was behind.
+    tx_held: bool,
     /// The driver said PORT_READY for it.
     ready: bool,
     guest_open: bool,
@@ -122,6 +125,7 @@ impl Console {
                     unsent: Vec::new(),
                     input: VecDeque::new(),
                     host_connected: false,
+                    tx_held: false,
                     ready: false,
                     guest_open: false,
                 })
@@ -143,18 +147,36 @@ impl Console {
         !self.multiport || self.ports[p].guest_open
     }
 
+    /// Writes what the peer takes without blocking (peers are non-blocking: a slow peer
+    /// must not stall the device thread); the rest waits for `retry_output`.
     fn flush(&mut self, p: usize) {
         let port = &mut self.ports[p];
         if port.unsent.is_empty() {
             return;
         }
         let mut g = port.peer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = g.as_mut() {
-            if s.write_all(&port.unsent).is_err() {
-                *g = None;
+        let Some(s) = g.as_mut() else {
+            return;
+        };
+        let mut sent = 0;
+        let mut gone = false;
+        while sent < port.unsent.len() {
+            match s.write(&port.unsent[sent..]) {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // The peer is gone: what it did not take is lost with it.
+                    gone = true;
+                    sent = port.unsent.len();
+                }
             }
-            port.unsent.clear();
         }
+        if gone {
+            *g = None;
+        }
+        port.unsent.drain(..sent);
     }
 
     fn send_control(&mut self, id: u32, event: u16, value: u16, payload: &[u8]) {
@@ -162,7 +184,15 @@ impl Console {
         self.kicks.push(CTRL_RX);
     }
 
+    /// Guest output of port `p`. While the peer is behind by `HIGH` bytes the guest's buffers
+    /// are not taken (its writes block), so nothing is dropped.
     fn transmit(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        self.flush(p);
+        if self.ports[p].unsent.len() >= HIGH {
+            self.ports[p].tx_held = true;
+            return false;
+        }
+        let mut held = false;
         let used = super::drain_readable(queue, mem, MAX_BUFFERED, |data| {
             let port = &mut self.ports[p];
             match data {
@@ -171,7 +201,10 @@ impl Console {
                 }
                 _ => self.dropped += 1,
             }
+            held = port.unsent.len() >= HIGH;
+            !held
         });
+        self.ports[p].tx_held = held;
         self.flush(p);
         used
     }
@@ -236,9 +269,12 @@ impl Console {
 
     fn control_transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut msgs = Vec::new();
-        let used = super::drain_readable(queue, mem, 4096, |m| match m {
-            Some(m) if m.len() >= CTRL_HEADER => msgs.push(m),
-            _ => self.dropped += 1,
+        let used = super::drain_readable(queue, mem, 4096, |m| {
+            match m {
+                Some(m) if m.len() >= CTRL_HEADER => msgs.push(m),
+                _ => self.dropped += 1,
+            }
+            true
         });
         for m in msgs {
             let id = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
@@ -331,10 +367,33 @@ impl VirtioDevice for Console {
         std::mem::take(&mut self.kicks)
     }
 
+    fn retry_output(&mut self) {
+        for p in 0..self.ports.len() {
+            self.flush(p);
+            let port = &mut self.ports[p];
+            if port.tx_held && port.unsent.len() < HIGH {
+                port.tx_held = false;
+                self.kicks.push(port_queues(p).1);
+            }
+        }
+    }
+
+    fn drain_output(&mut self, deadline: std::time::Instant) {
+        for p in 0..self.ports.len() {
+            loop {
+                self.flush(p);
+                let port = &self.ports[p];
+                let connected = port.peer.lock().map(|g| g.is_some()).unwrap_or(false);
+                if port.unsent.is_empty() || !connected || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
     fn wants_input(&self, port: usize) -> bool {
-        self.ports
-            .get(port)
-            .is_none_or(|p| p.input.len() < INPUT_HIGH)
+        self.ports.get(port).is_none_or(|p| p.input.len() < HIGH)
     }
 
     /// Port 0's peer input (empty: a peer just connected).
@@ -388,6 +447,7 @@ impl VirtioDevice for Console {
         self.kicks.clear();
         for p in &mut self.ports {
             p.input.clear();
+            p.tx_held = false;
             p.ready = false;
             p.guest_open = false;
         }
@@ -581,11 +641,52 @@ mod tests {
         let mut c = Console::new(vec![(None, Peer::default())]);
         c.ack_features(0);
         assert!(c.wants_input(0));
-        c.host_event(0, HostEvent::Data(vec![7u8; INPUT_HIGH]));
+        c.host_event(0, HostEvent::Data(vec![7u8; HIGH]));
         assert!(!c.wants_input(0));
         let (_mq, mut q) = queue(&m, &[(0x60000, 4096, true)]);
         assert!(c.process_queue(RX, &mut q, &m));
         assert!(c.wants_input(0));
+        assert_eq!(c.dropped, 0);
+    }
+
+    #[test]
+    fn a_slow_peer_holds_the_guest_back_without_blocking_or_dropping() {
+        let m = mem();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let peer: Peer = Arc::new(Mutex::new(Some(a)));
+        let mut c = Console::new(vec![(None, peer)]);
+        c.ack_features(0);
+        // 1 MiB of output in eight 128 KiB buffers; the peer reads nothing yet.
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        m.write_slice(&data, GuestAddress(0x100000)).unwrap();
+        let bufs: Vec<_> = (0..8)
+            .map(|i| (0x100000 + i * 0x20000, 0x20000, false))
+            .collect();
+        let (mq, mut q) = queue(&m, &bufs);
+        let used = || m.read_obj::<u16>(mq.used_addr().unchecked_add(2)).unwrap();
+        assert!(c.process_queue(TX, &mut q, &m), "returns without blocking");
+        assert!(
+            used() < 8,
+            "every buffer taken although the peer reads nothing"
+        );
+        let reader = std::thread::spawn(move || {
+            let mut all = vec![0u8; 1 << 20];
+            b.read_exact(&mut all).unwrap();
+            all
+        });
+        for _ in 0..5000 {
+            c.retry_output();
+            if c.take_kicks().contains(&TX) {
+                c.process_queue(TX, &mut q, &m);
+            }
+            if used() == 8 && c.ports[0].unsent.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(used(), 8);
+        assert!(reader.join().unwrap() == data, "output differs");
         assert_eq!(c.dropped, 0);
     }
 

@@ -292,6 +292,17 @@ impl MmioTransport {
         self.kicked();
     }
 
+    /// Retries output the device's host peers could not take yet.
+    pub fn retry_output(&mut self) {
+        self.device.retry_output();
+        self.kicked();
+    }
+
+    /// Writes out what the device's host peers have not taken yet, until `deadline`.
+    pub fn drain_output(&mut self, deadline: std::time::Instant) {
+        self.device.drain_output(deadline);
+    }
+
     /// Whether port `port` of the device takes more host input now.
     pub fn wants_input(&self, port: usize) -> bool {
         self.device.wants_input(port)

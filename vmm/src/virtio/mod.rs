@@ -52,6 +52,11 @@ pub trait VirtioDevice: Send {
     fn wants_input(&self, _port: usize) -> bool {
         true
     }
+    /// Retries output a host peer could not take yet (the device thread calls it after every
+    /// round of events, at least every 100 ms); queues to run go to `take_kicks`.
+    fn retry_output(&mut self) {}
+    /// The VM has ended: write out what host peers have not taken yet, until `deadline`.
+    fn drain_output(&mut self, _deadline: std::time::Instant) {}
     /// Queues the device wants processed next, e.g. a control reply to deliver after the
     /// driver's control message, or input that arrived for a port.
     fn take_kicks(&mut self) -> Vec<usize> {
@@ -89,14 +94,15 @@ pub struct BackendQueues<'a> {
     pub call: &'a [EventFd],
 }
 
-/// Takes every chain the driver made available on a driver-to-device queue: reads each
-/// whole (`None` for one that is unreadable or longer than `max` bytes), hands it to `f`,
-/// and returns it used with nothing written. True when any chain was used.
+/// Takes the chains the driver made available on a driver-to-device queue: reads each whole
+/// (`None` for one that is unreadable or longer than `max` bytes), hands it to `f`, and
+/// returns it used with nothing written; stops early when `f` says false (the device cannot
+/// take more now). True when any chain was used.
 pub fn drain_readable(
     queue: &mut Queue,
     mem: &GuestMemory,
     max: usize,
-    mut f: impl FnMut(Option<Vec<u8>>),
+    mut f: impl FnMut(Option<Vec<u8>>) -> bool,
 ) -> bool {
     use std::io::Read;
     use virtio_queue::QueueT;
@@ -109,11 +115,14 @@ pub fn drain_readable(
             .filter(|r| r.available_bytes() <= max)
             .map(|mut r| r.read_to_end(&mut data).is_ok())
             .unwrap_or(false);
-        f(ok.then_some(data));
+        let more = f(ok.then_some(data));
         if queue.add_used(mem, head, 0).is_err() {
             break;
         }
         used = true;
+        if !more {
+            break;
+        }
     }
     used
 }

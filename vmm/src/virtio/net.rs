@@ -76,14 +76,17 @@ impl Net {
     }
 
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        super::drain_readable(queue, mem, MAX_FRAME, |frame| match frame {
-            Some(f) if f.len() >= HDR_LEN => {
-                if let Err(e) = (&*self.tap).write_all(&f) {
-                    log::debug!("tap write: {e}");
-                    self.dropped += 1;
+        super::drain_readable(queue, mem, MAX_FRAME, |frame| {
+            match frame {
+                Some(f) if f.len() >= HDR_LEN => {
+                    if let Err(e) = (&*self.tap).write_all(&f) {
+                        log::debug!("tap write: {e}");
+                        self.dropped += 1;
+                    }
                 }
+                _ => self.dropped += 1,
             }
-            _ => self.dropped += 1,
+            true
         })
     }
 

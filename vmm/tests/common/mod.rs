@@ -5,6 +5,24 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What the console-ports guest sends after the bulk it receives: 1 MiB.
+pub const CONSOLE_TX_BULK: usize = 1 << 20;
+
+/// Reads `n` bytes from `r` slowly (16 KiB at a time, 10 ms apart), as a peer that falls
+/// behind; returns how many arrived before EOF.
+pub fn read_slowly(mut r: impl std::io::Read, n: usize) -> usize {
+    let mut buf = vec![0u8; 16 << 10];
+    let mut got = 0;
+    while got < n {
+        match r.read(&mut buf[..(n - got).min(16 << 10)]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    got
+}
+
 /// What the console-ports guest expects after its echo: 1.5 MiB (more than janus-vmm buffers
 /// per port) of a pattern it checks.
 pub fn console_bulk() -> Vec<u8> {

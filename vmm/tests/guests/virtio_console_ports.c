@@ -3,7 +3,8 @@
  * each DEVICE_ADD with PORT_READY, collects the port names, waits until the host side of
  * port 1 is connected (PORT_OPEN from the device), opens the port, writes a line on it and
  * waits (on interrupts) for the host peer's echo, then for BULK bytes of a pattern the peer
- * sends after it (more than the VMM buffers: the VMM must hold the peer back, not drop). */
+ * sends after it (more than the VMM buffers: the VMM must hold the peer back, not drop), and
+ * finally sends TXBULK bytes to a peer that reads slowly (the VMM must hold the guest back). */
 
 #include "guest.h"
 
@@ -19,6 +20,7 @@ static u8 cbuf[NBUF][CBUF];
 static u8 rxbuf[NBUF][BUFSZ];
 #define BULK (1536 * 1024)
 #define BIG 4096
+#define TXBULK (1024 * 1024)
 static u8 bigbuf[NBUF][BIG];
 static struct ctrl out;
 static const char msg[] = "janus-port-ping\n";
@@ -158,6 +160,24 @@ int main(void)
 			done++;
 		}
 	}
+	/* Out: at most 4 buffers in flight on port 1's transmit queue (descriptors 1-4). */
+	u16 sent = 1;
+	u32 out = 0;
+	for (long rounds = 0; rounds < 200000 && !failed; rounds++) {
+		while ((u16)(sent - used_idx(&tx1)) < 4 && out < TXBULK) {
+			u16 d = (u16)(1 + sent % 4);
+			tx1.desc[d] = (struct desc){ (u64)bigbuf[0], BIG, 0, 0 };
+			kick(base, 5, &tx1, d);
+			sent++;
+			out += BIG;
+		}
+		if (out >= TXBULK && used_idx(&tx1) == sent)
+			break;
+		wait_irq(base, seen, "no transmit interrupt");
+		seen = irq_count;
+	}
+	if (used_idx(&tx1) != sent)
+		fail("transmit buffers not returned", used_idx(&tx1));
 	got[n] = 0;
 	int same = n == line;
 	for (unsigned i = 0; same && i < n; i++)
@@ -173,7 +193,9 @@ int main(void)
 		puthex(bulk);
 		puts(" in ");
 		puthex(done);
-		puts(" buffers\n");
+		puts(" buffers; sent ");
+		puthex(out);
+		puts("\n");
 	}
 	poweroff();
 	return 0;
