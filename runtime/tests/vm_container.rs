@@ -446,6 +446,43 @@ async fn vm_container_stdio_stdin_tty_shutdown() {
     assert_eq!(g.wait("c3", "").await.exit_status, 0);
     g.remove("c3").await;
 
+    // Output larger than guest RAM (256 MiB), written faster than the port drains: the agent
+    // holds the writer back instead of queueing it in guest memory (which once ended in the
+    // guest's OOM killer).
+    let s = g.streams(false, true, false, false);
+    let mib = 384u64;
+    let count = format!("count={}", mib * 16);
+    g.create(
+        "c4",
+        spec("c4", &["dd", "if=/dev/zero", "bs=65536", &count], |_| {}),
+        &s,
+    )
+    .await;
+    let t = Instant::now();
+    g.start("c4").await;
+    let mut rx = s.out.expect("stdout stream");
+    let mut bytes = 0u64;
+    let r = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(d) = rx.recv().await {
+            bytes += d.len() as u64;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "stream did not end within 120 s ({bytes} bytes)");
+    let w = g.wait("c4", "").await;
+    eprintln!(
+        "vm_container: {mib} MiB out in {:?} ({:.1} MB/s)",
+        t.elapsed(),
+        bytes as f64 / 1e6 / t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (bytes, w.exit_status),
+        (mib << 20, 0),
+        "{}",
+        g.vm.console_tail(10)
+    );
+    g.remove("c4").await;
+
     g.shutdown().await;
 }
 

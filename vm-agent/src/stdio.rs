@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 use crate::containers::{AgentError, Result};
 
 pub const STDIO_PORT: &str = "janus.stdio";
+/// Output frames queued for the port before the processes writing them wait.
+const OUTPUT_FRAMES: usize = 32;
 
 type Frame = (u32, u32, Vec<u8>);
 
@@ -23,7 +25,7 @@ type Inputs = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Vec<u8>>>>>;
 
 #[derive(Clone)]
 pub struct Mux {
-    tx: Option<mpsc::UnboundedSender<Frame>>,
+    tx: Option<mpsc::Sender<Frame>>,
     stdin: Inputs,
 }
 
@@ -104,7 +106,9 @@ impl Mux {
                 return Mux { tx: None, stdin };
             }
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        // Bounded: a process that writes faster than the port drains waits on its pipe
+        // instead of piling its output up in guest memory (OUTPUT_FRAMES x 64 KiB at most).
+        let (tx, mut rx) = mpsc::channel::<Frame>(OUTPUT_FRAMES);
         let wport = port.clone();
         tokio::spawn(async move {
             // Header and payload in one write: one virtqueue buffer per frame.
@@ -216,14 +220,14 @@ impl Mux {
                         match aio::read(&afd, &mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
-                                if tx.send((id, 0, buf[..n].to_vec())).is_err() {
+                                if tx.send((id, 0, buf[..n].to_vec())).await.is_err() {
                                     return;
                                 }
                             }
                         }
                     }
                 }
-                let _ = tx.send((id, FLAG_EOF, Vec::new()));
+                let _ = tx.send((id, FLAG_EOF, Vec::new())).await;
             });
         }
     }
