@@ -53,20 +53,33 @@ fn check_passes_on_this_node() {
     );
 }
 
-/// With `mode = "vm"`, what VM mode needs is required: a missing guest image fails the check.
-#[test]
-fn check_requires_vm_assets_in_vm_mode() {
+/// `janus check` without a containerd, with `config` as the config file (plus `extra`
+/// arguments): its exit code and stdout.
+fn check_offline(name: &str, config: &str, extra: &[&str]) -> (Option<i32>, String) {
     let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("vm.toml");
-    std::fs::write(&cfg, "mode = \"vm\"\n").unwrap();
+    let cfg = d.path().join(name);
+    std::fs::write(&cfg, config).unwrap();
     let o = Command::new(janus_cli())
         .args(["check", "--address", "/nonexistent.sock", "--config"])
         .arg(&cfg)
-        .args(["--guest-dir", "/nonexistent"])
+        .args(extra)
         .output()
         .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+/// With `mode = "vm"`, what VM mode needs is required: a missing guest image fails the check.
+#[test]
+fn check_requires_vm_assets_in_vm_mode() {
+    let (code, out) = check_offline(
+        "vm.toml",
+        "mode = \"vm\"\n",
+        &["--guest-dir", "/nonexistent"],
+    );
+    assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("[FAIL] guest image") && out.contains("build-guest.sh"),
         "{out}"
@@ -75,16 +88,8 @@ fn check_requires_vm_assets_in_vm_mode() {
 
 #[test]
 fn check_fails_with_a_reason_on_a_broken_config() {
-    let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("bad.toml");
-    std::fs::write(&cfg, "mode = \n").unwrap();
-    let o = Command::new(janus_cli())
-        .args(["check", "--address", "/nonexistent.sock", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (code, out) = check_offline("bad.toml", "mode = \n", &[]);
+    assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("[FAIL] config") && out.contains("bad.toml"),
         "{out}"
@@ -95,15 +100,11 @@ fn check_fails_with_a_reason_on_a_broken_config() {
 /// a failure (VM mode configured) where it has not, saying what to use instead.
 #[test]
 fn check_reports_the_builtin_driver() {
-    let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("builtin.toml");
-    std::fs::write(&cfg, "mode = \"vm\"\n[vm]\nhypervisor = \"builtin\"\n").unwrap();
-    let o = Command::new(janus_cli())
-        .args(["check", "--address", "/nonexistent.sock", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let (code, out) = check_offline(
+        "builtin.toml",
+        "mode = \"vm\"\n[vm]\nhypervisor = \"builtin\"\n",
+        &[],
+    );
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo
         .lines()
@@ -119,7 +120,7 @@ fn check_reports_the_builtin_driver() {
         assert!(line.contains("builtin (janus-vmm at"), "{line}");
     } else {
         eprintln!("check_reports_the_builtin_driver: CPU has no vmx/svm: expecting a failure");
-        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert_eq!(code, Some(1), "{out}");
         assert!(
             line.contains("FAIL") && line.contains("needs vmx/svm"),
             "{line}"
