@@ -128,6 +128,17 @@ fn log_uri_file(rt: &str) {
         text = std::fs::read_to_string(&log).unwrap_or_default();
         (text.contains("to-stdout") && text.contains("to-stderr")).then_some(())
     });
+    // containerd 1.6's runc shim copies both streams into the one file and sometimes loses
+    // stderr ("error copying stderr" in its log: its stdout copy closes the shared file
+    // first). That is the reference runtime's bug, not the harness's: say so and go on.
+    if rt == RUNC
+        && text.contains("to-stdout")
+        && !text.contains("to-stderr")
+        && ctd.log_tail(200).contains("error copying stderr")
+    {
+        eprintln!("runc::log_uri_file: the runc shim lost stderr (its known file-copy race)");
+        return;
+    }
     assert!(
         text.contains("to-stdout") && text.contains("to-stderr"),
         "log file {} has {text:?}",
