@@ -3,7 +3,8 @@
 //!
 //! The first container of a pod (CRI's sandbox container, or a container outside any pod)
 //! boots the VM: virtiofsd on an empty per-VM share directory, the pod's CNI interface
-//! mirrored to a tap (`vmnet`), QEMU (`runtime::vm`), then the agent. Every container of the
+//! mirrored to a tap (`vmnet`), the VMM (`runtime::vm`: QEMU, or janus-vmm with
+//! `vm.hypervisor = "builtin"`), then the agent. Every container of the
 //! pod (the first one included) is then: containerd's snapshot mounted on the host as in
 //! namespace mode and bind-mounted into the share with the spec's host binds (virtio-fs, no
 //! copy), and an agent CreateContainer with a guest copy of the spec whose namespace paths
