@@ -318,10 +318,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
     }
 
     // VM mode prerequisites
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
+    let hw = runtime::vm::builtin::hardware_virtualization().is_some();
     let kvm = Path::new("/dev/kvm").exists();
     let accel = match (hw, kvm) {
         (true, true) => "KVM usable (vmx/svm present, /dev/kvm exists)".to_string(),

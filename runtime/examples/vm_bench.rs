@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use protocols::agent::*;
-use runtime::vm::{agent, qemu::Qemu, Hypervisor, StdioPlane, VmConfig};
+use runtime::vm::{agent, qemu::Qemu, FsShare, Hypervisor, StdioPlane, VmConfig};
 use tokio::io::AsyncReadExt;
 
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
@@ -106,12 +106,10 @@ async fn stdio_throughput(guest: &Path, mib: u64) -> Result<(f64, f64)> {
     }
     let mut cfg = VmConfig::from_guest_dir(guest)?;
     cfg.shared_memory = true;
-    cfg.extra_args = vec![
-        "-chardev".into(),
-        format!("socket,id=vfs,path={}", sock.display()),
-        "-device".into(),
-        "vhost-user-fs-device,chardev=vfs,tag=share".into(),
-    ];
+    cfg.fs = Some(FsShare {
+        tag: "share".into(),
+        socket: sock.clone(),
+    });
     let vm = Qemu::new().start(&cfg).await?;
     let plane = StdioPlane::new(vm.take_stdio_stream().context("stdio stream")?);
     vm.connect_agent(None).await?;

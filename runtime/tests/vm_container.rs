@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use protocols::agent::*;
-use runtime::vm::{agent, qemu::Qemu, AgentClient, Hypervisor, StdioPlane, Vm, VmConfig};
+use runtime::vm::{agent, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -177,13 +177,11 @@ impl Guest {
         let mut cfg = VmConfig::from_guest_dir(&guest_dir())
             .unwrap_or_else(|e| panic!("{e} (run hack/build-guest.sh)"));
         cfg.shared_memory = true;
-        cfg.extra_args = vec![
-            "-chardev".into(),
-            format!("socket,id=vfs,path={}", vfs_sock.display()),
-            "-device".into(),
-            "vhost-user-fs-device,chardev=vfs,tag=share".into(),
-        ];
-        cfg.extra_args.extend(extra);
+        cfg.fs = Some(FsShare {
+            tag: "share".into(),
+            socket: vfs_sock.clone(),
+        });
+        cfg.extra_args = extra;
         let vm: Arc<dyn Vm> = Arc::from(
             Qemu::new()
                 .start(&cfg)

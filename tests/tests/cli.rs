@@ -105,11 +105,7 @@ fn check_reports_the_builtin_driver() {
         "mode = \"vm\"\n[vm]\nhypervisor = \"builtin\"\n",
         &[],
     );
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|w| w == "vmx" || w == "svm"));
+    let hw = janus_tests::hw_virt().is_some();
     let line = out
         .lines()
         .find(|l| l.contains("hypervisor driver"))

@@ -762,14 +762,7 @@ mod janus_vm_faults {
 mod janus_vm_builtin {
     use super::*;
 
-    /// "vmx" or "svm" when /proc/cpuinfo's flags show hardware virtualization.
-    fn hw_virt() -> Option<&'static str> {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
-        ["vmx", "svm"]
-            .into_iter()
-            .find(|f| flags.split_whitespace().any(|w| w == *f))
-    }
+    use janus_tests::hw_virt;
 
     #[test]
     fn builtin_without_hardware_virtualization_is_a_failed_precondition() {

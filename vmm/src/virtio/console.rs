@@ -396,17 +396,6 @@ impl VirtioDevice for Console {
         self.ports.get(port).is_none_or(|p| p.input.len() < HIGH)
     }
 
-    /// Port 0's peer input (empty: a peer just connected).
-    fn input(&mut self, data: Vec<u8>) -> Option<usize> {
-        let ev = if data.is_empty() {
-            HostEvent::Connected
-        } else {
-            HostEvent::Data(data)
-        };
-        self.host_event(0, ev);
-        None
-    }
-
     fn host_event(&mut self, p: usize, ev: HostEvent) {
         if p >= self.ports.len() {
             return;
@@ -498,12 +487,12 @@ mod tests {
         // No peer yet: kept, then sent when one connects.
         let (a, mut b) = UnixStream::pair().unwrap();
         *peer.lock().unwrap() = Some(a);
-        assert_eq!(c.input(Vec::new()), None);
+        c.host_event(0, HostEvent::Connected);
         let mut got = [0u8; 5];
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
         // Seven bytes in, two 4-byte buffers.
-        c.input(b"abcdefg".to_vec());
+        c.host_event(0, HostEvent::Data(b"abcdefg".to_vec()));
         assert_eq!(c.take_kicks(), vec![RX]);
         let mq = MockSplitQueue::new(&m, 16);
         mq.add_desc_chains(
