@@ -32,13 +32,37 @@ set -euo pipefail
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 # Bump when the layout of the outputs changes, to invalidate caches.
-GUEST_BUILD_FORMAT=1
+GUEST_BUILD_FORMAT=2
 GUEST_KERNEL_PKG="${JANUS_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}"
 # What the guest needs, by module name; dependencies are added from modules.dep.
 GUEST_MODULES=(
 	virtio_mmio virtio_pci virtio_blk virtio_net virtio_console
 	vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
 	fuse virtiofs overlay erofs
+)
+# What a NET_ADMIN or privileged container may reasonably do in its pod, carried in the image
+# but loaded only when the kernel asks for it (its module helper, /sbin/modprobe, is the
+# agent: see vm-agent/src/modprobe.rs), so the boot pays nothing for them. docs/guest.md lists
+# the reasoning; anything not here fails in the guest as it would on a host without it.
+GUEST_MODULES_ON_DEMAND=(
+	# links: bridges (brctl/ip), veth pairs, VLANs, tun/tap, macvlan/ipvlan, dummy, overlays
+	bridge br_netfilter veth 8021q tun macvlan ipvlan dummy vxlan geneve ipip ip_gre sit
+	wireguard
+	# nftables (nft, iptables-nft)
+	nf_tables nft_compat nft_chain_nat nft_ct nft_masq nft_nat nft_redir nft_reject_inet
+	nft_fib_inet nft_limit nft_log
+	# iptables-legacy and the xtables matches/targets kube-proxy, CNI plugins and meshes use
+	ip_tables ip6_tables iptable_filter iptable_nat iptable_mangle iptable_raw
+	ip6table_filter ip6table_nat ip6table_mangle ip6table_raw ipt_REJECT ip6t_REJECT
+	xt_conntrack xt_MASQUERADE xt_addrtype xt_comment xt_mark xt_connmark xt_multiport xt_nat
+	xt_REDIRECT xt_set xt_statistic xt_physdev xt_recent xt_limit xt_LOG xt_owner xt_CT
+	nf_conntrack_netlink ip_set ip_set_hash_ip ip_set_hash_net nf_log_syslog
+	# SCTP (Kubernetes services may use it)
+	sctp
+	# IPVS (kube-proxy's ipvs mode, load balancers)
+	ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh
+	# traffic control (tc: shaping, ingress, redirects)
+	sch_htb sch_ingress cls_u32 act_mirred
 )
 : "${SOURCE_DATE_EPOCH:=0}"
 
@@ -108,12 +132,12 @@ extract_vmlinux() {
 	log "vmlinux: ELF with PVH entry (XEN_ELFNOTE_PHYS32_ENTRY) at $entry"
 }
 
-# select_modules MODDIR OUTDIR NAMES...: copy the named modules and their dependencies (from
-# MODDIR/modules.dep) into OUTDIR (same relative paths) and write OUTDIR/modules.order in load
+# select_modules MODDIR OUTDIR LIST NAMES...: copy the named modules and their dependencies
+# (from MODDIR/modules.dep) into OUTDIR (same relative paths) and write OUTDIR/LIST in load
 # order, dependencies first. Built-in modules (MODDIR/modules.builtin) are skipped and reported.
 select_modules() {
-	local moddir="$1" outdir="$2"
-	shift 2
+	local moddir="$1" outdir="$2" list="$3"
+	shift 3
 	local -A path_of=() deps_of=() builtin=() state=()
 	local line p d n order=() skipped=()
 	_modname() {
@@ -164,9 +188,8 @@ select_modules() {
 		log "modules: built into the kernel (skipped): ${skipped[*]}"
 	fi
 
-	rm -rf "$outdir"
 	mkdir -p "$outdir"
-	: >"$outdir/modules.order"
+	: >"$outdir/$list"
 	for p in "${order[@]}"; do
 		local dst="$p"
 		case "$p" in
@@ -183,7 +206,7 @@ select_modules() {
 			;;
 		*) die "unexpected module file $p" ;;
 		esac
-		echo "$dst" >>"$outdir/modules.order"
+		echo "$dst" >>"$outdir/$list"
 	done
 	local soft
 	soft="$(for p in "${order[@]}"; do
@@ -191,7 +214,7 @@ select_modules() {
 		sed -n "s/^softdep $n //p" "$moddir/modules.softdep" 2>/dev/null | sed "s/^/$n: /"
 	done)"
 	[ -z "$soft" ] || log "modules: soft dependencies not followed (check they are built in): $(echo "$soft" | paste -sd';')"
-	log "modules: ${#order[@]} selected, load order: $(for p in "${order[@]}"; do _modname "$p"; done | paste -sd' ')"
+	log "modules ($list): ${#order[@]} selected, load order: $(for p in "${order[@]}"; do _modname "$p"; done | paste -sd' ')"
 }
 
 # build_kernel OUT_DIR: download, extract and lay out the kernel and modules (cached).
@@ -203,7 +226,7 @@ build_kernel() {
 			die "cannot resolve $GUEST_KERNEL_PKG to a kernel image package (apt-cache show)"
 	}
 	read -r pkg ver <<<"$resolved"
-	stamp_want="format=$GUEST_BUILD_FORMAT meta=$GUEST_KERNEL_PKG package=$pkg version=$ver modules=${GUEST_MODULES[*]}"
+	stamp_want="format=$GUEST_BUILD_FORMAT meta=$GUEST_KERNEL_PKG package=$pkg version=$ver modules=${GUEST_MODULES[*]} on-demand=${GUEST_MODULES_ON_DEMAND[*]}"
 	if [ -f "$out/kernel.stamp" ] && [ "$(cat "$out/kernel.stamp")" = "$stamp_want" ] &&
 		[ -s "$out/vmlinuz" ] && [ -s "$out/vmlinux" ] && [ -s "$out/kernel.release" ] &&
 		[ -f "$out/modules/$(cat "$out/kernel.release")/modules.order" ]; then
@@ -223,7 +246,7 @@ build_kernel() {
 		# Stale package lists (a superseded security update): refresh and resolve again.
 		apt_update_once
 		read -r pkg ver <<<"$(resolve_kernel_pkg "$GUEST_KERNEL_PKG")"
-		stamp_want="format=$GUEST_BUILD_FORMAT meta=$GUEST_KERNEL_PKG package=$pkg version=$ver modules=${GUEST_MODULES[*]}"
+		stamp_want="format=$GUEST_BUILD_FORMAT meta=$GUEST_KERNEL_PKG package=$pkg version=$ver modules=${GUEST_MODULES[*]} on-demand=${GUEST_MODULES_ON_DEMAND[*]}"
 		(cd "$tmp" && apt-get download -q "$pkg=$ver" >&2) || die "apt-get download $pkg=$ver failed"
 	fi
 	deb="$(ls "$tmp"/*.deb)"
@@ -247,7 +270,9 @@ build_kernel() {
 	chmod 0644 "$out/vmlinux"
 	log "vmlinux: $out/vmlinux ($(_human_size "$out/vmlinux"))"
 	rm -rf "$out/modules"
-	select_modules "$root/lib/modules/$rel" "$out/modules/$rel" "${GUEST_MODULES[@]}"
+	select_modules "$root/lib/modules/$rel" "$out/modules/$rel" modules.order "${GUEST_MODULES[@]}"
+	select_modules "$root/lib/modules/$rel" "$out/modules/$rel" modules.ondemand \
+		"${GUEST_MODULES_ON_DEMAND[@]}"
 	echo "$rel" >"$out/kernel.release"
 	echo "$stamp_want" >"$out/kernel.stamp"
 	rm -rf "$tmp"
@@ -270,7 +295,10 @@ build_testinit() {
 
 # build_initramfs INIT_BINARY OUT_CPIO: pack an uncompressed newc initramfs holding
 #   /init                          INIT_BINARY (static)
-#   /lib/modules/<release>/...     the selected modules + modules.order (from $GUEST_OUT_DIR)
+#   /lib/modules/<release>/...     the selected modules (from $GUEST_OUT_DIR): modules.order
+#                                  (loaded at boot), modules.dep + modules.alias (depmod; the
+#                                  on-demand ones are loaded through /sbin/modprobe)
+#   /sbin/modprobe                 -> /init (the agent answers the kernel's module requests)
 #   /proc /sys /dev /run /tmp /mnt /etc   empty directories
 #   /dev/console /dev/null         device nodes (made with mknod: needs root)
 # Reproducible: entries sorted, mtime $SOURCE_DATE_EPOCH, owner 0:0, renumbered inodes.
@@ -293,9 +321,16 @@ build_initramfs() {
 	mkdir -p "$stage"/{proc,sys,dev,run,tmp,mnt,etc,lib/modules}
 	install -m 0755 "$init" "$stage/init"
 	cp -R "$out/modules/$rel" "$stage/lib/modules/$rel"
+	# The index the agent's modprobe reads (text only: modules.dep, modules.alias).
+	depmod -b "$stage" "$rel" 2>/dev/null || die "depmod on the initramfs modules failed"
+	find "$stage/lib/modules/$rel" -maxdepth 1 -type f -name 'modules.*' \
+		! -name modules.dep ! -name modules.alias ! -name modules.order -delete
+	# The kernel's module helper (kernel.modprobe) is the agent, run as modprobe.
+	mkdir -p "$stage/sbin"
+	ln -s ../init "$stage/sbin/modprobe"
 	find "$stage/lib" -type d -exec chmod 0755 {} +
 	find "$stage/lib" -type f -exec chmod 0644 {} +
-	chmod 0755 "$stage"/{proc,sys,dev,run,mnt,etc,lib}
+	chmod 0755 "$stage"/{proc,sys,dev,run,mnt,etc,lib,sbin}
 	chmod 1777 "$stage/tmp"
 	mknod -m 0600 "$stage/dev/console" c 5 1
 	mknod -m 0666 "$stage/dev/null" c 1 3

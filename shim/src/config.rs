@@ -1,4 +1,16 @@
-//! The Janus config file (TOML): which mode a pod runs in, and VM settings.
+//! The Janus config file (TOML): which mode a pod runs in, and VM settings, and how the mode
+//! is decided (`resolve`).
+//!
+//! The mode comes from, in this order:
+//! 1. the file containerd names (`ConfigPath` in the runtime options): its `mode`, if it has one;
+//! 2. the runtime name the shim was started as: `containerd-shim-janus-vm-v2`
+//!    (`io.containerd.janus-vm.v2`, RuntimeClass `janus-vm`) means VM mode;
+//! 3. the node default file `/etc/janus/config.toml`: its `mode`, for the plain `janus` runtime;
+//! 4. namespace mode.
+//!
+//! The VM runtime name is a promise of VM isolation: no file may turn it into namespace mode. An
+//! explicit `ConfigPath` saying `mode = "namespace"` under it is an error (InvalidArgument), and
+//! the node default's `mode` does not apply to it (its `[vm]` settings do).
 
 use std::path::{Path, PathBuf};
 
@@ -15,11 +27,60 @@ pub enum Mode {
     Vm,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Namespace => "namespace",
+            Mode::Vm => "vm",
+        })
+    }
+}
+
+/// The runtime name the shim binary was started as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeName {
+    /// `containerd-shim-janus-v2` (`io.containerd.janus.v2`): the mode comes from the config.
+    Janus,
+    /// `containerd-shim-janus-vm-v2` (`io.containerd.janus-vm.v2`): always VM mode.
+    JanusVm,
+}
+
+impl RuntimeName {
+    /// From the file name of the binary (argv[0]): the alias is a link to the same binary.
+    pub fn from_binary(argv0: &str) -> RuntimeName {
+        let name = Path::new(argv0)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if name.contains("janus-vm") {
+            RuntimeName::JanusVm
+        } else {
+            RuntimeName::Janus
+        }
+    }
+
+    pub fn runtime_id(self) -> &'static str {
+        match self {
+            RuntimeName::Janus => "io.containerd.janus.v2",
+            RuntimeName::JanusVm => "io.containerd.janus-vm.v2",
+        }
+    }
+
+    /// The mode this name promises, if any.
+    fn pinned(self) -> Option<Mode> {
+        match self {
+            RuntimeName::Janus => None,
+            RuntimeName::JanusVm => Some(Mode::Vm),
+        }
+    }
+}
+
+/// The config file as written: `mode` is `None` where the file does not say.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    pub mode: Mode,
+    pub mode: Option<Mode>,
     #[serde(default)]
     pub vm: VmConfig,
 }
@@ -37,12 +98,27 @@ pub struct VmConfig {
     pub kernel_params: Vec<String>,
     /// Longest an agent call may take before it fails with DeadlineExceeded (default 60 s).
     pub agent_timeout_ms: Option<u64>,
+    /// A VM cannot share the host's network, IPC or PID namespace: a pod asking for one
+    /// (hostNetwork, hostIPC, hostPID) is refused with InvalidArgument unless this is true,
+    /// in which case it gets the VM's own (the guest's) namespace instead.
+    #[serde(default)]
+    pub allow_host_namespaces: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Invalid { path: String, message: String },
+    #[error(
+        "runtime {runtime} runs pods in VMs, but its config file {path} says mode = \"{mode}\": \
+         remove that line (or set mode = \"vm\"), or use RuntimeClass/runtime janus \
+         (io.containerd.janus.v2) for namespace mode"
+    )]
+    ModeConflict {
+        runtime: &'static str,
+        path: String,
+        mode: Mode,
+    },
     #[error("config file {path}: {source}")]
     Read {
         path: String,
@@ -61,7 +137,7 @@ impl Config {
     }
 
     /// Loads the config: an explicit path must exist; the default path may be absent, which
-    /// means the defaults (namespace mode).
+    /// means the defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, required) = match explicit {
             Some(p) => (p.to_path_buf(), true),
@@ -80,6 +156,44 @@ impl Config {
     }
 }
 
+/// Where the mode came from (for the log: an operator reading why a pod got its mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeSource {
+    ConfigPath,
+    RuntimeName,
+    DefaultFile,
+    Default,
+}
+
+/// Loads the config for a container and decides its mode (rules in the module doc).
+pub fn resolve(
+    name: RuntimeName,
+    explicit: Option<&Path>,
+) -> Result<(Mode, ModeSource, Config), ConfigError> {
+    let config = Config::load(explicit)?;
+    let (mode, source) = decide(name, explicit, config.mode)?;
+    Ok((mode, source, config))
+}
+
+/// The mode rules on their own: `file_mode` is what the loaded file says (explicit or default).
+pub fn decide(
+    name: RuntimeName,
+    explicit: Option<&Path>,
+    file_mode: Option<Mode>,
+) -> Result<(Mode, ModeSource), ConfigError> {
+    match (explicit, file_mode, name.pinned()) {
+        (Some(path), Some(m), Some(pinned)) if m != pinned => Err(ConfigError::ModeConflict {
+            runtime: name.runtime_id(),
+            path: path.display().to_string(),
+            mode: m,
+        }),
+        (Some(_), Some(m), _) => Ok((m, ModeSource::ConfigPath)),
+        (_, _, Some(pinned)) => Ok((pinned, ModeSource::RuntimeName)),
+        (None, Some(m), None) => Ok((m, ModeSource::DefaultFile)),
+        (_, None, None) => Ok((Mode::Namespace, ModeSource::Default)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,8 +201,11 @@ mod tests {
     #[test]
     fn parses_modes() {
         let p = Path::new("x.toml");
-        assert_eq!(Config::parse("", p).unwrap().mode, Mode::Namespace);
-        assert_eq!(Config::parse("mode = \"vm\"", p).unwrap().mode, Mode::Vm);
+        assert_eq!(Config::parse("", p).unwrap().mode, None);
+        assert_eq!(
+            Config::parse("mode = \"vm\"", p).unwrap().mode,
+            Some(Mode::Vm)
+        );
         let c = Config::parse("mode = \"vm\"\n[vm]\nvcpus = 2\nkernel = \"/k\"\n", p).unwrap();
         assert_eq!(c.vm.vcpus, Some(2));
     }
@@ -111,5 +228,60 @@ mod tests {
     #[test]
     fn missing_default_is_fine_missing_explicit_is_not() {
         assert!(Config::load(Some(Path::new("/nonexistent/janus.toml"))).is_err());
+    }
+
+    #[test]
+    fn runtime_name_from_binary() {
+        use RuntimeName::*;
+        assert_eq!(
+            RuntimeName::from_binary("/usr/local/bin/containerd-shim-janus-v2"),
+            Janus
+        );
+        assert_eq!(
+            RuntimeName::from_binary("containerd-shim-janus-vm-v2"),
+            JanusVm
+        );
+        assert_eq!(
+            RuntimeName::from_binary("/opt/x/containerd-shim-janus-vm-v2"),
+            JanusVm
+        );
+    }
+
+    /// Every combination of runtime name, file kind and file mode.
+    #[test]
+    fn mode_rules() {
+        use Mode::*;
+        use ModeSource as S;
+        use RuntimeName::*;
+        let cp = Some(Path::new("/etc/janus/handler.toml"));
+        let ok = |n, e, m| decide(n, e, m).unwrap();
+        // The plain name follows the files, explicit first.
+        assert_eq!(ok(Janus, cp, Some(Vm)), (Vm, S::ConfigPath));
+        assert_eq!(ok(Janus, cp, Some(Namespace)), (Namespace, S::ConfigPath));
+        assert_eq!(ok(Janus, cp, None), (Namespace, S::Default));
+        assert_eq!(ok(Janus, None, Some(Vm)), (Vm, S::DefaultFile));
+        assert_eq!(
+            ok(Janus, None, Some(Namespace)),
+            (Namespace, S::DefaultFile)
+        );
+        assert_eq!(ok(Janus, None, None), (Namespace, S::Default));
+        // The VM name is never downgraded: the node default's mode does not apply to it ...
+        assert_eq!(ok(JanusVm, None, Some(Namespace)), (Vm, S::RuntimeName));
+        assert_eq!(ok(JanusVm, None, Some(Vm)), (Vm, S::RuntimeName));
+        assert_eq!(ok(JanusVm, None, None), (Vm, S::RuntimeName));
+        assert_eq!(ok(JanusVm, cp, None), (Vm, S::RuntimeName));
+        assert_eq!(ok(JanusVm, cp, Some(Vm)), (Vm, S::ConfigPath));
+        // ... and its own file saying namespace is an error that says what to do.
+        let e = decide(JanusVm, cp, Some(Namespace)).unwrap_err();
+        assert!(matches!(e, ConfigError::ModeConflict { .. }));
+        let m = e.to_string();
+        assert!(
+            m.contains("/etc/janus/handler.toml") && m.contains("io.containerd.janus-vm.v2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("mode = \"namespace\"") && m.contains("janus (io.containerd.janus.v2)"),
+            "{m}"
+        );
     }
 }

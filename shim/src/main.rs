@@ -74,19 +74,10 @@ fn delete_shim(flags: &Flags) -> anyhow::Result<Vec<u8>> {
     Ok(resp.write_to_bytes()?)
 }
 
-/// The `containerd-shim-janus-vm-v2` alias (runtime `io.containerd.janus-vm.v2`) runs VM
-/// pods when no config file says otherwise.
-fn default_mode() -> config::Mode {
-    let argv0 = std::env::args().next().unwrap_or_default();
-    let name = std::path::Path::new(&argv0)
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    if name.contains("janus-vm") {
-        config::Mode::Vm
-    } else {
-        config::Mode::Namespace
-    }
+/// The runtime name we were started as: the `containerd-shim-janus-vm-v2` alias (runtime
+/// `io.containerd.janus-vm.v2`) always runs VM pods (see `config::resolve`).
+fn runtime_name() -> config::RuntimeName {
+    config::RuntimeName::from_binary(&std::env::args().next().unwrap_or_default())
 }
 
 /// Reaps every exited child and hands the status to the service.
@@ -126,7 +117,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         flags.namespace.clone(),
         events,
         exit.clone(),
-        default_mode(),
+        runtime_name(),
     );
 
     let path = socket_path(&flags.socket).to_string();

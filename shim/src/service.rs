@@ -28,7 +28,7 @@ use runtime::linux::sync::Channel;
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
 use runtime::linux::{hooks, mounts, spec as rtspec};
 
-use crate::config::{Config, Mode};
+use crate::config::{self, Config, Mode, RuntimeName};
 use crate::error::{Result, ShimError};
 use crate::events::Events;
 use crate::metrics;
@@ -87,6 +87,9 @@ pub struct Container {
     pub oom_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// VM mode: the container's VM.
     pub vm: Option<Arc<VmPod>>,
+    /// VM mode: paused through the agent (this container's guest cgroup, not the pod's VM).
+    /// Namespace mode reads the freezer instead.
+    pub vm_paused: std::sync::atomic::AtomicBool,
 }
 
 impl Container {
@@ -104,8 +107,8 @@ impl Container {
     }
 
     fn paused(&self) -> bool {
-        if let Some(pod) = &self.vm {
-            return pod.paused.load(std::sync::atomic::Ordering::SeqCst);
+        if self.vm.is_some() {
+            return self.vm_paused.load(std::sync::atomic::Ordering::SeqCst);
         }
         self.cgroup.as_ref().map(|c| c.is_frozen()).unwrap_or(false)
     }
@@ -124,8 +127,8 @@ pub struct Inner {
     pids: Mutex<PidTable>,
     events: Events,
     exit: Arc<ExitSignal>,
-    /// Mode when no config file says otherwise (VM for the janus-vm alias).
-    default_mode: Mode,
+    /// The runtime name we were started as (the janus-vm alias pins VM mode).
+    runtime_name: RuntimeName,
 }
 
 #[derive(Clone)]
@@ -210,7 +213,7 @@ impl Service {
         namespace: String,
         events: Events,
         exit: Arc<ExitSignal>,
-        default_mode: Mode,
+        runtime_name: RuntimeName,
     ) -> Service {
         Service {
             inner: Arc::new(Inner {
@@ -219,7 +222,7 @@ impl Service {
                 pids: Mutex::new(PidTable::default()),
                 events,
                 exit,
-                default_mode,
+                runtime_name,
             }),
         }
     }
@@ -390,11 +393,19 @@ impl Service {
                 config_path = Some(PathBuf::from(o.config_path));
             }
         }
-        let mut config = Config::load(config_path.as_deref())?;
-        if config_path.is_none() && !Path::new(crate::config::DEFAULT_PATH).exists() {
-            config.mode = self.inner.default_mode;
+        let (mut mode, source, config) =
+            config::resolve(self.inner.runtime_name, config_path.as_deref())?;
+        // A pod is one isolation unit: a container of a pod whose sandbox runs in a VM here
+        // runs in that VM, whatever its own config would say.
+        if mode == Mode::Namespace && self.sandbox_vm(req).is_some() {
+            mode = Mode::Vm;
         }
-        if config.mode == Mode::Vm {
+        log::info!(
+            "container {}: {mode} mode ({source:?}; runtime {})",
+            req.id,
+            self.inner.runtime_name.runtime_id()
+        );
+        if mode == Mode::Vm {
             return self.create_vm_container(req, config).await;
         }
         let bundle = PathBuf::from(&req.bundle);
@@ -550,6 +561,7 @@ impl Service {
             execs: Mutex::new(HashMap::new()),
             oom_seen: self.watch_oom(&req.id, &cgroup),
             vm: None,
+            vm_paused: Default::default(),
         });
         self.containers().insert(req.id.clone(), c);
         self.send_create(req, pid);
@@ -580,10 +592,23 @@ impl Service {
 
     /// VM mode Create: mount the snapshot, boot the VM with it shared, create the container
     /// in the guest. Everything made here is undone on failure.
+    /// The VM of the pod sandbox a CRI container belongs to, if that sandbox runs in a VM here.
+    fn sandbox_vm(&self, req: &CreateTaskRequest) -> Option<Arc<vm::VmPod>> {
+        let spec = rtspec::load(Path::new(&req.bundle)).ok()?;
+        let ann = spec.annotations().clone().unwrap_or_default();
+        let sb = ann
+            .get(CONTAINER_TYPE_ANNOTATION)
+            .filter(|t| t.as_str() == "container")
+            .and_then(|_| ann.get(SANDBOX_ID_ANNOTATION))
+            .filter(|sb| **sb != req.id)?;
+        self.containers().get(sb).and_then(|c| c.vm.clone())
+    }
+
     async fn create_vm_container(&self, req: &CreateTaskRequest, config: Config) -> Result<u32> {
         let bundle = PathBuf::from(&req.bundle);
         let spec = rtspec::load(&bundle)?;
         NsPlan::from_spec(&spec)?;
+        vm::check_host_namespaces(&req.id, &spec, config.vm.allow_host_namespaces)?;
         let root = spec
             .root()
             .as_ref()
@@ -751,6 +776,7 @@ impl Service {
             execs: Mutex::new(HashMap::new()),
             oom_seen: None,
             vm: Some(pod.clone()),
+            vm_paused: Default::default(),
         });
         self.containers().insert(req.id.clone(), c.clone());
         self.vm_watch_exit(c, init);
@@ -1342,7 +1368,7 @@ impl Task for Service {
                 .pause(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
-            vm::set_paused(pod, true);
+            c.vm_paused.store(true, std::sync::atomic::Ordering::SeqCst);
         } else {
             let cg = c
                 .cgroup
@@ -1372,7 +1398,8 @@ impl Task for Service {
                 .resume(pod.ctx(), &vm::creq(&c.id))
                 .await
                 .map_err(vm::rpc)?;
-            vm::set_paused(pod, false);
+            c.vm_paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
         } else {
             let cg = c
                 .cgroup

@@ -19,7 +19,6 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,7 +107,6 @@ pub struct VmPod {
     state_file: PathBuf,
     /// Every agent call ends by then (DeadlineExceeded), so a hung guest never hangs a call.
     call_timeout: Duration,
-    pub paused: AtomicBool,
 }
 
 /// Name of the leftovers record in the bundle.
@@ -384,7 +382,6 @@ impl VmPod {
                     vfs_sock,
                     state_file,
                     call_timeout,
-                    paused: AtomicBool::new(false),
                 })
             }
             Err(e) => {
@@ -640,6 +637,52 @@ pub struct PodNs {
     pub known_pids: Vec<i32>,
 }
 
+/// The host namespaces a spec asks to share (the OCI way: no entry of that type), among those
+/// a VM cannot give it: network (hostNetwork), ipc (hostIPC), pid (hostPID).
+pub fn host_namespaces(spec: &Spec) -> Vec<&'static str> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let have: Vec<T> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|n| n.typ())
+        .collect();
+    [(T::Network, "network"), (T::Ipc, "ipc"), (T::Pid, "pid")]
+        .into_iter()
+        .filter(|(t, _)| !have.contains(t))
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// Refuses a container that asks for host namespaces a VM cannot share, unless the node config
+/// allows giving it the guest's own instead (`vm.allow_host_namespaces`).
+pub fn check_host_namespaces(id: &str, spec: &Spec, allow: bool) -> Result<()> {
+    let host = host_namespaces(spec);
+    if host.is_empty() {
+        return Ok(());
+    }
+    let what = host
+        .iter()
+        .map(|n| match *n {
+            "network" => "network (hostNetwork)",
+            "ipc" => "IPC (hostIPC)",
+            _ => "PID (hostPID)",
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if allow {
+        log::warn!("container {id}: asks for the host's {what} namespace: gets the VM's own (vm.allow_host_namespaces)");
+        return Ok(());
+    }
+    Err(ShimError::InvalidArgument(format!(
+        "container {id} asks for the host's {what} namespace, which a VM cannot share: use \
+         RuntimeClass janus (namespace mode) for such pods, or set vm.allow_host_namespaces = \
+         true in the Janus config to give them the VM's own"
+    )))
+}
+
 /// The spec as the guest runs it, and the host paths to share for it:
 /// - root on the pod share (`/run/janus/shared/<id>/rootfs`);
 /// - bind mounts of host paths go through the share; a bind on /dev/shm becomes the pod's
@@ -718,6 +761,14 @@ pub fn guest_spec(id: &str, spec: &Spec, pod: &PodNs) -> Result<(Vec<u8>, Vec<Ho
                      (the guest has its own /dev, /proc and /sys)"
                 );
                 continue;
+            }
+            if opts.iter().any(|o| o == "rshared" || o == "shared") {
+                return Err(ShimError::InvalidArgument(format!(
+                    "container {id}: bind mount of host {src:?} on {dest} asks for shared \
+                     (Bidirectional) propagation: mounts made in a VM cannot reach the host \
+                     through virtio-fs; use HostToContainer (rslave) propagation, or \
+                     RuntimeClass janus (namespace mode)"
+                )));
             }
             let base = Path::new(&src)
                 .file_name()
@@ -895,10 +946,6 @@ pub fn creq(id: &str) -> pa::ContainerRequest {
     }
 }
 
-pub fn set_paused(pod: &VmPod, p: bool) {
-    pod.paused.store(p, Ordering::SeqCst);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -913,6 +960,51 @@ mod tests {
             base[k] = x.clone();
         }
         serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn host_namespaces_are_refused_unless_allowed() {
+        let all = spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
+        ]}}));
+        assert!(host_namespaces(&all).is_empty());
+        assert!(check_host_namespaces("c", &all, false).is_ok());
+        let host = spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "mount"}
+        ]}}));
+        assert_eq!(host_namespaces(&host), vec!["network", "ipc"]);
+        let e = check_host_namespaces("c", &host, false).unwrap_err();
+        assert!(matches!(e, ShimError::InvalidArgument(_)));
+        let m = e.to_string();
+        assert!(m.contains("network (hostNetwork), IPC (hostIPC)"), "{m}");
+        assert!(
+            m.contains("RuntimeClass janus") && m.contains("allow_host_namespaces"),
+            "{m}"
+        );
+        assert!(check_host_namespaces("c", &host, true).is_ok());
+        let nopid = spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "network"}, {"type": "ipc"}
+        ]}}));
+        assert!(check_host_namespaces("c", &nopid, false)
+            .unwrap_err()
+            .to_string()
+            .contains("PID (hostPID)"));
+    }
+
+    #[test]
+    fn bidirectional_binds_are_refused() {
+        let s = spec(serde_json::json!({"mounts": [
+            {"destination": "/vol", "type": "bind", "source": "/var/lib/x",
+             "options": ["rbind", "rshared", "rw"]}
+        ]}));
+        let e = guest_spec("c", &s, &PodNs::default()).unwrap_err();
+        assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("Bidirectional"), "{e}");
+        let s = spec(serde_json::json!({"mounts": [
+            {"destination": "/vol", "type": "bind", "source": "/var/lib/x",
+             "options": ["rbind", "rslave", "rw"]}
+        ]}));
+        assert!(guest_spec("c", &s, &PodNs::default()).is_ok());
     }
 
     #[test]

@@ -1604,3 +1604,41 @@ mod grpc {
         })
     }
 }
+
+/// The node's default Janus config, `/etc/janus/config.toml`, as the deploy/ install steps put
+/// it, for the life of the guard: whatever was there before (or nothing) comes back on drop.
+/// Guards are taken one at a time within a test binary.
+pub struct NodeConfig {
+    previous: Option<Vec<u8>>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+pub const NODE_CONFIG: &str = "/etc/janus/config.toml";
+
+impl NodeConfig {
+    pub fn install(contents: &str) -> NodeConfig {
+        static LOCK: Mutex<()> = Mutex::new(());
+        let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = fs::read(NODE_CONFIG).ok();
+        fs::create_dir_all("/etc/janus").expect("create /etc/janus");
+        fs::write(NODE_CONFIG, contents).expect("write /etc/janus/config.toml");
+        NodeConfig {
+            previous,
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for NodeConfig {
+    fn drop(&mut self) {
+        match &self.previous {
+            Some(old) => {
+                let _ = fs::write(NODE_CONFIG, old);
+            }
+            None => {
+                let _ = fs::remove_file(NODE_CONFIG);
+                let _ = fs::remove_dir("/etc/janus");
+            }
+        }
+    }
+}

@@ -1147,6 +1147,321 @@ fn vm_pod_sized_by_annotations(h: &str) {
     assert_eq!(n, 2.min(host), "guest vCPUs");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Conformance cases where VM mode once differed from runc (each runs on every handler that can
+// do it; VM-mode refusals are their own cases below)
+
+/// Pausing one container of a pod pauses that one only (through ctr, as an operator would:
+/// CRI has no pause call); resuming the other is refused.
+fn pause_one_of_two(h: &str) {
+    let c = Cri::start(h);
+    let p = pod(&c, "pausetwo");
+    let a = sleeper(&c, &p, "a");
+    let b = sleeper(&c, &p, "b");
+    c.ctd.ctr_ok(&["task", "pause", &a]);
+    assert_eq!(c.ctd.task_status(&a).as_deref(), Some("PAUSED"));
+    assert_eq!(c.ctd.task_status(&b).as_deref(), Some("RUNNING"));
+    let o = c.ctd.ctr(&["task", "resume", &b]);
+    assert_ne!(o.code(), 0, "resumed a container that is not paused: {o}");
+    // The other one still runs processes.
+    c.exec_ok(&b, &["true"]);
+    c.ctd.ctr_ok(&["task", "resume", &a]);
+    assert_eq!(c.ctd.task_status(&a).as_deref(), Some("RUNNING"));
+    c.exec_ok(&a, &["true"]);
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), a, b], secs(15));
+}
+
+/// What a network-admin container does in its pod: a bridge with a veth port.
+fn make_bridge(c: &Cri, id: &str) {
+    for cmd in [
+        "ip link add br0 type bridge",
+        "ip link add v0 type veth",
+        "ip link set v0 master br0",
+        "ip link set br0 up",
+    ] {
+        let r = c.exec_sync(id, &["sh", "-c", cmd]);
+        assert_eq!(r.exit_code, 0, "{cmd}:\n{r}");
+    }
+    let links = c.exec_ok(id, &["ip", "-o", "link", "show"]);
+    assert!(
+        links.contains(" br0:") && links.contains("master br0"),
+        "{links}"
+    );
+}
+
+fn net_admin_bridge(h: &str) {
+    let c = Cri::start(h);
+    let p = pod(&c, "netadmin");
+    let id = ctr_with(&c, &p, "app", &["sleep", "100000"], |cfg| {
+        sc(cfg).capabilities = Some(api::Capability {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            ..Default::default()
+        });
+    });
+    c.wait_running(&id);
+    make_bridge(&c, &id);
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
+fn privileged_bridge(h: &str) {
+    let c = Cri::start(h);
+    let p = pod_with(&c, "privbridge", |cfg| pod_sc(cfg).privileged = true);
+    let id = ctr_with(&c, &p, "app", &["sleep", "100000"], |cfg| {
+        sc(cfg).privileged = true;
+    });
+    c.wait_running(&id);
+    make_bridge(&c, &id);
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
+/// A host directory that is a shared mount point (what Kubernetes requires of the source of a
+/// Bidirectional or HostToContainer volume), unmounted with everything under it on drop.
+struct SharedDir(std::path::PathBuf);
+
+impl SharedDir {
+    fn new(c: &Cri, name: &str) -> SharedDir {
+        let d = c.ctd.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new("mount")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mount {args:?}: {o:?}");
+        };
+        let p = d.to_str().unwrap();
+        run(&["--bind", p, p]);
+        run(&["--make-shared", p]);
+        SharedDir(d)
+    }
+
+    fn tmpfs_with_file(&self, sub: &str, text: &str) {
+        let d = self.0.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs", d.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        std::fs::write(d.join("f"), text).unwrap();
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn propagation_ctr(c: &Cri, p: &Pod, dir: &SharedDir, prop: api::MountPropagation) -> String {
+    let id = ctr_with(c, p, "app", &["sleep", "100000"], |cfg| {
+        sc(cfg).privileged = true;
+        cfg.mounts.push(api::Mount {
+            container_path: "/vol".into(),
+            host_path: dir.0.display().to_string(),
+            propagation: prop as i32,
+            ..Default::default()
+        });
+    });
+    c.wait_running(&id);
+    id
+}
+
+/// Bidirectional (rshared): a mount made in the container shows on the host, and one made on
+/// the host after the container started shows in it.
+fn propagation_bidirectional(h: &str) {
+    let c = Cri::start(h);
+    let dir = SharedDir::new(&c, "bidir");
+    let p = pod_with(&c, "bidir", |cfg| pod_sc(cfg).privileged = true);
+    let id = propagation_ctr(
+        &c,
+        &p,
+        &dir,
+        api::MountPropagation::PropagationBidirectional,
+    );
+    c.exec_ok(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /vol/fromc && mount -t tmpfs tmpfs /vol/fromc && echo c > /vol/fromc/f",
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.0.join("fromc/f")).unwrap_or_default(),
+        "c\n",
+        "the container's mount did not reach the host"
+    );
+    dir.tmpfs_with_file("fromh", "h\n");
+    assert_eq!(c.exec_ok(&id, &["cat", "/vol/fromh/f"]), "h\n");
+    c.stop_remove_pod(&p);
+    // (The test's own mounts are not the pod's.)
+    drop(dir);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
+/// HostToContainer (rslave): host mounts reach the container, the container's do not leave it.
+fn propagation_host_to_container(h: &str) {
+    let c = Cri::start(h);
+    let dir = SharedDir::new(&c, "h2c");
+    let p = pod_with(&c, "h2c", |cfg| pod_sc(cfg).privileged = true);
+    let id = propagation_ctr(
+        &c,
+        &p,
+        &dir,
+        api::MountPropagation::PropagationHostToContainer,
+    );
+    dir.tmpfs_with_file("fromh", "h\n");
+    assert_eq!(c.exec_ok(&id, &["cat", "/vol/fromh/f"]), "h\n");
+    c.exec_ok(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /vol/fromc && mount -t tmpfs tmpfs /vol/fromc && echo c > /vol/fromc/f",
+        ],
+    );
+    assert!(
+        !dir.0.join("fromc/f").exists(),
+        "a mount made in a HostToContainer volume reached the host"
+    );
+    c.stop_remove_pod(&p);
+    // (The test's own mounts are not the pod's.)
+    drop(dir);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM mode only: what a VM cannot share with the host is refused, by name
+
+/// The node default config (what deploy/ installs: namespace mode) does not take the VM away
+/// from a `janus-vm` pod.
+fn vm_pod_under_namespace_node_default(h: &str) {
+    let _node = janus_tests::NodeConfig::install("mode = \"namespace\"\n");
+    let c = Cri::start(h);
+    let p = pod(&c, "nodedefault");
+    let id = sleeper(&c, &p, "app");
+    let guest = std::fs::read_to_string(janus_tests::guest_dir().join("kernel.release"))
+        .expect("kernel.release of the guest image");
+    assert_eq!(c.exec_ok(&id, &["uname", "-r"]).trim(), guest.trim());
+    assert!(
+        janus_tests::vm_share_socket(&p.id).is_some(),
+        "no VM for the pod"
+    );
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
+fn vm_refuses_host_namespace(h: &str, ns: &str) {
+    let c = Cri::start(h);
+    let mut cfg = c.pod_config(&format!("vmhost{ns}"));
+    if ns == "net" {
+        cfg.hostname.clear();
+    }
+    let o = pod_sc(&mut cfg).namespace_options.as_mut().unwrap();
+    let name = match ns {
+        "net" => {
+            o.network = api::NamespaceMode::Node as i32;
+            "network (hostNetwork)"
+        }
+        "pid" => {
+            o.pid = api::NamespaceMode::Node as i32;
+            "PID (hostPID)"
+        }
+        _ => {
+            o.ipc = api::NamespaceMode::Node as i32;
+            "IPC (hostIPC)"
+        }
+    };
+    let e = match c.try_run_pod(cfg) {
+        Ok(p) => c.fail(format!(
+            "pod {} with the host's {ns} namespace ran in a VM",
+            p.id
+        )),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("invalid argument") || e.contains("InvalidArgument"),
+        "not InvalidArgument: {e}"
+    );
+    assert!(e.contains(name) && e.contains("RuntimeClass janus"), "{e}");
+    assert!(c
+        .list_pods()
+        .iter()
+        .all(|p| p.state != api::PodSandboxState::SandboxReady as i32));
+}
+
+fn vm_refuses_host_network(h: &str) {
+    vm_refuses_host_namespace(h, "net")
+}
+
+fn vm_refuses_host_pid(h: &str) {
+    vm_refuses_host_namespace(h, "pid")
+}
+
+fn vm_refuses_host_ipc(h: &str) {
+    vm_refuses_host_namespace(h, "ipc")
+}
+
+/// A mount made in a VM cannot reach the host through virtio-fs: Bidirectional is refused.
+fn vm_refuses_bidirectional(h: &str) {
+    let c = Cri::start(h);
+    let dir = SharedDir::new(&c, "vmbidir");
+    let p = pod_with(&c, "vmbidir", |cfg| pod_sc(cfg).privileged = true);
+    let mut cfg = c.container_config("app", &["sleep", "100000"]);
+    cfg.mounts.push(api::Mount {
+        container_path: "/vol".into(),
+        host_path: dir.0.display().to_string(),
+        propagation: api::MountPropagation::PropagationBidirectional as i32,
+        ..Default::default()
+    });
+    let e = match c
+        .try_create_container(&p, cfg)
+        .and_then(|id| c.try_start_container(&id))
+    {
+        Ok(()) => c.fail("a Bidirectional volume was accepted in VM mode"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("Bidirectional") && e.contains("virtio-fs"),
+        "{e}"
+    );
+    c.stop_remove_pod(&p);
+}
+
+/// Modules a NET_ADMIN container's tools ask for load on demand in the guest (VLANs need
+/// 8021q, which this CI host cannot load for runc).
+fn vm_net_modules_on_demand(h: &str) {
+    let c = Cri::start(h);
+    let p = pod(&c, "vmmods");
+    let id = ctr_with(&c, &p, "app", &["sleep", "100000"], |cfg| {
+        sc(cfg).capabilities = Some(api::Capability {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            ..Default::default()
+        });
+    });
+    c.wait_running(&id);
+    make_bridge(&c, &id);
+    c.exec_ok(
+        &id,
+        &[
+            "ip", "link", "add", "link", "br0", "name", "br0.5", "type", "vlan", "id", "5",
+        ],
+    );
+    let mods = c.exec_ok(&id, &["cat", "/proc/modules"]);
+    for m in ["bridge ", "veth ", "8021q "] {
+        assert!(mods.contains(m), "{m}not loaded in the guest:\n{mods}");
+    }
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
 /// One test module: each case run with CRI runtime handler `$h`.
 macro_rules! suite {
     ($m:ident, $h:ident; $($name:ident),* $(,)?) => {
@@ -1172,7 +1487,10 @@ macro_rules! cases {
             container_logs,
             pod_shared_net_ipc,
             pod_ip_from_host,
-            readonly_rootfs
+            readonly_rootfs,
+            pause_one_of_two,
+            net_admin_bridge,
+            privileged_bridge
             $(, $extra)*
         );
     };
@@ -1195,6 +1513,8 @@ macro_rules! host_cases {
             host_ipc,
             update_container_resources,
             many_pods,
+            propagation_bidirectional,
+            propagation_host_to_container,
         );
     };
 }
@@ -1204,4 +1524,15 @@ macro_rules! host_cases {
 host_cases!(runc, RUNC_HANDLER);
 host_cases!(janus, JANUS_HANDLER);
 // Our shim in VM mode (`janus-vm`): the containers are in the guest; plus the VM-only cases.
-cases!(janus_vm, JANUS_VM_HANDLER; vm_pod_one_vm, vm_pod_sized_by_annotations);
+cases!(
+    janus_vm, JANUS_VM_HANDLER;
+    vm_pod_one_vm,
+    vm_pod_sized_by_annotations,
+    vm_pod_under_namespace_node_default,
+    vm_refuses_host_network,
+    vm_refuses_host_pid,
+    vm_refuses_host_ipc,
+    vm_refuses_bidirectional,
+    vm_net_modules_on_demand,
+    propagation_host_to_container,
+);

@@ -504,6 +504,60 @@ mod janus_vm_only {
         ctd.assert_no_leaks(&c, secs(10));
     }
 
+    /// The VM runtime name is a promise of isolation: a node default config saying
+    /// `mode = "namespace"` (what deploy/ installs) does not turn it into namespace mode.
+    #[test]
+    fn alias_stays_in_a_vm_under_a_namespace_node_default() {
+        let _node = janus_tests::NodeConfig::install("mode = \"namespace\"\n");
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        let c = ctd.container("nodedefault");
+        let o = ctd.run_rm(JANUS_VM, &c, &["uname", "-r"]);
+        assert_code(&ctd, &o, 0);
+        let guest = std::fs::read_to_string(janus_tests::guest_dir().join("kernel.release"))
+            .expect("kernel.release of the guest image (hack/build-guest.sh)");
+        assert_eq!(o.stdout.trim(), guest.trim(), "{o}");
+        // The same node default still means namespace mode for the plain runtime name.
+        let n = ctd.container("nodedefault-ns");
+        let o = ctd.run_rm(JANUS, &n, &["uname", "-r"]);
+        assert_code(&ctd, &o, 0);
+        let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(o.stdout.trim(), host.trim(), "{o}");
+        ctd.assert_no_leaks(&c, secs(10));
+        ctd.assert_no_leaks(&n, secs(10));
+    }
+
+    /// A config file given to the VM runtime that says namespace mode is refused, not obeyed.
+    #[test]
+    fn alias_refuses_an_explicit_namespace_config() {
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        ctd.write_janus_config("mode = \"namespace\"\n");
+        let c = ctd.container("conflict");
+        let o = ctd.run_rm_with_config(JANUS_VM, &c, &["true"]);
+        assert_ne!(o.code(), 0, "{o}");
+        assert!(
+            o.stderr.contains("invalid argument") && o.stderr.contains("runs pods in VMs"),
+            "{o}"
+        );
+        let _ = ctd.ctr(&["containers", "rm", &c]);
+        ctd.assert_no_leaks(&c, secs(10));
+    }
+
+    /// A VM cannot share the host's namespaces: `ctr run --net-host` is refused, by name.
+    #[test]
+    fn host_network_is_refused() {
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        let c = ctd.container("nethost");
+        let o = ctd.ctr(&ctd.run_args(JANUS_VM, &["--rm", "--net-host"], &c, &["true"]));
+        assert_ne!(o.code(), 0, "{o}");
+        assert!(
+            o.stderr.contains("invalid argument") && o.stderr.contains("network (hostNetwork)"),
+            "{o}"
+        );
+        assert!(o.stderr.contains("RuntimeClass janus"), "{o}");
+        let _ = ctd.ctr(&["containers", "rm", &c]);
+        ctd.assert_no_leaks(&c, secs(10));
+    }
+
     /// Tasks.Update reaches the guest cgroup: the v2 metrics report the new memory limit.
     #[test]
     fn update_memory_in_guest() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use janus_tests::{run_with_timeout, workspace_root, Containerd, JANUS};
+use janus_tests::{run_with_timeout, workspace_root, Containerd, JANUS, JANUS_VM};
 
 fn deploy(p: &str) -> PathBuf {
     workspace_root().join("deploy").join(p)
@@ -150,10 +150,41 @@ fn containerd_dropin_defines_janus_handler() {
         cri["containerd"]["runtimes"]["runc"]["runtime_type"].as_str(),
         Some("io.containerd.runc.v2")
     );
-    // VM mode: the alias binary, which needs no config file.
+    // VM mode: the alias binary, with a config of its own that says so.
+    let vm = &cri["containerd"]["runtimes"]["janus-vm"];
+    assert_eq!(vm["runtime_type"].as_str(), Some("io.containerd.janus-vm.v2"));
     assert_eq!(
-        cri["containerd"]["runtimes"]["janus-vm"]["runtime_type"].as_str(),
-        Some("io.containerd.janus-vm.v2")
+        vm["options"]["ConfigPath"].as_str(),
+        Some("/etc/janus/vm.toml"),
+        "{vm:?}"
+    );
+}
+
+#[test]
+fn janus_vm_config_is_vm_mode() {
+    let p = deploy("janus/vm.toml");
+    let v: toml::Value =
+        toml::from_str(&read(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(v.get("mode").and_then(|m| m.as_str()), Some("vm"));
+}
+
+/// The VM handler's config runs a container in the guest, through the alias.
+#[test]
+fn shim_runs_vm_config_in_a_vm() {
+    let ctd = Containerd::for_runtime(JANUS_VM);
+    let cfg = deploy("janus/vm.toml");
+    let c = ctd.container("deployvm");
+    let o = ctd.ctr(&ctd.run_args(
+        JANUS_VM,
+        &["--rm", "--runtime-config-path", cfg.to_str().unwrap()],
+        &c,
+        &["uname", "-r"],
+    ));
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        o.success() && !o.stdout.trim().is_empty() && o.stdout.trim() != host.trim(),
+        "{o}\n{}",
+        ctd.log_tail(20)
     );
 }
 

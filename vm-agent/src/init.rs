@@ -1,8 +1,5 @@
 //! Early boot as PID 1: pseudo filesystems, kernel modules, reaping, power-off.
 
-use std::ffi::CString;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::OnceLock;
 
 use nix::mount::{mount, MsFlags};
@@ -64,30 +61,13 @@ pub fn early() {
 }
 
 fn load_modules() -> Vec<String> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let dir = Path::new("/lib/modules").join(release.trim());
+    let dir = crate::modprobe::module_dir();
     let order = std::fs::read_to_string(dir.join("modules.order")).unwrap_or_default();
     let mut loaded = Vec::new();
     for rel in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let path = dir.join(rel);
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let Ok(f) = std::fs::File::open(&path) else {
-            crate::log_line(&format!("module {rel}: missing"));
-            continue;
-        };
-        let params = CString::default();
-        // SAFETY: finit_module(2) reads the module from an open fd; params is a valid C string.
-        let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
-        if r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
-            loaded.push(name);
-        } else {
-            crate::log_line(&format!(
-                "module {name}: {}",
-                std::io::Error::last_os_error()
-            ));
+        match crate::modprobe::load_file(&dir.join(rel)) {
+            Ok(()) => loaded.push(crate::modprobe::module_name(rel)),
+            Err(e) => crate::log_line(&e.to_string()),
         }
     }
     loaded

@@ -7,6 +7,7 @@
 
 mod containers;
 mod init;
+mod modprobe;
 mod net;
 mod service;
 mod stdio;
@@ -164,6 +165,14 @@ async fn serve() -> Result<(), String> {
 }
 
 fn main() {
+    // The kernel's module helper (/sbin/modprobe links to us in the initramfs).
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .first()
+        .is_some_and(|a| a.rsplit('/').next() == Some("modprobe"))
+    {
+        std::process::exit(modprobe::main(&args));
+    }
     let pid1 = std::process::id() == 1;
     if pid1 {
         init::early();

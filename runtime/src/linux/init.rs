@@ -179,14 +179,14 @@ fn setup_rootfs(
         .and_then(|l| l.rootfs_propagation().as_deref())
         .map(|p| parse_options(&[p]).propagation)
         .and_then(|v| v.first().copied());
-    // Keep host mount events from leaking in, and ours from leaking out.
-    let root_prop = match prop {
-        Some(p) if p.contains(MsFlags::MS_SHARED) => MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        Some(p) => p,
-        None => MsFlags::MS_SLAVE | MsFlags::MS_REC,
-    };
+    // The propagation the spec asks for (runc's order): by default a slave, so host mount
+    // events reach us and ours never leak out; rshared keeps our copies of the host's shared
+    // mounts peers of them, so a Bidirectional volume's mounts cross both ways. Only the
+    // volumes do: the rootfs's parent mount is made private before the rootfs bind.
+    let root_prop = prop.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
     mount(None::<&str>, "/", None::<&str>, root_prop, None::<&str>)
-        .ctx(|| "make / a slave mount".into())?;
+        .ctx(|| "set / propagation".into())?;
+    super::mounts::make_parent_private(rootfs)?;
     // pivot_root needs the new root to be a mount point.
     mount(
         Some(rootfs),

@@ -214,6 +214,50 @@ pub fn unmount_all(target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The mount that holds `path` (the last-mounted entry whose mount point is the longest prefix
+/// of it) in mountinfo text, and whether that mount is shared (a `shared:N` optional field).
+pub fn enclosing_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
+    let mut best: Option<(PathBuf, bool)> = None;
+    for line in mountinfo.lines() {
+        let (head, _) = line.split_once(" - ").unwrap_or((line, ""));
+        let fields: Vec<&str> = head.split_whitespace().collect();
+        let Some(point) = fields.get(4).map(|p| PathBuf::from(unescape_mountinfo(p))) else {
+            continue;
+        };
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let shared = fields.iter().skip(6).any(|f| f.starts_with("shared:"));
+        // Later lines are mounted on top of earlier ones at the same point.
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| point.components().count() >= b.components().count())
+        {
+            best = Some((point, shared));
+        }
+    }
+    best
+}
+
+/// Makes the mount holding `path` private if it is shared, as runc does before binding the
+/// rootfs: with a shared root propagation (rootfsPropagation rshared), that bind and every
+/// mount made under the new root would otherwise propagate to the host's copy of it (and
+/// pivot_root(2) refuses a new root whose parent mount is shared).
+pub fn make_parent_private(path: &Path) -> Result<()> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read mountinfo".into())?;
+    if let Some((point, true)) = enclosing_mount(&mi, path) {
+        mount(
+            None::<&str>,
+            &point,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .ctx(|| format!("make {} private", point.display()))?;
+    }
+    Ok(())
+}
+
 fn unescape_mountinfo(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
@@ -234,6 +278,30 @@ fn unescape_mountinfo(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn finds_the_enclosing_mount_and_its_propagation() {
+        let mi = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:40 / /run rw shared:5 - tmpfs tmpfs rw
+31 30 0:41 / /run/c/b\\040x/rootfs rw - overlay overlay rw
+32 30 0:42 / /run/c rw master:3 - tmpfs tmpfs rw
+";
+        let f = |p: &str| enclosing_mount(mi, Path::new(p));
+        assert_eq!(
+            f("/run/c/b x/rootfs"),
+            Some((PathBuf::from("/run/c/b x/rootfs"), false))
+        );
+        assert_eq!(
+            f("/run/c/b x/rootfs/etc"),
+            Some((PathBuf::from("/run/c/b x/rootfs"), false))
+        );
+        assert_eq!(f("/run/c/other"), Some((PathBuf::from("/run/c"), false)));
+        assert_eq!(f("/run/x"), Some((PathBuf::from("/run"), true)));
+        assert_eq!(f("/var"), Some((PathBuf::from("/"), true)));
+        // "/run" is not a prefix of "/runner".
+        assert_eq!(f("/runner"), Some((PathBuf::from("/"), true)));
+    }
+
     use super::*;
 
     #[test]
