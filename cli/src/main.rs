@@ -301,7 +301,10 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
                 r.line(
                     Level::Ok,
                     "config",
-                    format!("{}: mode = {mode}", config.display()),
+                    format!(
+                        "{}: mode = {mode} (runtime janus; janus-vm always runs VMs)",
+                        config.display()
+                    ),
                 );
             }
             Err(e) => r.line(
@@ -313,7 +316,10 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
         Err(_) => r.line(
             Level::Ok,
             "config",
-            format!("{} absent: defaults (mode = namespace)", config.display()),
+            format!(
+                "{} absent: defaults (runtime janus: namespace mode; janus-vm: VM mode)",
+                config.display()
+            ),
         ),
     }
 

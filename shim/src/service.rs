@@ -655,6 +655,11 @@ impl Service {
             None => (None, vm::PodNs::default()),
         };
         let (guest_spec, binds) = vm::guest_spec(&req.id, &spec, &podns)?;
+        // A new VM runs in the booting container's cgroup: it is charged to the pod.
+        let vm_cg = match existing {
+            None => Some(vm::vm_cgroup(&spec, &req.id)?),
+            Some(_) => None,
+        };
         let layers: Vec<(String, String, Vec<String>)> = req
             .rootfs
             .iter()
@@ -674,7 +679,14 @@ impl Service {
             }
             Ok(mounted)
         })
-        .await?;
+        .await;
+        let mounted = match mounted {
+            Ok(m) => m,
+            Err(e) => {
+                vm::destroy_cgroup(vm_cg).await;
+                return Err(e);
+            }
+        };
         let unmount = |rootfs: PathBuf| async move {
             if mounted {
                 let _ = blocking(move || Ok(mounts::unmount_all(&rootfs)?)).await;
@@ -690,11 +702,13 @@ impl Service {
                 &bundle,
                 &ann,
                 pod_netns(&spec),
+                vm_cg.clone(),
             )
             .await
             {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
+                    vm::destroy_cgroup(vm_cg).await;
                     unmount(rootfs).await;
                     return Err(e);
                 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::Spec;
 use protocols::agent as pa;
 use runtime::aio;
+use runtime::linux::cgroups::Cgroup;
 use runtime::vm::{
     agent, builtin::Builtin, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm,
 };
@@ -107,6 +108,24 @@ pub struct VmPod {
     state_file: PathBuf,
     /// Every agent call ends by then (DeadlineExceeded), so a hung guest never hangs a call.
     call_timeout: Duration,
+    /// The host cgroup the VMM and virtiofsd run in (the pod sandbox's): the VM is charged to
+    /// the pod. Removed with the VM.
+    cgroup: Option<Cgroup>,
+}
+
+/// The host cgroup for a VM: the booting container's `cgroupsPath` (for a CRI pod, the sandbox
+/// container's, under kubelet's pod cgroup), created here. Its limits stay the pod's (kubelet
+/// sizes the pod cgroup with the RuntimeClass overhead); this only makes the VM count there.
+pub fn vm_cgroup(spec: &Spec, id: &str) -> Result<Cgroup> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let cg = Cgroup::new(&runtime::linux::cgroups::normalize_path(&path, id)?)?;
+    cg.create()?;
+    Ok(cg)
 }
 
 /// Name of the leftovers record in the bundle.
@@ -165,6 +184,7 @@ impl VmPod {
         bundle: &Path,
         annotations: &std::collections::HashMap<String, String>,
         netns: Option<PathBuf>,
+        cgroup: Option<Cgroup>,
     ) -> Result<VmPod> {
         let guest_dir = runtime::vm::default_guest_dir();
         let mut cfg = match (&config.vm.kernel, &config.vm.initrd) {
@@ -226,7 +246,11 @@ impl VmPod {
         mkdir(&shared)?;
         let log = std::fs::File::create(bundle.join("virtiofsd.log"))
             .map_err(|e| ShimError::Internal(format!("virtiofsd log: {e}")))?;
-        let child = std::process::Command::new(VIRTIOFSD)
+        let mut vfs_cmd = std::process::Command::new(VIRTIOFSD);
+        if let Some(cg) = &cgroup {
+            cg.place_child(&mut vfs_cmd)?;
+        }
+        let child = vfs_cmd
             .arg(format!("--socket-path={}", vfs_sock.display()))
             .args([
                 "-o",
@@ -296,6 +320,7 @@ impl VmPod {
             cfg.netns = Some(n.netns.clone());
             cfg.net.push(n.device());
         }
+        cfg.cgroup = cgroup.clone();
         let vm: Arc<dyn Vm> = match hypervisor.start(&cfg).await {
             Ok(v) => Arc::from(v),
             Err(e) => {
@@ -312,6 +337,7 @@ impl VmPod {
             "shared": shared,
             "netns": net.as_ref().map(|n| n.netns.clone()),
             "host_if": net.as_ref().map(|n| n.host_if.clone()),
+            "cgroup": cgroup.as_ref().map(|c| c.rel().to_string()),
         });
         let _ = std::fs::write(&state_file, record.to_string());
         let up = async {
@@ -382,6 +408,7 @@ impl VmPod {
                     vfs_sock,
                     state_file,
                     call_timeout,
+                    cgroup,
                 })
             }
             Err(e) => {
@@ -415,6 +442,7 @@ impl VmPod {
         })
         .await;
         let _ = std::fs::remove_dir_all(self.vm.work_dir());
+        destroy_cgroup(self.cgroup.clone()).await;
         let _ = std::fs::remove_file(&self.state_file);
     }
 
@@ -524,7 +552,21 @@ pub fn cleanup_leftovers(bundle: &Path) {
     if let (Some(ns), Some(dev)) = (v["netns"].as_str(), v["host_if"].as_str()) {
         crate::vmnet::teardown(Path::new(ns), dev);
     }
+    if let Some(Ok(cg)) = v["cgroup"].as_str().map(Cgroup::new) {
+        if let Err(e) = cg.destroy() {
+            log::warn!("VM cgroup {}: {e}", cg.rel());
+        }
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Removes a VM's cgroup (killing whatever is left in it) off the async threads.
+pub async fn destroy_cgroup(cg: Option<Cgroup>) {
+    let Some(cg) = cg else { return };
+    let rel = cg.rel().to_string();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.destroy()).await {
+        log::warn!("VM cgroup {rel}: {e}");
+    }
 }
 
 /// `/run/janus/vm/<namespace>_<id>`, or a hash of the bundle path for names that are long

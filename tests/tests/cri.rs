@@ -1358,6 +1358,73 @@ fn vm_pod_under_namespace_node_default(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), id], secs(15));
 }
 
+/// The VM (QEMU and virtiofsd) runs in the pod sandbox's cgroup, under the pod's cgroup
+/// parent, so the pod is charged for its memory: the cgroup's usage covers QEMU's anonymous and
+/// guest-RAM (shmem) pages. Removing the pod removes that cgroup.
+fn vm_pod_charged_to_pod_cgroup(h: &str) {
+    let c = Cri::start(h);
+    let p = pod(&c, "vmcgroup");
+    let id = sleeper(&c, &p, "app");
+    let sock = pod_vm_socket(&c, &p);
+    let procs = janus_tests::processes();
+    let of = |what: &str| {
+        procs
+            .iter()
+            .filter(|x| x.cmdline.contains(what) && x.cmdline.contains(&sock))
+            .collect::<Vec<_>>()
+    };
+    let qemu = of("qemu-system");
+    assert_eq!(qemu.len(), 1, "one QEMU for the pod");
+    let vfs = of("virtiofsd");
+    assert!(!vfs.is_empty(), "no virtiofsd for the pod");
+    let ctrl = if janus_tests::cgroup_v2_only() {
+        ""
+    } else {
+        "memory"
+    };
+    let dir = cgroup_dir(qemu[0].pid, ctrl).unwrap();
+    let d = dir.display().to_string();
+    assert!(
+        d.contains(&p.id) && d.contains("/pod"),
+        "QEMU is in cgroup {d}, not the pod's"
+    );
+    for v in &vfs {
+        assert_eq!(
+            cgroup_dir(v.pid, ctrl).unwrap(),
+            dir,
+            "virtiofsd {} elsewhere",
+            v.pid
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0].pid)).unwrap();
+    let kib = |k: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in /proc/PID/status:\n{status}"))
+    };
+    let qemu_bytes = (kib("RssAnon:") + kib("RssShmem:")) * 1024;
+    let file = if ctrl.is_empty() {
+        "memory.current"
+    } else {
+        "memory.usage_in_bytes"
+    };
+    let usage: u64 = std::fs::read_to_string(dir.join(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        usage >= qemu_bytes * 95 / 100 && qemu_bytes > 32 << 20,
+        "pod VM cgroup {d} uses {usage} bytes; QEMU holds {qemu_bytes} anonymous + guest RAM"
+    );
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+    assert!(!dir.exists(), "VM cgroup {d} left after RemovePodSandbox");
+}
+
 fn vm_refuses_host_namespace(h: &str, ns: &str) {
     let c = Cri::start(h);
     let mut cfg = c.pod_config(&format!("vmhost{ns}"));
@@ -1535,4 +1602,5 @@ cases!(
     vm_refuses_bidirectional,
     vm_net_modules_on_demand,
     propagation_host_to_container,
+    vm_pod_charged_to_pod_cgroup,
 );

@@ -152,7 +152,10 @@ fn containerd_dropin_defines_janus_handler() {
     );
     // VM mode: the alias binary, with a config of its own that says so.
     let vm = &cri["containerd"]["runtimes"]["janus-vm"];
-    assert_eq!(vm["runtime_type"].as_str(), Some("io.containerd.janus-vm.v2"));
+    assert_eq!(
+        vm["runtime_type"].as_str(),
+        Some("io.containerd.janus-vm.v2")
+    );
     assert_eq!(
         vm["options"]["ConfigPath"].as_str(),
         Some("/etc/janus/vm.toml"),

@@ -347,6 +347,39 @@ impl Cgroup {
         }
     }
 
+    /// Makes the process `cmd` starts begin its life in this cgroup (it writes itself into
+    /// each `cgroup.procs` between fork and exec), so all it allocates is charged here from its
+    /// first page. The cgroup must exist.
+    pub fn place_child(&self, cmd: &mut std::process::Command) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let files = self
+            .dirs()
+            .into_iter()
+            .map(|(_, dir)| {
+                let p = dir.join("cgroup.procs");
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(|e| Error::Cgroup(format!("open {}: {e}", p.display())))
+            })
+            .collect::<Result<Vec<fs::File>>>()?;
+        // SAFETY: write(2) is async-signal-safe; the files are owned by the closure (so they
+        // outlive the fork) and CLOEXEC, so the child does not inherit them past exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for f in &files {
+                    // "0": the writing process itself.
+                    if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     pub fn procs(&self) -> Result<Vec<i32>> {
         let dir = self.main_dir();
         let text = fs::read_to_string(dir.join("cgroup.procs"))

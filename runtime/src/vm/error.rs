@@ -46,6 +46,10 @@ pub enum Error {
     #[error("agent: {0}")]
     Agent(#[from] ttrpc::Error),
 
+    /// The pod's cgroup for the VM could not be used.
+    #[error("VM cgroup: {0}")]
+    Cgroup(#[source] crate::linux::Error),
+
     #[error("{context}: {source}")]
     Io {
         context: String,

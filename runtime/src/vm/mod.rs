@@ -118,6 +118,9 @@ pub struct VmConfig {
     pub fs: Option<FsShare>,
     /// virtio-net devices, each on an existing tap (in `netns`).
     pub net: Vec<NetDevice>,
+    /// The cgroup the VMM starts in (the pod's sandbox cgroup), so the VM's memory and CPU
+    /// are charged to the pod.
+    pub cgroup: Option<crate::linux::cgroups::Cgroup>,
 }
 
 /// A virtio-fs device served by a vhost-user backend.
@@ -155,6 +158,7 @@ impl VmConfig {
             name: None,
             fs: None,
             net: Vec::new(),
+            cgroup: None,
         }
     }
 

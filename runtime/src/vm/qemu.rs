@@ -599,6 +599,9 @@ pub(super) fn spawn_vmm(
             });
         }
     }
+    if let Some(cg) = &cfg.cgroup {
+        cg.place_child(&mut cmd).map_err(Error::Cgroup)?;
+    }
     log::debug!("vm: {} {}", binary.display(), args.join(" "));
     Process::spawn(&mut cmd).ctx(|| format!("spawn {}", binary.display()))
 }
