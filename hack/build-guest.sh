@@ -293,24 +293,25 @@ build_testinit() {
 	log "testinit: built $out/testinit ($(_human_size "$out/testinit"))"
 }
 
-# build_initramfs INIT_BINARY OUT_CPIO: pack an uncompressed newc initramfs holding
+# build_initramfs INIT_BINARY OUT_CPIO [modprobe]: pack an uncompressed newc initramfs holding
 #   /init                          INIT_BINARY (static)
 #   /lib/modules/<release>/...     the selected modules (from $GUEST_OUT_DIR): modules.order
 #                                  (loaded at boot), modules.dep + modules.alias (depmod; the
 #                                  on-demand ones are loaded through /sbin/modprobe)
-#   /sbin/modprobe                 -> /init (the agent answers the kernel's module requests)
+#   /sbin/modprobe                 -> /init, with "modprobe" (the agent answers the kernel's
+#                                  module requests)
 #   /proc /sys /dev /run /tmp /mnt /etc   empty directories
 #   /dev/console /dev/null         device nodes (made with mknod: needs root)
 # Reproducible: entries sorted, mtime $SOURCE_DATE_EPOCH, owner 0:0, renumbered inodes.
 # Skipped when OUT_CPIO.stamp says the same init, modules and builder made it.
 build_initramfs() {
-	local init="$1" cpio="$2" out="${GUEST_OUT_DIR:?GUEST_OUT_DIR not set}" rel stamp_want stage
+	local init="$1" cpio="$2" modprobe="${3:-}" out="${GUEST_OUT_DIR:?GUEST_OUT_DIR not set}" rel stamp_want stage
 	[ -x "$init" ] || die "init binary $init is missing or not executable"
 	if file -b "$init" 2>/dev/null | grep -q 'dynamically linked'; then
 		die "init binary $init is dynamically linked; the initramfs has no libc: link it statically"
 	fi
 	rel="$(cat "$out/kernel.release")"
-	stamp_want="init=$(_file_sha "$init") kernel=$(cat "$out/kernel.stamp") builder=$(_file_sha "${BASH_SOURCE[0]}") epoch=$SOURCE_DATE_EPOCH"
+	stamp_want="init=$(_file_sha "$init") modprobe=$modprobe kernel=$(cat "$out/kernel.stamp") builder=$(_file_sha "${BASH_SOURCE[0]}") epoch=$SOURCE_DATE_EPOCH"
 	if [ -s "$cpio" ] && [ -f "$cpio.stamp" ] && [ "$(cat "$cpio.stamp")" = "$stamp_want" ]; then
 		log "initramfs: $cpio up to date"
 		return 0
@@ -325,9 +326,10 @@ build_initramfs() {
 	depmod -b "$stage" "$rel" 2>/dev/null || die "depmod on the initramfs modules failed"
 	find "$stage/lib/modules/$rel" -maxdepth 1 -type f -name 'modules.*' \
 		! -name modules.dep ! -name modules.alias ! -name modules.order -delete
-	# The kernel's module helper (kernel.modprobe) is the agent, run as modprobe.
+	# The kernel's module helper (kernel.modprobe) is the agent, run as modprobe. Only an init
+	# that answers to that name gets the link (the test init would boot a second time).
 	mkdir -p "$stage/sbin"
-	ln -s ../init "$stage/sbin/modprobe"
+	[ "$modprobe" != modprobe ] || ln -s ../init "$stage/sbin/modprobe"
 	find "$stage/lib" -type d -exec chmod 0755 {} +
 	find "$stage/lib" -type f -exec chmod 0644 {} +
 	chmod 0755 "$stage"/{proc,sys,dev,run,mnt,etc,lib,sbin}
@@ -370,9 +372,9 @@ main() {
 	build_testinit "$out"
 	build_initramfs "$out/testinit" "$out/initramfs-testinit.cpio"
 	if [ -n "${JANUS_GUEST_INIT:-}" ]; then
-		build_initramfs "$(realpath "$JANUS_GUEST_INIT")" "$out/initramfs.cpio"
+		build_initramfs "$(realpath "$JANUS_GUEST_INIT")" "$out/initramfs.cpio" modprobe
 	else
-		build_initramfs "$(build_agent)" "$out/initramfs.cpio"
+		build_initramfs "$(build_agent)" "$out/initramfs.cpio" modprobe
 	fi
 	log "done: $out ($(cat "$out/kernel.release")): vmlinux vmlinuz initramfs.cpio modules/"
 }

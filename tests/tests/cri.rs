@@ -683,6 +683,17 @@ fn sysctls(h: &str) {
     );
 }
 
+/// Sets namespace `ns` ("net", "pid" or "ipc") to the node's.
+fn use_node_ns(o: &mut api::NamespaceOption, ns: &str) {
+    let mode = api::NamespaceMode::Node as i32;
+    match ns {
+        "net" => o.network = mode,
+        "pid" => o.pid = mode,
+        "ipc" => o.ipc = mode,
+        _ => unreachable!(),
+    }
+}
+
 fn host_namespace(h: &str, ns: &str) {
     let c = Cri::start(h);
     let p = pod_with(&c, &format!("host{ns}"), |cfg| {
@@ -691,13 +702,7 @@ fn host_namespace(h: &str, ns: &str) {
             // (no UTS namespace of the pod's own).
             cfg.hostname.clear();
         }
-        let o = pod_sc(cfg).namespace_options.as_mut().unwrap();
-        match ns {
-            "net" => o.network = api::NamespaceMode::Node as i32,
-            "pid" => o.pid = api::NamespaceMode::Node as i32,
-            "ipc" => o.ipc = api::NamespaceMode::Node as i32,
-            _ => unreachable!(),
-        }
+        use_node_ns(pod_sc(cfg).namespace_options.as_mut().unwrap(), ns);
     });
     // With the host's PID namespace, a child left behind by the container's init does not die
     // with it: the runtime must kill what is left in the container's cgroup (runc does).
@@ -706,15 +711,7 @@ fn host_namespace(h: &str, ns: &str) {
         &p,
         "app",
         &["sh", "-c", "sleep 100000 & exec sleep 100001"],
-        |cfg| {
-            let o = sc(cfg).namespace_options.as_mut().unwrap();
-            match ns {
-                "net" => o.network = api::NamespaceMode::Node as i32,
-                "pid" => o.pid = api::NamespaceMode::Node as i32,
-                "ipc" => o.ipc = api::NamespaceMode::Node as i32,
-                _ => unreachable!(),
-            }
-        },
+        |cfg| use_node_ns(sc(cfg).namespace_options.as_mut().unwrap(), ns),
     );
     c.wait_running(&id);
     let path = format!("/proc/self/ns/{ns}");
@@ -1431,20 +1428,11 @@ fn vm_refuses_host_namespace(h: &str, ns: &str) {
     if ns == "net" {
         cfg.hostname.clear();
     }
-    let o = pod_sc(&mut cfg).namespace_options.as_mut().unwrap();
+    use_node_ns(pod_sc(&mut cfg).namespace_options.as_mut().unwrap(), ns);
     let name = match ns {
-        "net" => {
-            o.network = api::NamespaceMode::Node as i32;
-            "network (hostNetwork)"
-        }
-        "pid" => {
-            o.pid = api::NamespaceMode::Node as i32;
-            "PID (hostPID)"
-        }
-        _ => {
-            o.ipc = api::NamespaceMode::Node as i32;
-            "IPC (hostIPC)"
-        }
+        "net" => "network (hostNetwork)",
+        "pid" => "PID (hostPID)",
+        _ => "IPC (hostIPC)",
     };
     let e = match c.try_run_pod(cfg) {
         Ok(p) => c.fail(format!(
