@@ -69,6 +69,15 @@ fn run_hooks_warn(c: &Container, phase: &str, pid: i32, status: &str) {
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 
+/// The pod sandbox a CRI container (not the sandbox itself) belongs to.
+fn pod_sandbox_id<'a>(spec: &'a Spec, id: &str) -> Option<&'a String> {
+    let ann = spec.annotations().as_ref()?;
+    ann.get(CONTAINER_TYPE_ANNOTATION)
+        .filter(|t| t.as_str() == "container")
+        .and_then(|_| ann.get(SANDBOX_ID_ANNOTATION))
+        .filter(|sb| sb.as_str() != id)
+}
+
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Container {
@@ -395,9 +404,15 @@ impl Service {
         }
         let (mut mode, source, config) =
             config::resolve(self.inner.runtime_name, config_path.as_deref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = rtspec::load(&bundle)?;
         // A pod is one isolation unit: a container of a pod whose sandbox runs in a VM here
         // runs in that VM, whatever its own config would say.
-        if mode == Mode::Namespace && self.sandbox_vm(req).is_some() {
+        let in_vm_pod = || {
+            pod_sandbox_id(&spec, &req.id)
+                .is_some_and(|sb| self.containers().get(sb).is_some_and(|c| c.vm.is_some()))
+        };
+        if mode == Mode::Namespace && in_vm_pod() {
             mode = Mode::Vm;
         }
         log::info!(
@@ -406,10 +421,8 @@ impl Service {
             self.inner.runtime_name.runtime_id()
         );
         if mode == Mode::Vm {
-            return self.create_vm_container(req, config).await;
+            return self.create_vm_container(req, config, spec).await;
         }
-        let bundle = PathBuf::from(&req.bundle);
-        let spec = rtspec::load(&bundle)?;
         let root = spec
             .root()
             .as_ref()
@@ -424,15 +437,7 @@ impl Service {
         let new_user = plan.new_user();
         lsm_warnings(&req.id, &spec);
         let linux = spec.linux().clone().unwrap_or_default();
-        let rel = cgroups::normalize_path(
-            linux
-                .cgroups_path()
-                .as_ref()
-                .map(|p| p.to_string_lossy().to_string())
-                .unwrap_or_default()
-                .as_str(),
-            &req.id,
-        )?;
+        let rel = cgroups::spec_path(&spec, &req.id)?;
         let io = IoPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -592,21 +597,13 @@ impl Service {
 
     /// VM mode Create: mount the snapshot, boot the VM with it shared, create the container
     /// in the guest. Everything made here is undone on failure.
-    /// The VM of the pod sandbox a CRI container belongs to, if that sandbox runs in a VM here.
-    fn sandbox_vm(&self, req: &CreateTaskRequest) -> Option<Arc<vm::VmPod>> {
-        let spec = rtspec::load(Path::new(&req.bundle)).ok()?;
-        let ann = spec.annotations().clone().unwrap_or_default();
-        let sb = ann
-            .get(CONTAINER_TYPE_ANNOTATION)
-            .filter(|t| t.as_str() == "container")
-            .and_then(|_| ann.get(SANDBOX_ID_ANNOTATION))
-            .filter(|sb| **sb != req.id)?;
-        self.containers().get(sb).and_then(|c| c.vm.clone())
-    }
-
-    async fn create_vm_container(&self, req: &CreateTaskRequest, config: Config) -> Result<u32> {
+    async fn create_vm_container(
+        &self,
+        req: &CreateTaskRequest,
+        config: Config,
+        spec: Spec,
+    ) -> Result<u32> {
         let bundle = PathBuf::from(&req.bundle);
-        let spec = rtspec::load(&bundle)?;
         NsPlan::from_spec(&spec)?;
         vm::check_host_namespaces(&req.id, &spec, config.vm.allow_host_namespaces)?;
         let root = spec
@@ -621,12 +618,7 @@ impl Service {
         };
         // A CRI pod's containers run in the VM its sandbox container booted.
         let ann = spec.annotations().clone().unwrap_or_default();
-        let sandbox = ann
-            .get(CONTAINER_TYPE_ANNOTATION)
-            .filter(|t| t.as_str() == "container")
-            .and_then(|_| ann.get(SANDBOX_ID_ANNOTATION))
-            .filter(|sb| **sb != req.id);
-        let (existing, podns) = match sandbox {
+        let (existing, podns) = match pod_sandbox_id(&spec, &req.id) {
             Some(sb) => {
                 let pod = self
                     .containers()
@@ -1698,13 +1690,8 @@ pub fn cleanup_bundle(bundle: &Path, id: &str) -> (u32, u32) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     if let Ok(spec) = rtspec::load(bundle) {
-        let path = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().clone())
-            .map(|p| p.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if let Ok(rel) = cgroups::normalize_path(&path, id) {
+        // Namespace mode's container cgroup, or VM mode's (the VMM's) cgroup.
+        if let Ok(rel) = cgroups::spec_path(&spec, id) {
             if let Ok(cg) = Cgroup::new(&rel) {
                 if cg.exists() {
                     let _ = cg.destroy();

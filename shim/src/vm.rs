@@ -116,14 +116,9 @@ pub struct VmPod {
 /// The host cgroup for a VM: the booting container's `cgroupsPath` (for a CRI pod, the sandbox
 /// container's, under kubelet's pod cgroup), created here. Its limits stay the pod's (kubelet
 /// sizes the pod cgroup with the RuntimeClass overhead); this only makes the VM count there.
+/// `shim delete` removes it after a crash like any container cgroup (`cleanup_bundle`).
 pub fn vm_cgroup(spec: &Spec, id: &str) -> Result<Cgroup> {
-    let path = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-        .map(|p| p.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let cg = Cgroup::new(&runtime::linux::cgroups::normalize_path(&path, id)?)?;
+    let cg = Cgroup::new(&runtime::linux::cgroups::spec_path(spec, id)?)?;
     cg.create()?;
     Ok(cg)
 }
@@ -337,7 +332,6 @@ impl VmPod {
             "shared": shared,
             "netns": net.as_ref().map(|n| n.netns.clone()),
             "host_if": net.as_ref().map(|n| n.host_if.clone()),
-            "cgroup": cgroup.as_ref().map(|c| c.rel().to_string()),
         });
         let _ = std::fs::write(&state_file, record.to_string());
         let up = async {
@@ -551,11 +545,6 @@ pub fn cleanup_leftovers(bundle: &Path) {
     }
     if let (Some(ns), Some(dev)) = (v["netns"].as_str(), v["host_if"].as_str()) {
         crate::vmnet::teardown(Path::new(ns), dev);
-    }
-    if let Some(Ok(cg)) = v["cgroup"].as_str().map(Cgroup::new) {
-        if let Err(e) = cg.destroy() {
-            log::warn!("VM cgroup {}: {e}", cg.rel());
-        }
     }
     let _ = std::fs::remove_file(&path);
 }

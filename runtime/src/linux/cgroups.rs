@@ -49,6 +49,17 @@ pub fn host_mode() -> Mode {
     }
 }
 
+/// A container's cgroup relative to the hierarchy root, from its spec's `cgroupsPath`.
+pub fn spec_path(spec: &oci_spec::runtime::Spec, id: &str) -> Result<String> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    normalize_path(&path, id)
+}
+
 /// Validates an OCI `cgroupsPath` and returns it relative to the hierarchy root.
 pub fn normalize_path(path: &str, id: &str) -> Result<String> {
     if path.is_empty() {
