@@ -669,7 +669,7 @@ pub struct PodNs {
 }
 
 /// The host namespaces a spec asks to share (the OCI way: no entry of that type), among those
-/// a VM cannot give it: network (hostNetwork), ipc (hostIPC), pid (hostPID).
+/// a VM cannot give it, named as Kubernetes users know them.
 pub fn host_namespaces(spec: &Spec) -> Vec<&'static str> {
     use oci_spec::runtime::LinuxNamespaceType as T;
     let have: Vec<T> = spec
@@ -680,11 +680,15 @@ pub fn host_namespaces(spec: &Spec) -> Vec<&'static str> {
         .iter()
         .map(|n| n.typ())
         .collect();
-    [(T::Network, "network"), (T::Ipc, "ipc"), (T::Pid, "pid")]
-        .into_iter()
-        .filter(|(t, _)| !have.contains(t))
-        .map(|(_, name)| name)
-        .collect()
+    [
+        (T::Network, "network (hostNetwork)"),
+        (T::Ipc, "IPC (hostIPC)"),
+        (T::Pid, "PID (hostPID)"),
+    ]
+    .into_iter()
+    .filter(|(t, _)| !have.contains(t))
+    .map(|(_, name)| name)
+    .collect()
 }
 
 /// Refuses a container that asks for host namespaces a VM cannot share, unless the node config
@@ -694,15 +698,7 @@ pub fn check_host_namespaces(id: &str, spec: &Spec, allow: bool) -> Result<()> {
     if host.is_empty() {
         return Ok(());
     }
-    let what = host
-        .iter()
-        .map(|n| match *n {
-            "network" => "network (hostNetwork)",
-            "ipc" => "IPC (hostIPC)",
-            _ => "PID (hostPID)",
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let what = host.join(", ");
     if allow {
         log::warn!("container {id}: asks for the host's {what} namespace: gets the VM's own (vm.allow_host_namespaces)");
         return Ok(());
@@ -1003,7 +999,10 @@ mod tests {
         let host = spec(serde_json::json!({"linux": {"namespaces": [
             {"type": "pid"}, {"type": "mount"}
         ]}}));
-        assert_eq!(host_namespaces(&host), vec!["network", "ipc"]);
+        assert_eq!(
+            host_namespaces(&host),
+            vec!["network (hostNetwork)", "IPC (hostIPC)"]
+        );
         let e = check_host_namespaces("c", &host, false).unwrap_err();
         assert!(matches!(e, ShimError::InvalidArgument(_)));
         let m = e.to_string();

@@ -278,6 +278,8 @@ fn unescape_mountinfo(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn finds_the_enclosing_mount_and_its_propagation() {
         let mi = "\
@@ -301,8 +303,6 @@ mod tests {
         // "/run" is not a prefix of "/runner".
         assert_eq!(f("/runner"), Some((PathBuf::from("/"), true)));
     }
-
-    use super::*;
 
     #[test]
     fn options_split_into_flags_and_data() {
