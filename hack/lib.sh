@@ -70,7 +70,7 @@ ensure_apt() {
 
 # Packages needed to build images and run containers.
 ensure_base_deps() {
-	ensure_apt containerd runc busybox-static umoci skopeo jq iproute2 \
+	ensure_apt containerd runc busybox-static umoci skopeo jq iproute2 iptables \
 		containernetworking-plugins util-linux tar coreutils gzip
 }
 

@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod metrics;
 mod options;
+mod portfwd;
 mod process;
 mod service;
 mod stdio;

@@ -111,6 +111,8 @@ pub struct VmPod {
     /// The host cgroup the VMM and virtiofsd run in (the pod sandbox's): the VM is charged to
     /// the pod. Removed with the VM.
     cgroup: Option<Cgroup>,
+    /// CRI port-forward from the pod's namespace on the host to the guest's loopback.
+    portfwd: Option<crate::portfwd::PortForward>,
 }
 
 /// The host cgroup for a VM: the booting container's `cgroupsPath` (for a CRI pod, the sandbox
@@ -385,6 +387,17 @@ impl VmPod {
         };
         match up.await {
             Ok((plane, agent)) => {
+                // Without it only port-forward is missing: the pod runs.
+                let portfwd = net.as_ref().and_then(|n| {
+                    crate::portfwd::PortForward::start(
+                        &n.netns,
+                        agent.clone(),
+                        plane.clone(),
+                        call_timeout,
+                    )
+                    .map_err(|e| log::warn!("container {id}: no port-forward: {e}"))
+                    .ok()
+                });
                 log::info!(
                     "container {id}: VM up ({} ms after spawn, accel {}, {vcpus} vCPU, {memory_mib} MiB)",
                     vm.started_at().elapsed().as_millis(),
@@ -403,6 +416,7 @@ impl VmPod {
                     state_file,
                     call_timeout,
                     cgroup,
+                    portfwd,
                 })
             }
             Err(e) => {
@@ -418,6 +432,9 @@ impl VmPod {
 
     /// Powers the VM off (forced after a timeout) and stops virtiofsd.
     pub async fn teardown(&self) {
+        if let Some(p) = &self.portfwd {
+            p.stop();
+        }
         if self.vm.try_wait().ok().flatten().is_none() {
             if let Err(e) = self.vm.shutdown(Duration::from_secs(10)).await {
                 log::warn!("VM shutdown: {e}");

@@ -32,7 +32,7 @@ pub struct PodNet {
 }
 
 /// Runs `prog args` inside the network namespace `netns`; its stdout.
-fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String> {
+pub fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String> {
     let f = std::fs::File::open(netns).map_err(|e| {
         ShimError::FailedPrecondition(format!("pod network namespace {}: {e}", netns.display()))
     })?;

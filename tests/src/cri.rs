@@ -929,6 +929,31 @@ impl Cri {
             .url
     }
 
+    /// CRI PortForward: the streaming URL for `port` of the pod.
+    pub fn port_forward_url(&self, pod: &Pod, port: i32) -> String {
+        let req = api::PortForwardRequest {
+            pod_sandbox_id: pod.id.clone(),
+            port: vec![port],
+        };
+        self.call("PortForward", self.rc().port_forward(req))
+            .unwrap_or_else(|e| self.fail(format!("{e:#}")))
+            .url
+    }
+
+    /// One port-forward connection over WebSocket (k8s portforward, channel 0 data and 1
+    /// error per port, each channel's first message the port number): send `input`, collect
+    /// what comes back until `until` holds or the server ends it. (data, error text).
+    pub fn port_forward(
+        &self,
+        url: &str,
+        input: &[u8],
+        until: impl Fn(&[u8]) -> bool,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, String)> {
+        self.rt
+            .block_on(port_forward_session(url, input, until, timeout))
+    }
+
     /// Talk remotecommand (`v4.channel.k8s.io`) over WebSocket to a streaming `url`: send
     /// `stdin` (if not empty) on channel 0, collect channels 1-3 until the server closes or
     /// `until` holds (then we close).
@@ -1210,15 +1235,14 @@ fn find_cgroups_any(ids: &[String]) -> Vec<PathBuf> {
 /// on channel 3).
 pub const REMOTECOMMAND_PROTOCOL: &str = "v4.channel.k8s.io";
 
-async fn remotecommand(
-    url: &str,
-    stdin: &[u8],
-    until: impl Fn(&StreamOutput) -> bool,
-    timeout: Duration,
-) -> Result<StreamOutput> {
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to the local streaming server at `url` (an `http://127.0.0.1:...` URL from
+/// CRI), speaking the k8s channel subprotocol; with the protocol the server chose.
+async fn ws_connect(url: &str) -> Result<(Ws, String)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::HeaderValue;
-    use tokio_tungstenite::tungstenite::Message;
 
     // Only ever talk to the local streaming server.
     let rest = url
@@ -1237,17 +1261,94 @@ async fn remotecommand(
         "Sec-WebSocket-Protocol",
         HeaderValue::from_static(REMOTECOMMAND_PROTOCOL),
     );
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .with_context(|| format!("WebSocket connect to {ws_url}"))?;
+    let protocol = resp
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Ok((ws, protocol))
+}
+
+async fn port_forward_session(
+    url: &str,
+    input: &[u8],
+    until: impl Fn(&[u8]) -> bool,
+    timeout: Duration,
+) -> Result<(Vec<u8>, String)> {
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (mut data, mut error) = (Vec::new(), Vec::new());
+    let session = async {
+        let (mut ws, _) = ws_connect(url).await?;
+        let mut seen_port = [false; 2];
+        if !input.is_empty() {
+            let mut m = vec![0u8];
+            m.extend_from_slice(input);
+            ws.send(Message::Binary(m.into()))
+                .await
+                .context("sending")?;
+        }
+        while !until(&data) {
+            match ws.next().await {
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Err(e)) => {
+                    use tokio_tungstenite::tungstenite::Error as E;
+                    match e {
+                        E::ConnectionClosed | E::AlreadyClosed | E::Protocol(_) | E::Io(_) => break,
+                        e => return Err(anyhow!("WebSocket read: {e}")),
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let Some((&ch, rest)) = b.split_first() else {
+                        continue;
+                    };
+                    let Some(seen) = seen_port.get_mut(ch as usize) else {
+                        continue;
+                    };
+                    if !*seen {
+                        // The port number, little-endian, opens each channel.
+                        *seen = true;
+                        continue;
+                    }
+                    if ch == 0 {
+                        data.extend_from_slice(rest)
+                    } else {
+                        error.extend_from_slice(rest)
+                    }
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok::<_, anyhow::Error>(())
+    };
+    match tokio::time::timeout(timeout, session).await {
+        Ok(Ok(())) => Ok((data, String::from_utf8_lossy(&error).into_owned())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow!(
+            "port-forward did not finish within {timeout:?}; data {:?}, error {:?}",
+            String::from_utf8_lossy(&data),
+            String::from_utf8_lossy(&error)
+        )),
+    }
+}
+
+async fn remotecommand(
+    url: &str,
+    stdin: &[u8],
+    until: impl Fn(&StreamOutput) -> bool,
+    timeout: Duration,
+) -> Result<StreamOutput> {
+    use tokio_tungstenite::tungstenite::Message;
+
     let mut out = StreamOutput::default();
     let session = async {
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req)
-            .await
-            .with_context(|| format!("WebSocket connect to {ws_url}"))?;
-        out.protocol = resp
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let (mut ws, protocol) = ws_connect(url).await?;
+        out.protocol = protocol;
         if !stdin.is_empty() {
             let mut m = Vec::with_capacity(stdin.len() + 1);
             m.push(0u8);

@@ -1169,6 +1169,42 @@ fn pause_one_of_two(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), a, b], secs(15));
 }
 
+/// `kubectl port-forward`: CRI's streaming server reaches a server listening in the pod (on
+/// the pod's loopback too: in VM mode, the guest's), for two connections in a row.
+fn port_forward_loopback(h: &str) {
+    let c = Cri::start(h);
+    let p = pod(&c, "portfwd");
+    let id = ctr_with(
+        &c,
+        &p,
+        "srv",
+        &["nc", "-ll", "-p", "8080", "-e", "echo", "hi from the pod"],
+        |_| {},
+    );
+    c.wait_running(&id);
+    // The server listens once nc has bound: wait on that, not on time.
+    let bound = poll(secs(20), || {
+        c.exec_sync(&id, &["sh", "-c", "netstat -ltn | grep -q ':8080 '"])
+            .exit_code
+            .eq(&0)
+            .then_some(())
+    });
+    assert!(bound.is_some(), "nc never listened on 8080");
+    for _ in 0..2 {
+        let url = c.port_forward_url(&p, 8080);
+        let (data, err) = c
+            .port_forward(&url, b"", |d| d.ends_with(b"\n"), secs(30))
+            .unwrap_or_else(|e| c.fail(format!("{e:#}")));
+        assert_eq!(
+            String::from_utf8_lossy(&data),
+            "hi from the pod\n",
+            "port-forward error channel: {err}"
+        );
+    }
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
 /// What a network-admin container does in its pod: a bridge with a veth port.
 fn make_bridge(c: &Cri, id: &str) {
     for cmd in [
@@ -1544,6 +1580,7 @@ macro_rules! cases {
             pod_ip_from_host,
             readonly_rootfs,
             pause_one_of_two,
+            port_forward_loopback,
             net_admin_bridge,
             privileged_bridge
             $(, $extra)*

@@ -276,6 +276,30 @@ impl protocols::Agent for AgentService {
         Ok(Empty::default())
     }
 
+    async fn forward_port(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ForwardPortRequest,
+    ) -> ttrpc::Result<Empty> {
+        let port = u16::try_from(req.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| AgentError::InvalidArgument(format!("port {}", req.port)))?;
+        // The pod's network namespace in the guest is the agent's own (the root one).
+        let conn = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|e| {
+                AgentError::FailedPrecondition(format!("127.0.0.1:{port} in the pod: {e}"))
+            })?;
+        let fd = conn
+            .into_std()
+            .map_err(|e| AgentError::Internal(format!("socket: {e}")))?;
+        let streams = req.streams.into_option().unwrap_or_default();
+        self.mux
+            .start(crate::stdio::Wiring::socket(fd.into(), &streams)?);
+        Ok(Empty::default())
+    }
+
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
         // Answer first, then power off.
         tokio::spawn(async {

@@ -2,7 +2,7 @@
 //! frames (protocols::stdio_frame), so output moves at channel speed without an RPC per chunk.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +68,19 @@ impl Prepared {
             } else {
                 None
             },
+        })
+    }
+}
+
+impl Wiring {
+    /// A connected socket: `streams.stdin` feeds it, `streams.stdout` carries what it sends.
+    pub fn socket(sock: OwnedFd, streams: &protocols::agent::StdioStreams) -> Result<Wiring> {
+        let dup = sock
+            .try_clone()
+            .map_err(|e| AgentError::Internal(format!("dup socket: {e}")))?;
+        Ok(Wiring {
+            outs: vec![(streams.stdout, sock)],
+            input: Some((streams.stdin, dup)),
         })
     }
 }
@@ -206,6 +219,11 @@ impl Mux {
                             break;
                         }
                     }
+                    // A socket's other end sees the end of input (pipes just close).
+                    let _ = nix::sys::socket::shutdown(
+                        afd.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Write,
+                    );
                 });
             }
         }
