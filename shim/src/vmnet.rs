@@ -3,7 +3,8 @@
 //! namespace, tc ingress redirects both ways between the two (every frame, any protocol), QEMU
 //! started inside that namespace on the tap, and the agent giving the guest NIC the
 //! interface's MAC, IPv4 addresses, MTU and routes. The namespace's own stack never sees the
-//! pod's traffic (ingress is redirected before it).
+//! pod's traffic (ingress is redirected before it). Dual-stack pods: the interface's global
+//! IPv6 addresses and IPv6 routes go to the guest too.
 //!
 //! The host side uses iproute2's `ip` and `tc` run inside the namespace: tc filters with a
 //! mirred action are a handful of commands there, while the netlink crates would need their tc
@@ -66,7 +67,7 @@ pub fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// Reads the pod's interface from `ip -j` output: the first Ethernet interface with an IPv4
+/// Reads the pod's interface from `ip -j` output: the first Ethernet interface with an IP
 /// address.
 fn parse_interface(addrs: &str) -> Option<(String, pa::Interface)> {
     let v: serde_json::Value = serde_json::from_str(addrs).ok()?;
@@ -78,7 +79,12 @@ fn parse_interface(addrs: &str) -> Option<(String, pa::Interface)> {
         let addresses: Vec<pa::IPAddress> = l["addr_info"]
             .as_array()?
             .iter()
-            .filter(|a| a["family"].as_str() == Some("inet"))
+            .filter(|a| match a["family"].as_str() {
+                Some("inet") => true,
+                // The guest makes its own link-local address.
+                Some("inet6") => a["scope"].as_str() == Some("global"),
+                _ => false,
+            })
             .filter_map(|a| {
                 Some(pa::IPAddress {
                     address: format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?),
@@ -102,8 +108,9 @@ fn parse_interface(addrs: &str) -> Option<(String, pa::Interface)> {
     })
 }
 
-/// The routes the guest needs beyond the prefix routes its addresses bring.
-fn parse_routes(routes: &str, dev: &str) -> Vec<pa::Route> {
+/// The routes the guest needs beyond the prefix routes its addresses bring (from `ip -j -4`
+/// or `-6` `route show`; `default` is spelt per family, as the agent reads it).
+fn parse_routes(routes: &str, dev: &str, v6: bool) -> Vec<pa::Route> {
     let v: serde_json::Value = serde_json::from_str(routes).unwrap_or_default();
     let mut out: Vec<pa::Route> = v
         .as_array()
@@ -114,7 +121,12 @@ fn parse_routes(routes: &str, dev: &str) -> Vec<pa::Route> {
         .filter_map(|r| {
             let dst = r["dst"].as_str()?;
             Some(pa::Route {
-                destination: if dst == "default" { "" } else { dst }.to_string(),
+                destination: match (dst, v6) {
+                    ("default", false) => "",
+                    ("default", true) => "::/0",
+                    _ => dst,
+                }
+                .to_string(),
                 gateway: r["gateway"].as_str().unwrap_or_default().to_string(),
                 device: dev.to_string(),
                 ..Default::default()
@@ -127,19 +139,28 @@ fn parse_routes(routes: &str, dev: &str) -> Vec<pa::Route> {
 }
 
 /// Mirrors the pod's CNI interface to a tap for the VM. `None` when the namespace has no
-/// interface with an IPv4 address (nothing to give the guest).
+/// interface with an IP address (nothing to give the guest).
 pub fn setup(netns: &Path) -> Result<Option<PodNet>> {
     // (Not `-4`: with it, ip leaves out the link type and MAC.)
     let addrs = run_in(netns, "ip", &["-j", "addr", "show"])?;
     let Some((host_if, iface)) = parse_interface(&addrs) else {
         log::info!(
-            "no IPv4 interface in {}: the VM gets no network device",
+            "no interface with an IP address in {}: the VM gets no network device",
             netns.display()
         );
         return Ok(None);
     };
-    let routes = run_in(netns, "ip", &["-j", "-4", "route", "show", "dev", &host_if])?;
-    let routes = parse_routes(&routes, &host_if);
+    let mut routes = Vec::new();
+    for (family, v6) in [("-4", false), ("-6", true)] {
+        let r = run_in(
+            netns,
+            "ip",
+            &["-j", family, "route", "show", "dev", &host_if],
+        )?;
+        routes.extend(parse_routes(&r, &host_if, v6));
+    }
+    // Routes through a gateway need the gateway's link route first.
+    routes.sort_by_key(|r| !r.gateway.is_empty());
     // Left over from a crashed shim: start clean.
     let _ = run_in(netns, "ip", &["link", "del", TAP]);
     let _ = run_in(netns, "tc", &["qdisc", "del", "dev", &host_if, "ingress"]);
@@ -232,11 +253,41 @@ mod tests {
             {"dst":"10.250.3.0/24","protocol":"kernel","scope":"link","prefsrc":"10.250.3.7"},
             {"dst":"10.99.0.0/16","scope":"link"}
         ]"#;
-        let r = parse_routes(routes, "eth0");
+        let r = parse_routes(routes, "eth0", false);
         let got: Vec<_> = r
             .iter()
             .map(|r| (r.destination.as_str(), r.gateway.as_str()))
             .collect();
         assert_eq!(got, [("10.99.0.0/16", ""), ("", "10.250.3.1")]);
+    }
+
+    #[test]
+    fn dual_stack_interface_and_routes() {
+        let addrs = r#"[
+            {"ifindex":3,"ifname":"eth0","link_type":"ether","address":"aa:bb:cc:dd:ee:ff","mtu":1500,
+             "addr_info":[{"family":"inet","local":"10.250.3.7","prefixlen":24,"scope":"global"},
+                          {"family":"inet6","local":"fd00:250:3::7","prefixlen":64,"scope":"global"},
+                          {"family":"inet6","local":"fe80::a8bb:ccff:fedd:eeff","prefixlen":64,"scope":"link"}]}
+        ]"#;
+        let (_, i) = parse_interface(addrs).unwrap();
+        let got: Vec<_> = i.addresses.iter().map(|a| a.address.as_str()).collect();
+        assert_eq!(got, ["10.250.3.7/24", "fd00:250:3::7/64"]);
+        // IPv6 only is a network too.
+        let v6 = addrs.replace(
+            r#"{"family":"inet","local":"10.250.3.7","prefixlen":24,"scope":"global"},"#,
+            "",
+        );
+        assert_eq!(parse_interface(&v6).unwrap().1.addresses.len(), 1);
+        let routes = r#"[
+            {"dst":"fd00:250:3::/64","protocol":"kernel","metric":256},
+            {"dst":"fe80::/64","protocol":"kernel","metric":256},
+            {"dst":"default","gateway":"fd00:250:3::1","metric":1024}
+        ]"#;
+        let r = parse_routes(routes, "eth0", true);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].destination.as_str(), r[0].gateway.as_str()),
+            ("::/0", "fd00:250:3::1")
+        );
     }
 }

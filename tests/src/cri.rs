@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -77,8 +77,9 @@ pub struct CriEnv {
 }
 
 impl CriEnv {
-    /// Pick a free /24 (under a lock held as long as the instance), write the CNI conflist.
-    pub(crate) fn setup(dir: &Path, name: &str) -> Result<CriEnv> {
+    /// Pick a free /24 (under a lock held as long as the instance), write the CNI conflist;
+    /// with `dual_stack`, pods also get an address in `fd00:250:<subnet, hex>::/64`.
+    pub(crate) fn setup(dir: &Path, name: &str, dual_stack: bool) -> Result<CriEnv> {
         for bin in ["bridge", "host-local", "loopback"] {
             let p = Path::new(CNI_BIN_DIR).join(bin);
             if !p.exists() {
@@ -106,6 +107,10 @@ impl CriEnv {
         for d in [&cni_conf_dir, &ipam_dir, &pod_logs, &runc_root] {
             fs::create_dir_all(d)?;
         }
+        let mut ranges = vec![serde_json::json!([{ "subnet": format!("10.250.{subnet}.0/24") }])];
+        if dual_stack {
+            ranges.push(serde_json::json!([{ "subnet": format!("fd00:250:{subnet:x}::/64") }]));
+        }
         let conflist = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": network,
@@ -118,8 +123,8 @@ impl CriEnv {
                     "hairpinMode": true,
                     "ipam": {
                         "type": "host-local",
-                        // No "routes": pods get no default route, only the bridge's /24.
-                        "ranges": [[{ "subnet": format!("10.250.{subnet}.0/24") }]],
+                        // No "routes": pods get no default route, only the bridge's subnets.
+                        "ranges": ranges,
                         "dataDir": ipam_dir,
                     }
                 },
@@ -148,14 +153,19 @@ impl CriEnv {
         format!("10.250.{}.0/24", self.subnet)
     }
 
-    /// Is `ip` inside this instance's pod subnet?
+    /// Is `ip` inside this instance's pod subnet (IPv4, or the dual-stack IPv6 one)?
     pub fn in_subnet(&self, ip: &str) -> bool {
-        ip.parse::<Ipv4Addr>()
-            .map(|a| {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => {
                 let o = a.octets();
                 o[0] == 10 && o[1] == 250 && o[2] == self.subnet && o[3] != 0 && o[3] != 255
-            })
-            .unwrap_or(false)
+            }
+            Ok(IpAddr::V6(a)) => {
+                let s = a.segments();
+                s[..4] == [0xfd00, 0x250, u16::from(self.subnet), 0] && s[4..] != [0; 4]
+            }
+            Err(_) => false,
+        }
     }
 
     /// The CRI part of the containerd config (appended to the base config).
@@ -386,16 +396,30 @@ pub struct Cri {
 impl Cri {
     /// Start a CRI containerd for pods of `handler` (`janus` or `runc`); panics with the reason.
     pub fn start(handler: &str) -> Cri {
-        match Self::try_start(handler) {
+        Self::start_with(handler, false)
+    }
+
+    /// Like [`Self::start`], with dual-stack pods (an IPv6 address besides the IPv4 one).
+    pub fn start_dual_stack(handler: &str) -> Cri {
+        Self::start_with(handler, true)
+    }
+
+    fn start_with(handler: &str, dual_stack: bool) -> Cri {
+        match Self::try_start_with(handler, dual_stack) {
             Ok(c) => c,
             Err(e) => panic!("starting a private containerd with CRI for handler {handler}: {e:#}"),
         }
     }
 
     pub fn try_start(handler: &str) -> Result<Cri> {
+        Self::try_start_with(handler, false)
+    }
+
+    fn try_start_with(handler: &str, dual_stack: bool) -> Result<Cri> {
         let ctd = Containerd::start(Options {
             require_janus: handler.contains("janus"),
             cri: true,
+            dual_stack,
         })?;
         if handler.starts_with(JANUS_HANDLER) && ctd.shim.is_none() {
             bail!("{JANUS_SHIM_NAME} not found");
@@ -619,6 +643,15 @@ impl Cri {
     }
 
     /// The pod's IP (PodSandboxStatus.network.ip); panics when empty.
+    /// Every IP of the pod (PodSandboxStatus: the primary, then the additional ones).
+    pub fn pod_ips(&self, id: &str) -> Vec<String> {
+        let n = self.pod_status(id).network.unwrap_or_default();
+        std::iter::once(n.ip)
+            .chain(n.additional_ips.into_iter().map(|a| a.ip))
+            .filter(|ip| !ip.is_empty())
+            .collect()
+    }
+
     pub fn pod_ip(&self, id: &str) -> String {
         let st = self.pod_status(id);
         let ip = st.network.map(|n| n.ip).unwrap_or_default();
@@ -1181,8 +1214,8 @@ pub fn profile(t: api::security_profile::ProfileType) -> api::SecurityProfile {
 }
 
 fn ip_route_get(ip: &str) -> Result<String> {
-    let out = run_ip(&["-4", "route", "get", ip])?;
-    Ok(out)
+    let family = if ip.contains(':') { "-6" } else { "-4" };
+    run_ip(&[family, "route", "get", ip])
 }
 
 fn cgroup_controller_dirs() -> Vec<PathBuf> {

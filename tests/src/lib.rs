@@ -689,6 +689,8 @@ pub struct Options {
     pub require_janus: bool,
     /// Enable the CRI plugin (namespace `k8s.io`, CNI bridge network, pause image): see [`cri`].
     pub cri: bool,
+    /// CRI pods get an IPv6 address too (dual-stack).
+    pub dual_stack: bool,
 }
 
 impl Options {
@@ -697,6 +699,7 @@ impl Options {
         Options {
             require_janus: runtime.contains("janus"),
             cri: false,
+            dual_stack: false,
         }
     }
 }
@@ -764,7 +767,7 @@ impl Containerd {
         let config = dir.join("config.toml");
         let mut config_text = containerd_config(&dir, &root, &state, &address, opts.cri);
         let cri_env = if opts.cri {
-            let env = cri::CriEnv::setup(&dir, &name)?;
+            let env = cri::CriEnv::setup(&dir, &name, opts.dual_stack)?;
             config_text.push_str(&env.containerd_config(&janus_config));
             Some(env)
         } else {

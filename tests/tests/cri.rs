@@ -1205,6 +1205,35 @@ fn port_forward_loopback(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), id], secs(15));
 }
 
+/// A dual-stack pod answers on its IPv4 and its IPv6 address (in VM mode: the guest NIC got
+/// both from the pod's interface).
+fn dual_stack_pod(h: &str) {
+    let c = Cri::start_dual_stack(h);
+    let p = pod(&c, "dualstack");
+    let id = ctr_with(
+        &c,
+        &p,
+        "srv",
+        &["nc", "-ll", "-p", "8080", "-e", "echo", "hi"],
+        |_| {},
+    );
+    c.wait_running(&id);
+    let ips = c.pod_ips(&p.id);
+    let v6 = ips.iter().find(|ip| ip.contains(':'));
+    let v4 = ips.iter().find(|ip| ip.contains('.'));
+    let (Some(v4), Some(v6)) = (v4, v6) else {
+        c.fail(format!("pod IPs {ips:?}: want one IPv4 and one IPv6"))
+    };
+    for ip in [v4, v6] {
+        let got = c
+            .host_read_tcp(ip, 8080, secs(30))
+            .unwrap_or_else(|e| c.fail(format!("{e:#}")));
+        assert_eq!(got, "hi\n", "from {ip}");
+    }
+    c.stop_remove_pod(&p);
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
 /// What a network-admin container does in its pod: a bridge with a veth port.
 fn make_bridge(c: &Cri, id: &str) {
     for cmd in [
@@ -1581,6 +1610,7 @@ macro_rules! cases {
             readonly_rootfs,
             pause_one_of_two,
             port_forward_loopback,
+            dual_stack_pod,
             net_admin_bridge,
             privileged_bridge
             $(, $extra)*

@@ -1,19 +1,22 @@
-//! Guest network setup: the host names an interface by MAC and gives it a name, IPv4
-//! addresses and an MTU, then routes.
+//! Guest network setup: the host names an interface by MAC and gives it a name, addresses
+//! (one IPv4, any IPv6: dual-stack pods) and an MTU, then routes.
 //!
-//! Done with the classic ioctls (SIOCSIF*, SIOCADDRT) rather than netlink: IPv4 interface and
-//! route setup is all a pod's guest needs today, the ioctls are a few lines each, and they keep
-//! the static PID-1 binary free of an async netlink stack. IPv6 answers InvalidArgument until
-//! a netlink implementation replaces this.
+//! Done with the classic ioctls (SIOCSIF*, SIOCADDRT, on an AF_INET or AF_INET6 socket)
+//! rather than netlink: address and route setup is all a pod's guest needs, the ioctls are a
+//! few lines each, and they keep the static PID-1 binary free of an async netlink stack.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::containers::{AgentError, Result};
 
 fn sock() -> Result<OwnedFd> {
+    sock_of(libc::AF_INET)
+}
+
+fn sock_of(family: libc::c_int) -> Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(AgentError::Internal(format!(
             "socket: {}",
@@ -66,20 +69,104 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Parses "a.b.c.d/n" (or "default"/"" as 0.0.0.0/0).
-pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+/// Parses "a.b.c.d/n" or "x:y::z/n" ("default" or "" is the IPv4 default, 0.0.0.0/0).
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
     if s.is_empty() || s == "default" {
-        return Ok((Ipv4Addr::UNSPECIFIED, 0));
+        return Ok((Ipv4Addr::UNSPECIFIED.into(), 0));
     }
-    let bad =
-        || AgentError::InvalidArgument(format!("bad IPv4 CIDR {s:?} (IPv6 is not supported yet)"));
+    let bad = || AgentError::InvalidArgument(format!("bad CIDR {s:?}"));
     let (a, n) = s.split_once('/').ok_or_else(bad)?;
-    let ip: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let ip: IpAddr = a.parse().map_err(|_| bad())?;
     let n: u8 = n.parse().map_err(|_| bad())?;
-    if n > 32 {
+    if n > if ip.is_ipv4() { 32 } else { 128 } {
         return Err(bad());
     }
     Ok((ip, n))
+}
+
+fn in6_addr(ip: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: ip.octets(),
+    }
+}
+
+fn ifindex(name: &str) -> Result<libc::c_int> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| AgentError::NotFound(format!("no interface {name}")))
+}
+
+/// Adds an IPv6 address (with its prefix route). Duplicate address detection is off for it:
+/// CNI gave the pod this address, and the host side of the pod's interface, which holds it
+/// too, never sees the guest's frames.
+fn add_ipv6(name: &str, ip: Ipv6Addr, n: u8) -> Result<()> {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
+    let fd = sock_of(libc::AF_INET6)?;
+    let mut r = libc::in6_ifreq {
+        ifr6_addr: in6_addr(ip),
+        ifr6_prefixlen: n.into(),
+        ifr6_ifindex: ifindex(name)?,
+    };
+    ioctl(
+        &fd,
+        libc::SIOCSIFADDR,
+        (&mut r as *mut libc::in6_ifreq).cast(),
+        &format!("{name} address {ip}/{n}"),
+    )
+}
+
+/// `struct in6_rtmsg` of <linux/ipv6_route.h> (SIOCADDRT on an AF_INET6 socket). The libc
+/// crate has it with private fields, so it is spelt out here.
+#[repr(C)]
+struct In6Rtmsg {
+    rtmsg_dst: libc::in6_addr,
+    rtmsg_src: libc::in6_addr,
+    rtmsg_gateway: libc::in6_addr,
+    rtmsg_type: u32,
+    rtmsg_dst_len: u16,
+    rtmsg_src_len: u16,
+    rtmsg_metric: u32,
+    rtmsg_info: libc::c_ulong,
+    rtmsg_flags: u32,
+    rtmsg_ifindex: libc::c_int,
+}
+
+fn add_ipv6_route(dst: Ipv6Addr, n: u8, gateway: &str, device: &str) -> Result<()> {
+    let fd = sock_of(libc::AF_INET6)?;
+    let unspecified = in6_addr(Ipv6Addr::UNSPECIFIED);
+    let mut m = In6Rtmsg {
+        rtmsg_dst: unspecified,
+        rtmsg_src: unspecified,
+        rtmsg_gateway: unspecified,
+        rtmsg_type: 0,
+        rtmsg_dst_len: 0,
+        rtmsg_src_len: 0,
+        rtmsg_metric: 0,
+        rtmsg_info: 0,
+        rtmsg_flags: 0,
+        rtmsg_ifindex: 0,
+    };
+    m.rtmsg_dst = in6_addr(dst);
+    m.rtmsg_dst_len = n.into();
+    m.rtmsg_metric = 1;
+    m.rtmsg_flags = libc::RTF_UP as u32;
+    if !gateway.is_empty() {
+        let gw: Ipv6Addr = gateway
+            .parse()
+            .map_err(|_| AgentError::InvalidArgument(format!("bad IPv6 gateway {gateway:?}")))?;
+        m.rtmsg_gateway = in6_addr(gw);
+        m.rtmsg_flags |= libc::RTF_GATEWAY as u32;
+    }
+    if !device.is_empty() {
+        m.rtmsg_ifindex = ifindex(device)?;
+    }
+    ioctl(
+        &fd,
+        libc::SIOCADDRT,
+        (&mut m as *mut In6Rtmsg).cast(),
+        &format!("route {dst}/{n} via {gateway:?}"),
+    )
 }
 
 fn mask(n: u8) -> Ipv4Addr {
@@ -133,14 +220,14 @@ pub fn loopback_up() {
     }
 }
 
-/// Configures the interface with `mac`: name, MTU, IPv4 addresses, up.
+/// Configures the interface with `mac`: name, MTU, addresses, up.
 pub fn update_interface(i: &protocols::agent::Interface) -> Result<String> {
     let addrs = i
         .addresses
         .iter()
         .map(|a| parse_cidr(&a.address))
         .collect::<Result<Vec<_>>>()?;
-    if addrs.len() > 1 {
+    if addrs.iter().filter(|(ip, _)| ip.is_ipv4()).count() > 1 {
         return Err(AgentError::InvalidArgument(
             "one IPv4 address per interface is supported".into(),
         ));
@@ -170,7 +257,15 @@ pub fn update_interface(i: &protocols::agent::Interface) -> Result<String> {
             &format!("{name} mtu {}", i.mtu),
         )?;
     }
+    set_up(&fd, &name, true)?;
     for (ip, n) in addrs {
+        let ip = match ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => {
+                add_ipv6(&name, ip, n)?;
+                continue;
+            }
+        };
         let mut r = ifreq(&name)?;
         r.ifr_ifru.ifru_addr = sockaddr(ip);
         ioctl(
@@ -188,16 +283,21 @@ pub fn update_interface(i: &protocols::agent::Interface) -> Result<String> {
             &format!("{name} netmask /{n}"),
         )?;
     }
-    set_up(&fd, &name, true)?;
     crate::log_line(&format!("net: {} is {name}, up", i.mac));
     Ok(name)
 }
 
-/// Adds IPv4 routes (destination "" = default).
+/// Adds routes (destination "" = the IPv4 default, "::/0" the IPv6 one).
 pub fn add_routes(routes: &[protocols::agent::Route]) -> Result<()> {
     let fd = sock()?;
     for rt in routes {
-        let (dst, n) = parse_cidr(&rt.destination)?;
+        let (dst, n) = match parse_cidr(&rt.destination)? {
+            (IpAddr::V4(dst), n) => (dst, n),
+            (IpAddr::V6(dst), n) => {
+                add_ipv6_route(dst, n, &rt.gateway, &rt.device)?;
+                continue;
+            }
+        };
         // SAFETY: rtentry is plain old data; all-zero is a valid value.
         let mut e: libc::rtentry = unsafe { std::mem::zeroed() };
         e.rt_dst = sockaddr(dst);
@@ -240,8 +340,19 @@ mod tests {
             parse_cidr("10.0.2.15/24").unwrap(),
             ("10.0.2.15".parse().unwrap(), 24)
         );
-        assert_eq!(parse_cidr("").unwrap(), (Ipv4Addr::UNSPECIFIED, 0));
-        for bad in ["10.0.2.15", "10.0.2.15/33", "fe80::1/64", "x/8"] {
+        assert_eq!(
+            parse_cidr("").unwrap(),
+            (IpAddr::from(Ipv4Addr::UNSPECIFIED), 0)
+        );
+        assert_eq!(
+            parse_cidr("fd00:250:7::5/64").unwrap(),
+            ("fd00:250:7::5".parse().unwrap(), 64)
+        );
+        assert_eq!(
+            parse_cidr("::/0").unwrap(),
+            (IpAddr::from(Ipv6Addr::UNSPECIFIED), 0)
+        );
+        for bad in ["10.0.2.15", "10.0.2.15/33", "fe80::1/129", "x/8"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
         assert_eq!(mask(24), Ipv4Addr::new(255, 255, 255, 0));
