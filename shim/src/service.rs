@@ -65,6 +65,28 @@ fn run_hooks_warn(c: &Container, phase: &str, pid: i32, status: &str) {
     }
 }
 
+/// VM mode: the runtime-namespace hooks of create (prestart, createRuntime) run on the host,
+/// once the guest has created the container (so after its createContainer hooks), with the
+/// container's (guest) pid in the state. A failure fails Create, as in namespace mode.
+fn vm_runtime_hooks(spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
+    let Some(h) = spec.hooks() else { return Ok(()) };
+    let state = hooks::state_json(id, "creating", pid, bundle, spec.annotations().as_ref());
+    let z = ZYGOTE
+        .get()
+        .ok_or_else(|| ShimError::Internal("no zygote to run hooks".into()))?;
+    z.run_hooks(
+        h.prestart().clone().unwrap_or_default(),
+        state.clone(),
+        "prestart",
+    )?;
+    z.run_hooks(
+        h.create_runtime().clone().unwrap_or_default(),
+        state,
+        "createRuntime",
+    )?;
+    Ok(())
+}
+
 /// CRI's annotations naming a container's pod and role.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
@@ -747,8 +769,17 @@ impl Service {
                 .create_container(pod.ctx(), &creq)
                 .await
                 .map_err(vm::rpc)?
-                .pid;
-            Ok::<_, ShimError>((pid as i32, pio, stdin_close))
+                .pid as i32;
+            let (spec2, id2, bundle2) = (spec.clone(), req.id.clone(), bundle.clone());
+            if let Err(e) = blocking(move || vm_runtime_hooks(&spec2, &id2, &bundle2, pid)).await {
+                let rm = protocols::agent::ContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                };
+                let _ = pod.agent.remove_container(pod.ctx(), &rm).await;
+                return Err(e);
+            }
+            Ok::<_, ShimError>((pid, pio, stdin_close))
         };
         let (pid, mut pio, stdin_close) = match created.await {
             Ok(v) => v,
@@ -869,6 +900,12 @@ impl Service {
                     st.status = Status::Running;
                 }
             }
+            let c2 = c.clone();
+            blocking(move || {
+                run_hooks_warn(&c2, "poststart", pid as i32, "running");
+                Ok(())
+            })
+            .await?;
             self.inner.events.send(
                 TASK_START_EVENT_TOPIC,
                 TaskStart {
@@ -985,6 +1022,7 @@ impl Service {
         }
         let c2 = c.clone();
         blocking(move || {
+            run_hooks_warn(&c2, "poststop", c2.init.pid(), "stopped");
             if c2.rootfs_mounted {
                 mounts::unmount_all(&c2.rootfs)?;
             }

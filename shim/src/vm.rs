@@ -734,15 +734,15 @@ pub fn check_host_namespaces(id: &str, spec: &Spec, allow: bool) -> Result<()> {
 ///   host /dev, /proc or /sys paths are dropped (the guest has its own);
 /// - namespace paths join the pod's sandbox container in the guest; with no sandbox (the
 ///   sandbox itself, or a plain container) they are dropped and the guest makes new ones;
-/// - hooks are dropped (host hooks cannot run in the guest).
+/// - hooks: only createContainer and startContainer stay (the guest runs them in the
+///   container's namespaces, their paths looked up in the guest); the runtime-namespace phases
+///   (prestart, createRuntime, poststart, poststop) run on the host (`service.rs`).
 pub fn guest_spec(id: &str, spec: &Spec, pod: &PodNs) -> Result<(Vec<u8>, Vec<HostBind>)> {
     let mut v = serde_json::to_value(spec)
         .map_err(|e| ShimError::Internal(format!("spec to JSON: {e}")))?;
     v["root"]["path"] = serde_json::Value::String(guest_root(id));
-    if let Some(o) = v.as_object_mut() {
-        if o.remove("hooks").is_some() {
-            log::warn!("container {id}: OCI hooks are not run in VM mode");
-        }
+    if let Some(h) = v.get_mut("hooks").and_then(|h| h.as_object_mut()) {
+        h.retain(|phase, _| phase == "createContainer" || phase == "startContainer");
     }
     if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
         ns.retain_mut(|n| {
@@ -1057,7 +1057,7 @@ mod tests {
     #[test]
     fn guest_spec_shares_binds_and_drops_host_things() {
         let s = spec(serde_json::json!({
-            "hooks": {"prestart": [{"path": "/bin/true"}]},
+            "hooks": {"prestart": [{"path": "/bin/true"}], "startContainer": [{"path": "/bin/true"}]},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
@@ -1071,7 +1071,11 @@ mod tests {
         let (text, binds) = guest_spec("c", &s, &PodNs::default()).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
         assert_eq!(v["root"]["path"], "/run/janus/shared/c/rootfs");
-        assert!(v.get("hooks").is_none());
+        // Runtime-namespace phases stay on the host; the container's go to the guest.
+        assert_eq!(
+            v["hooks"],
+            serde_json::json!({"startContainer": [{"path": "/bin/true"}]})
+        );
         let dests: Vec<_> = v["mounts"]
             .as_array()
             .unwrap()

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use janus_tests::{Containerd, Out, JANUS, RUNC};
+use janus_tests::{Containerd, Out, JANUS, JANUS_VM, RUNC};
 use serde_json::{json, Value};
 
 fn secs(n: u64) -> Duration {
@@ -126,14 +126,76 @@ fn hooks_run_in_every_phase_with_state() {
     ctd.assert_no_leaks(&c, secs(10));
 }
 
+/// VM mode: the runtime-namespace phases (prestart, createRuntime, poststart, poststop) run on
+/// the host with the container's state; createContainer and startContainer run in the guest,
+/// in the container's namespaces, their paths looked up there (createContainer before
+/// pivot_root, where the container's root is the share's `<id>/rootfs`; startContainer inside
+/// the container's root).
+#[test]
+fn vm_hooks_run_where_their_phase_means() {
+    let ctd = Containerd::for_runtime(JANUS_VM);
+    let c = ctd.container("vmhooks");
+    let r = rootfs();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display().to_string();
+    let hook = |name: &str| json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {o}/{name}.json")]}]);
+    let guest_root = format!("/run/janus/shared/{}/rootfs", &*c);
+    let mut s = base_spec(&ctd, &r.path, &["sh", "-c", "echo main"]);
+    s["hooks"] = json!({
+        "prestart": hook("prestart"),
+        "createRuntime": hook("createRuntime"),
+        "poststart": hook("poststart"),
+        "poststop": hook("poststop"),
+        "createContainer": [{"path": format!("{guest_root}/bin/sh"),
+            "args": ["sh", "-c", format!("cat > {guest_root}/tmp/createContainer.json")]}],
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /tmp/startContainer.json"]}],
+    });
+    assert_eq!(ok(&ctd, &run_spec(&ctd, JANUS_VM, &c, &s)), "main\n");
+    for phase in ["prestart", "createRuntime", "poststart", "poststop"] {
+        let p = out.path().join(format!("{phase}.json"));
+        let st: Value = serde_json::from_str(
+            &fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{phase} hook did not run on the host: {e}")),
+        )
+        .unwrap();
+        assert_eq!(st["id"], *c, "{phase}: {st}");
+        assert!(st["pid"].as_i64().unwrap_or(0) > 0, "{phase}: {st}");
+        assert!(
+            st["bundle"].as_str().unwrap().contains(&*c),
+            "{phase}: {st}"
+        );
+    }
+    // The guest's hooks wrote into the container's root, which is this directory (virtio-fs).
+    for phase in ["createContainer", "startContainer"] {
+        let p = r.path.join(format!("tmp/{phase}.json"));
+        let st: Value = serde_json::from_str(
+            &fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{phase} hook did not run in the guest: {e}")),
+        )
+        .unwrap();
+        assert_eq!(st["id"], *c, "{phase}: {st}");
+    }
+    ctd.assert_no_leaks(&c, secs(10));
+}
+
 #[test]
 fn failing_create_hook_fails_create_and_leaves_nothing() {
-    let ctd = Containerd::for_runtime(JANUS);
+    failing_create_hook(JANUS)
+}
+
+/// In VM mode too: the container made in the guest is removed, the VM ended.
+#[test]
+fn vm_failing_create_hook_fails_create_and_leaves_nothing() {
+    failing_create_hook(JANUS_VM)
+}
+
+fn failing_create_hook(rt: &str) {
+    let ctd = Containerd::for_runtime(rt);
     let c = ctd.container("badhook");
     let r = rootfs();
     let mut s = base_spec(&ctd, &r.path, &["true"]);
     s["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo nope >&2; exit 7"]}]});
-    let o = run_spec(&ctd, JANUS, &c, &s);
+    let o = run_spec(&ctd, rt, &c, &s);
     assert!(!o.success(), "{o}");
     assert!(o.stderr.contains("createRuntime hook"), "{o}");
     ctd.assert_no_leaks(&c, secs(10));
