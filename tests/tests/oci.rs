@@ -81,14 +81,36 @@ fn ok(ctd: &Containerd, o: &Out) -> String {
     o.stdout.clone()
 }
 
+/// A hook that writes its state document to `<dir>/<name>.json` (a host path).
+fn state_hook(dir: &Path, name: &str) -> Value {
+    let o = dir.display();
+    json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {o}/{name}.json")]}])
+}
+
+/// The state document a hook of `phase` wrote to `p`; it names container `id`.
+fn hook_state(p: &Path, phase: &str, id: &str) -> Value {
+    let st: Value = serde_json::from_str(
+        &fs::read_to_string(p).unwrap_or_else(|e| panic!("{phase} hook did not run: {e}")),
+    )
+    .unwrap();
+    assert_eq!(st["id"], id, "{phase}: {st}");
+    st
+}
+
+/// A runtime-namespace hook's state: also the container's pid and bundle.
+fn runtime_hook_state(dir: &Path, phase: &str, id: &str) {
+    let st = hook_state(&dir.join(format!("{phase}.json")), phase, id);
+    assert!(st["pid"].as_i64().unwrap_or(0) > 0, "{phase}: {st}");
+    assert!(st["bundle"].as_str().unwrap().contains(id), "{phase}: {st}");
+}
+
 #[test]
 fn hooks_run_in_every_phase_with_state() {
     let ctd = Containerd::for_runtime(JANUS);
     let c = ctd.container("hooks");
     let r = rootfs();
     let out = tempfile::tempdir().unwrap();
-    let o = out.path().display().to_string();
-    let hook = |name: &str| json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {o}/{name}.json")]}]);
+    let hook = |name: &str| state_hook(out.path(), name);
     let mut s = base_spec(&ctd, &r.path, &["sh", "-c", "echo main"]);
     s["hooks"] = json!({
         "prestart": hook("prestart"),
@@ -107,17 +129,7 @@ fn hooks_run_in_every_phase_with_state() {
         "poststart",
         "poststop",
     ] {
-        let p = out.path().join(format!("{phase}.json"));
-        let st: Value = serde_json::from_str(
-            &fs::read_to_string(&p).unwrap_or_else(|e| panic!("{phase} hook did not run: {e}")),
-        )
-        .unwrap();
-        assert_eq!(st["id"], *c, "{phase}: {st}");
-        assert!(st["pid"].as_i64().unwrap_or(0) > 0, "{phase}: {st}");
-        assert!(
-            st["bundle"].as_str().unwrap().contains(&*c),
-            "{phase}: {st}"
-        );
+        runtime_hook_state(out.path(), phase, &c);
     }
     assert!(
         r.path.join("tmp/startContainer.json").exists(),
@@ -137,8 +149,7 @@ fn vm_hooks_run_where_their_phase_means() {
     let c = ctd.container("vmhooks");
     let r = rootfs();
     let out = tempfile::tempdir().unwrap();
-    let o = out.path().display().to_string();
-    let hook = |name: &str| json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {o}/{name}.json")]}]);
+    let hook = |name: &str| state_hook(out.path(), name);
     let guest_root = format!("/run/janus/shared/{}/rootfs", &*c);
     let mut s = base_spec(&ctd, &r.path, &["sh", "-c", "echo main"]);
     s["hooks"] = json!({
@@ -152,28 +163,11 @@ fn vm_hooks_run_where_their_phase_means() {
     });
     assert_eq!(ok(&ctd, &run_spec(&ctd, JANUS_VM, &c, &s)), "main\n");
     for phase in ["prestart", "createRuntime", "poststart", "poststop"] {
-        let p = out.path().join(format!("{phase}.json"));
-        let st: Value = serde_json::from_str(
-            &fs::read_to_string(&p)
-                .unwrap_or_else(|e| panic!("{phase} hook did not run on the host: {e}")),
-        )
-        .unwrap();
-        assert_eq!(st["id"], *c, "{phase}: {st}");
-        assert!(st["pid"].as_i64().unwrap_or(0) > 0, "{phase}: {st}");
-        assert!(
-            st["bundle"].as_str().unwrap().contains(&*c),
-            "{phase}: {st}"
-        );
+        runtime_hook_state(out.path(), phase, &c);
     }
     // The guest's hooks wrote into the container's root, which is this directory (virtio-fs).
     for phase in ["createContainer", "startContainer"] {
-        let p = r.path.join(format!("tmp/{phase}.json"));
-        let st: Value = serde_json::from_str(
-            &fs::read_to_string(&p)
-                .unwrap_or_else(|e| panic!("{phase} hook did not run in the guest: {e}")),
-        )
-        .unwrap();
-        assert_eq!(st["id"], *c, "{phase}: {st}");
+        hook_state(&r.path.join(format!("tmp/{phase}.json")), phase, &c);
     }
     ctd.assert_no_leaks(&c, secs(10));
 }
