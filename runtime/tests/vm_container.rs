@@ -937,8 +937,15 @@ async fn vm_agent_malformed_requests() {
     };
     assert_eq!(
         code(
-            "route IPv6",
-            c.add_routes(ctx(), &route("fe80::/64", "")).await
+            "route IPv6 prefix too long",
+            c.add_routes(ctx(), &route("fd00::/129", "")).await
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(
+            "route IPv6 bad gateway",
+            c.add_routes(ctx(), &route("fd00::/64", "nope")).await
         ),
         Code::INVALID_ARGUMENT
     );
