@@ -19,6 +19,32 @@ pub enum Status {
     DeadlineExceeded(String),
     #[error("{0}")]
     Internal(String),
+    /// A failure with its cause kept for the chain (`source()`); Unknown to containerd.
+    #[error("{context}: {source}")]
+    Failed {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A library's error that says it all (Display and cause are its own); Unknown.
+    #[error(transparent)]
+    Other(BoxError),
+}
+
+/// The cause of a [`Status::Failed`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl Status {
+    /// An internal failure of `context` (what was being done), keeping `source`.
+    pub fn failed(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Status {
+        Status::Failed {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
 }
 
 impl From<crate::linux::Error> for Status {
@@ -27,7 +53,7 @@ impl From<crate::linux::Error> for Status {
         match e {
             E::InvalidSpec(_) | E::ChildRejected(_) => Status::InvalidArgument(e.to_string()),
             E::NotFound(_) => Status::NotFound(e.to_string()),
-            _ => Status::Internal(e.to_string()),
+            _ => Status::Other(Box::new(e)),
         }
     }
 }
@@ -43,7 +69,7 @@ impl Status {
             Status::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Status::Unimplemented(_) => Code::UNIMPLEMENTED,
             Status::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
-            Status::Internal(_) => Code::UNKNOWN,
+            Status::Internal(_) | Status::Failed { .. } | Status::Other(_) => Code::UNKNOWN,
         }
     }
 
@@ -63,9 +89,9 @@ impl Status {
                     _ => Status::Internal(m),
                 }
             }
-            // The client's own deadline (ttrpc reports it as a plain error).
-            ttrpc::Error::Others(m) if m.contains("deadline") => Status::DeadlineExceeded(m),
-            other => Status::Internal(other.to_string()),
+            // A transport failure (the peer gone, a broken connection). Deadlines are the
+            // caller's to bound (e.g. the shim's `VmPod::call`), typed there.
+            other => Status::failed("agent connection", other),
         }
     }
 }
@@ -127,9 +153,12 @@ mod tests {
             Status::from(E::NotFound("gone".into())),
             Status::NotFound(_)
         ));
-        assert!(matches!(
-            Status::from(E::Cgroup("x".into())),
-            Status::Internal(_)
-        ));
+        let s = Status::from(E::Cgroup("x".into()));
+        assert!(matches!(&s, Status::Other(e) if e.downcast_ref::<E>().is_some()), "{s:?}");
+        let io = std::io::Error::from_raw_os_error(libc::EBUSY);
+        let s = Status::failed("remove cgroup", io);
+        let cause = std::error::Error::source(&s).expect("the cause is kept");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some(), "{cause:?}");
+        assert_eq!(code_of(s), Code::UNKNOWN);
     }
 }

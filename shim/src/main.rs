@@ -4,14 +4,14 @@ mod command;
 mod config;
 mod error;
 mod events;
+mod hooks;
 mod metrics;
+mod node;
 mod options;
-mod portfwd;
 mod process;
-mod service;
+mod sandbox;
 mod stdio;
-mod vm;
-mod vmnet;
+mod task;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -26,7 +26,10 @@ use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim_async::create_task;
 use containerd_shim_protos::ttrpc::r#async::Server;
 
-use crate::service::{Service, SANDBOX_ID_ANNOTATION, ZYGOTE};
+use crate::hooks::ZYGOTE;
+use crate::node::Node;
+use crate::sandbox::linux::LinuxSandbox;
+use crate::task::{TaskService, SANDBOX_ID_ANNOTATION};
 
 pub const RUNTIME_ID: &str = "io.containerd.janus.v2";
 
@@ -57,7 +60,7 @@ fn delete_shim(flags: &Flags) -> anyhow::Result<Vec<u8>> {
     } else {
         PathBuf::from(&flags.bundle)
     };
-    let (pid, status) = service::cleanup_bundle(&bundle, &flags.id);
+    let (pid, status) = node::cleanup_bundle(&bundle, &flags.id);
     // A shim that died (SIGKILL) leaves its socket: remove it unless a live shim still
     // serves it (another container of the same pod).
     let group = grouping(&flags.id);
@@ -81,18 +84,21 @@ fn runtime_name() -> config::RuntimeName {
     config::RuntimeName::from_binary(&std::env::args().next().unwrap_or_default())
 }
 
-/// Reaps every exited child and hands the status to the service.
-fn reap(service: &Service) {
+/// Reaps every exited child and hands its status to whoever waits for it: a VMM, a helper
+/// command, or a namespace-mode container process.
+async fn reap(linux: &LinuxSandbox) {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => service.on_exit(pid.as_raw(), code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                service.on_exit(pid.as_raw(), 128 + sig as i32)
-            }
+        let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid.as_raw(), 128 + sig as i32),
             Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => {}
+            Ok(_) => continue,
+        };
+        if runtime::vm::record_reaped(pid, code) || command::record_exit(pid, code) {
+            continue;
         }
+        linux.on_exit(pid, code).await;
     }
 }
 
@@ -114,12 +120,14 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         .with_context(|| format!("connect to containerd events at {ttrpc_address}"))?;
     let exit = Arc::new(ExitSignal::default());
     let events = events::Events::start(publisher, flags.namespace.clone());
-    let service = Service::new(
-        flags.namespace.clone(),
-        events,
-        exit.clone(),
-        runtime_name(),
-    );
+    let linux = LinuxSandbox::new(flags.namespace.clone(), events.clone());
+    let node = Node {
+        runtime_name: runtime_name(),
+        namespace: flags.namespace.clone(),
+        linux: linux.clone(),
+        events: events.clone(),
+    };
+    let service = TaskService::new(Arc::new(node), events, exit.clone());
 
     let path = socket_path(&flags.socket).to_string();
     if let Some(dir) = std::path::Path::new(&path).parent() {
@@ -147,7 +155,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     log::info!("janus shim serving on {path}");
     loop {
         tokio::select! {
-            _ = sigchld.recv() => reap(&service),
+            _ = sigchld.recv() => reap(&linux).await,
             _ = sigterm.recv() => {
                 if service.is_empty() {
                     break;

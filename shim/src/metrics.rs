@@ -18,7 +18,7 @@ pub fn to_any(mode: Mode, s: &Stats) -> Result<Any> {
     };
     Ok(Any {
         type_url: type_url.into(),
-        value: value.map_err(|e| ShimError::Internal(format!("encode metrics: {e}")))?,
+        value: value.map_err(|e| ShimError::failed("encode metrics", e))?,
         ..Default::default()
     })
 }

@@ -1,14 +1,16 @@
-//! Process records: state, exit status and waiters.
+//! Process records: what containerd knows of a container's init or exec process (state, pid,
+//! exit status, waiters), the same in every mode, and the mode's handle on the process.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use oci_spec::runtime::Process as OciProcess;
-use runtime::linux::sync::Channel;
 use tokio::sync::watch;
 
-use crate::stdio::{IoPaths, Tty};
+use crate::error::{Result, ShimError};
+use crate::stdio::IoPaths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -17,18 +19,26 @@ pub enum Status {
     Stopped,
 }
 
+/// What a sandbox does to one process it runs (the init from Create, an exec from Start).
+#[async_trait]
+pub trait ProcessOps: Send + Sync {
+    /// Sends `sig`; `all`: to every process of the container (init only).
+    async fn signal(&self, sig: u32, all: bool) -> Result<()>;
+    async fn resize_pty(&self, width: u32, height: u32) -> Result<()>;
+    /// CloseIO: the process sees EOF on stdin.
+    async fn close_stdin(&self) -> Result<()>;
+    /// After the exit: waits (bounded) until the process's output reached containerd.
+    async fn drain(&self) {}
+    /// The process ended: stop copying containerd's stdin to it (a copy still waiting for a
+    /// writer to open the FIFO would otherwise hold a thread, and the shim, forever).
+    fn exited(&self);
+}
+
 pub struct ProcState {
     pub status: Status,
     pub pid: i32,
     pub exit_status: u32,
     pub exited_at: Option<Timestamp>,
-    /// The sync channel to a created (not yet started) process.
-    pub sync: Option<Channel>,
-    /// Closing (or dropping) it ends the stdin copy: the process sees EOF.
-    pub stdin_close: Option<tokio::sync::oneshot::Sender<()>>,
-    pub tty: Option<Tty>,
-    /// VM mode: the host side of the process's stdio streams.
-    pub vm_io: Option<crate::vm::ProcIo>,
 }
 
 pub struct Proc {
@@ -36,7 +46,9 @@ pub struct Proc {
     pub io: IoPaths,
     /// For exec processes: the process spec, used when Start spawns it.
     pub spec: Option<OciProcess>,
-    pub state: Mutex<ProcState>,
+    state: Mutex<ProcState>,
+    /// The sandbox's handle, attached once the process exists.
+    ops: OnceLock<Arc<dyn ProcessOps>>,
     exited: watch::Sender<bool>,
 }
 
@@ -63,11 +75,8 @@ impl Proc {
                 pid: 0,
                 exit_status: 0,
                 exited_at: None,
-                sync: None,
-                stdin_close: None,
-                tty: None,
-                vm_io: None,
             }),
+            ops: OnceLock::new(),
             exited: tx,
         })
     }
@@ -84,6 +93,37 @@ impl Proc {
         self.lock().status
     }
 
+    /// The process has a pid (it may already have exited: the exit keeps it).
+    pub fn set_pid(&self, pid: i32) {
+        self.lock().pid = pid;
+    }
+
+    /// Start succeeded: running, unless its exit was recorded already.
+    pub fn set_running(&self, pid: i32) {
+        let mut st = self.lock();
+        st.pid = pid;
+        if st.status == Status::Created {
+            st.status = Status::Running;
+        }
+    }
+
+    pub fn attach(&self, ops: Arc<dyn ProcessOps>) -> Result<()> {
+        self.ops.set(ops).map_err(|_| {
+            ShimError::AlreadyExists(format!("process {:?} started twice", self.exec_id))
+        })
+    }
+
+    /// The sandbox's handle; FailedPrecondition before the process exists.
+    pub fn ops(&self) -> Result<Arc<dyn ProcessOps>> {
+        self.ops.get().cloned().ok_or_else(|| {
+            ShimError::FailedPrecondition(format!("exec {} is not started", self.exec_id))
+        })
+    }
+
+    pub fn has_ops(&self) -> bool {
+        self.ops.get().is_some()
+    }
+
     /// Records the exit; returns false if it was already recorded.
     pub fn set_exited(&self, code: i32) -> bool {
         let mut st = self.lock();
@@ -93,9 +133,10 @@ impl Proc {
         st.status = Status::Stopped;
         st.exit_status = code as u32;
         st.exited_at = Some(now());
-        st.sync = None;
-        st.stdin_close = None;
         drop(st);
+        if let Some(ops) = self.ops.get() {
+            ops.exited();
+        }
         // send_replace stores the value even when nobody waits yet; send() would drop it.
         self.exited.send_replace(true);
         true

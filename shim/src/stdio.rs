@@ -100,7 +100,7 @@ fn io_err(what: &str, path: &str, e: std::io::Error) -> ShimError {
     if e.kind() == std::io::ErrorKind::NotFound {
         ShimError::InvalidArgument(format!("{what} {path}: {e}"))
     } else {
-        ShimError::Internal(format!("{what} {path}: {e}"))
+        ShimError::failed(format!("{what} {path}"), e)
     }
 }
 
@@ -138,8 +138,7 @@ fn open_file(path: &str) -> Result<OwnedFd> {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ShimError::Internal(format!("pipe: {e}")))
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::failed("pipe", e))
 }
 
 /// Starts a containerd logging binary: fd 3 = stdout, fd 4 = stderr, fd 5 = "ready" pipe
@@ -298,14 +297,14 @@ pub struct Tty {
 pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
     let dup = |fd: &OwnedFd| {
         fd.try_clone()
-            .map_err(|e| ShimError::Internal(format!("dup pty master: {e}")))
+            .map_err(|e| ShimError::failed("dup pty master", e))
     };
     let reader = dup(&master)?;
     let writer = dup(&master)?;
     let master = Arc::new(master);
     let (tx, rx) = watch::channel(false);
     let out_path = io.stdout.clone();
-    let reader = aio::register(reader).map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+    let reader = aio::register(reader).map_err(|e| ShimError::failed("pty", e))?;
     tokio::spawn(async move {
         let mut out = if out_path.is_empty() {
             None
@@ -335,7 +334,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
         None
     } else {
         let in_path = io.stdin.clone();
-        let writer = aio::register(writer).map_err(|e| ShimError::Internal(format!("pty: {e}")))?;
+        let writer = aio::register(writer).map_err(|e| ShimError::failed("pty", e))?;
         Some(tokio::spawn(async move {
             let Ok(mut inp) = tokio::net::unix::pipe::OpenOptions::new()
                 .read_write(true)

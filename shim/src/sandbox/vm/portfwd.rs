@@ -39,7 +39,7 @@ fn listen_in(netns: &Path) -> Result<TcpListener> {
     })
     .join()
     .map_err(|_| ShimError::Internal("port-forward listener thread panicked".into()))?
-    .map_err(|e| ShimError::Internal(format!("port-forward listener: {e}")))
+    .map_err(|e| ShimError::failed("port-forward listener", e))
 }
 
 /// The NAT rule sending loopback TCP (but our own port) to the listener.
@@ -71,7 +71,7 @@ fn rule(op: &str, port: &str) -> Vec<String> {
 
 fn iptables(netns: &Path, args: &[String]) -> Result<String> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    crate::vmnet::run_in(netns, "iptables", &args)
+    super::net::run_in(netns, "iptables", &args)
 }
 
 impl PortForward {
@@ -85,14 +85,14 @@ impl PortForward {
         let std_listener = listen_in(netns)?;
         let port = std_listener
             .local_addr()
-            .map_err(|e| ShimError::Internal(format!("port-forward listener: {e}")))?
+            .map_err(|e| ShimError::failed("port-forward listener", e))?
             .port();
         iptables(netns, &rule("-A", &port.to_string()))?;
         std_listener
             .set_nonblocking(true)
-            .map_err(|e| ShimError::Internal(format!("port-forward listener: {e}")))?;
+            .map_err(|e| ShimError::failed("port-forward listener", e))?;
         let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|e| ShimError::Internal(format!("port-forward listener: {e}")))?;
+            .map_err(|e| ShimError::failed("port-forward listener", e))?;
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 let (agent, plane) = (agent.clone(), plane.clone());
@@ -129,7 +129,7 @@ async fn relay(
     timeout: std::time::Duration,
 ) -> Result<()> {
     let dst = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::OriginalDst)
-        .map_err(|e| ShimError::Internal(format!("original destination: {e}")))?;
+        .map_err(|e| ShimError::failed("original destination", e))?;
     let port = u16::from_be(dst.sin_port);
     let (to_guest, from_guest) = (plane.alloc(), plane.alloc());
     let mut rx = plane.subscribe(from_guest);
@@ -144,7 +144,7 @@ async fn relay(
     };
     if let Err(e) = agent.forward_port(agent::ctx(timeout), &req).await {
         plane.unsubscribe(from_guest);
-        return Err(crate::vm::rpc(e));
+        return Err(runtime::Status::from_rpc(e));
     }
     log::debug!(
         "port-forward: connection {} -> guest 127.0.0.1:{port}",

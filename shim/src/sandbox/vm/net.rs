@@ -54,7 +54,7 @@ pub fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String> {
                 "{prog}: {e} (VM-mode pod networking needs iproute2: apt-get install iproute2)"
             ))
         } else {
-            ShimError::Internal(format!("{prog}: {e}"))
+            ShimError::failed(prog, e)
         }
     })?;
     if code != 0 {

@@ -1,0 +1,374 @@
+//! Namespace mode: containers as namespaces and cgroups on the host, set up by the zygote
+//! (`runtime::linux`), their exits seen by the shim's reaper.
+
+mod container;
+mod exits;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::CreateTaskRequest;
+use oci_spec::runtime::{LinuxIdMapping, LinuxResources, Spec};
+use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::spawn;
+use runtime::linux::spec::NsPlan;
+use runtime::linux::sync::Channel;
+use runtime::linux::zygote::{SpawnKind, SpawnRequest};
+use runtime::linux::{mounts, spec as rtspec};
+
+pub use container::signal_pid;
+use container::{ExitScope, LinuxContainer, LinuxProcess};
+use exits::{Owner, PidTable};
+
+use super::host::{blocking, mount_rootfs, rootfs_path};
+use super::{ContainerOps, Isolation, Sandbox};
+use crate::error::{Result, ShimError};
+use crate::events::Events;
+use crate::hooks;
+use crate::process::Proc;
+use crate::stdio::{self, IoPaths, Tty};
+
+/// The init's pid in the bundle, for `shim delete` after a crash.
+const INIT_PID: &str = "init.pid";
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The shim's namespace-mode sandbox (one per shim: a pod's containers share it).
+pub struct LinuxSandbox {
+    /// Itself, for the containers it makes (they spawn execs through it).
+    me: Weak<LinuxSandbox>,
+    namespace: String,
+    events: Events,
+    exits: PidTable,
+}
+
+/// A process set up by the zygote, waiting for Start.
+struct Spawned {
+    pid: i32,
+    sync: Channel,
+    master: Option<OwnedFd>,
+    /// Write end of the stdin pipe (the shim keeps it until CloseIO).
+    stdin: Option<OwnedFd>,
+}
+
+impl Spawned {
+    fn tty(&mut self, io: &IoPaths) -> Result<Option<Tty>> {
+        self.master
+            .take()
+            .map(|m| stdio::start_tty(m, io))
+            .transpose()
+    }
+}
+
+/// The shim's part of the zygote's setup handshake: the pid table and the create hooks.
+struct Setup<'a> {
+    exits: &'a PidTable,
+    owner: Owner,
+    hooks: Option<(&'a Spec, &'a str, &'a Path)>,
+}
+
+impl spawn::SetupHooks for Setup<'_> {
+    fn register(&mut self, pid: i32) -> Option<i32> {
+        self.owner.proc.set_pid(pid);
+        self.exits.register(pid, self.owner.clone())
+    }
+
+    fn unregister(&mut self, pid: i32) {
+        self.exits.unregister(pid)
+    }
+
+    fn runtime_hooks(&mut self, pid: i32) -> runtime::linux::Result<()> {
+        let Some((spec, id, bundle)) = self.hooks else {
+            return Ok(());
+        };
+        hooks::run_create(spec, id, bundle, pid)
+            .map_err(|e| runtime::linux::Error::Child(format!("{e}")))
+    }
+}
+
+impl LinuxSandbox {
+    pub fn new(namespace: String, events: Events) -> Arc<LinuxSandbox> {
+        Arc::new_cyclic(|me| LinuxSandbox {
+            me: me.clone(),
+            namespace,
+            events,
+            exits: PidTable::default(),
+        })
+    }
+
+    fn self_arc(&self) -> Result<Arc<LinuxSandbox>> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| ShimError::Internal("namespace sandbox is gone".into()))
+    }
+
+    /// Create's blocking part: rootfs, cgroup, the init set up by the zygote, its pid
+    /// recorded in the bundle. Undone on failure.
+    #[allow(clippy::too_many_arguments)] // the parts of one Create, moved to a blocking thread
+    fn setup_init(
+        &self,
+        req: &CreateTaskRequest,
+        spec: &Spec,
+        rootfs: &Path,
+        bundle: &Path,
+        rel: &str,
+        init: &Arc<Proc>,
+        new_user: bool,
+    ) -> Result<(Spawned, Arc<ExitScope>, bool)> {
+        let mounted = mount_rootfs(req, rootfs)?;
+        let undo = |cg: Option<&Cgroup>| {
+            if let Some(cg) = cg {
+                if let Err(e) = cg.destroy() {
+                    log::warn!("container {}: remove cgroup: {e}", req.id);
+                }
+            }
+            if mounted {
+                let _ = mounts::unmount_all(rootfs);
+            }
+        };
+        let cg = match Cgroup::new(rel) {
+            Ok(cg) => cg,
+            Err(e) => {
+                undo(None);
+                return Err(e.into());
+            }
+        };
+        let linux = spec.linux().clone().unwrap_or_default();
+        let made = (|| -> Result<(Spawned, Arc<ExitScope>)> {
+            cg.create()?;
+            let none = LinuxResources::default();
+            cg.apply(linux.resources().as_ref().unwrap_or(&none), false)?;
+            let scope = Arc::new(ExitScope {
+                id: req.id.clone(),
+                cgroup: cg.clone(),
+                oom_seen: self.watch_oom(&req.id, &cg),
+                own_pidns: NsPlan::from_spec(spec)?.new_pid(),
+                events: self.events.clone(),
+            });
+            let sreq = SpawnRequest {
+                kind: SpawnKind::Init {
+                    id: req.id.clone(),
+                    bundle: bundle.to_path_buf(),
+                    spec: Box::new(spec.clone()),
+                    rootfs: rootfs.to_path_buf(),
+                    cgroup_dirs: cg.dirs(),
+                },
+                process: spec.process().clone().unwrap_or_default(),
+                terminal: init.io.terminal,
+                seccomp: linux.seccomp().clone(),
+            };
+            let maps = new_user.then(|| id_maps(&linux));
+            let hooks = Some((spec, req.id.as_str(), bundle));
+            let s = self.spawn_setup(sreq, init, scope.clone(), Some(&cg), maps, hooks)?;
+            // `shim delete` kills it by this record after a crash: not having it is an error.
+            if let Err(e) = std::fs::write(bundle.join(INIT_PID), s.pid.to_string()) {
+                self.exits.unregister(s.pid);
+                let _ = signal_pid(s.pid, libc::SIGKILL as u32);
+                return Err(ShimError::failed(format!("write {INIT_PID}"), e));
+            }
+            Ok((s, scope))
+        })();
+        match made {
+            Ok((s, scope)) => Ok((s, scope, mounted)),
+            Err(e) => {
+                undo(Some(&cg));
+                Err(e)
+            }
+        }
+    }
+
+    /// The reaper's report of a child's exit.
+    pub async fn on_exit(&self, pid: i32, code: i32) {
+        if let Some(o) = self.exits.exited(pid, code) {
+            o.container.exited(&o.proc, code).await;
+        }
+    }
+
+    /// Spawns a process through the zygote up to the point where it waits for Start
+    /// (blocking).
+    fn spawn_setup(
+        &self,
+        req: SpawnRequest,
+        p: &Arc<Proc>,
+        scope: Arc<ExitScope>,
+        cgroup: Option<&Cgroup>,
+        id_maps: Option<(String, String)>,
+        hooks: Option<(&Spec, &str, &Path)>,
+    ) -> Result<Spawned> {
+        let zygote = hooks::zygote()?;
+        let prepared = stdio::prepare(&p.io, &self.namespace, &scope.id)?;
+        let fds: Vec<_> = prepared.child.iter().map(|f| f.as_raw_fd()).collect();
+        let mut steps = Setup {
+            exits: &self.exits,
+            owner: Owner {
+                container: scope,
+                proc: p.clone(),
+            },
+            hooks,
+        };
+        let place = spawn::Placement { cgroup, id_maps };
+        let s = spawn::spawn(zygote, &req, &fds, place, SETUP_TIMEOUT, &mut steps)?;
+        drop(prepared.child);
+        Ok(Spawned {
+            pid: s.pid,
+            sync: s.sync,
+            master: s.pty_master,
+            stdin: prepared.stdin_pipe,
+        })
+    }
+
+    /// Watches the cgroup's OOM kills on a thread of its own; the counter is shared with the
+    /// exit handling (which reports a kill the watcher has not yet).
+    fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<Arc<AtomicU64>> {
+        let mut w = match cg.oom_watcher() {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("no OOM events for {id}: {e}");
+                return None;
+            }
+        };
+        let seen = w.counter();
+        let (events, id) = (self.events.clone(), id.to_string());
+        let started = std::thread::Builder::new()
+            .name("oom".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                while w.wait() {
+                    events.send_blocking(
+                        containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC,
+                        crate::events::oom_event(&id),
+                    );
+                }
+            });
+        if let Err(e) = started {
+            log::warn!("no OOM watcher: {e}");
+        }
+        Some(seen)
+    }
+}
+
+/// The uid_map and gid_map contents of a new user namespace.
+fn id_maps(linux: &oci_spec::runtime::Linux) -> (String, String) {
+    let fmt = |m: &Option<Vec<LinuxIdMapping>>| {
+        m.iter()
+            .flatten()
+            .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+            .collect::<String>()
+    };
+    (fmt(linux.uid_mappings()), fmt(linux.gid_mappings()))
+}
+
+#[async_trait]
+impl Sandbox for LinuxSandbox {
+    fn isolation(&self) -> Isolation {
+        Isolation::Namespaces
+    }
+
+    async fn create(
+        &self,
+        req: &CreateTaskRequest,
+        spec: Spec,
+        init: Arc<Proc>,
+    ) -> Result<Arc<dyn ContainerOps>> {
+        let this = self.self_arc()?;
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = rootfs_path(&spec, &bundle);
+        let plan = NsPlan::from_spec(&spec)?;
+        lsm_warnings(&req.id, &spec);
+        let rel = cgroups::spec_path(&spec, &req.id)?;
+        let (req2, spec2, rootfs2, bundle2, init2) = (
+            req.clone(),
+            spec.clone(),
+            rootfs.clone(),
+            bundle.clone(),
+            init.clone(),
+        );
+        let new_user = plan.new_user();
+        let (mut spawned, scope, mounted) = blocking(move || {
+            this.setup_init(&req2, &spec2, &rootfs2, &bundle2, &rel, &init2, new_user)
+        })
+        .await?;
+        let tty = spawned.tty(&init.io)?;
+        let stdin = spawned.stdin.take().map(|w| (init.io.stdin.clone(), w));
+        let pid = spawned.pid;
+        let process = Arc::new(LinuxProcess::new(
+            pid,
+            Some(spawned.sync),
+            stdin,
+            tty,
+            Some(scope.cgroup.clone()),
+        ));
+        init.attach(process.clone())?;
+        Ok(Arc::new(LinuxContainer {
+            sandbox: self.self_arc()?,
+            scope,
+            init: process,
+            bundle,
+            rootfs,
+            rootfs_mounted: mounted,
+            namespaces: plan.types(),
+            spec,
+        }))
+    }
+}
+
+/// AppArmor and SELinux settings are accepted; on a host without the LSM they cannot apply,
+/// which deserves a warning rather than a refusal (kubelet sets them by default).
+fn lsm_warnings(id: &str, spec: &Spec) {
+    let process = spec.process().as_ref();
+    let apparmor = process
+        .and_then(|p| p.apparmor_profile().clone())
+        .filter(|p| !p.is_empty() && p != "unconfined");
+    if let Some(p) = apparmor {
+        if !Path::new("/sys/kernel/security/apparmor").exists() {
+            log::warn!("container {id}: apparmorProfile {p:?} ignored: AppArmor is not enabled on this host");
+        } else {
+            log::warn!(
+                "container {id}: apparmorProfile {p:?} is not applied by this Janus version"
+            );
+        }
+    }
+    let selinux = process
+        .and_then(|p| p.selinux_label().clone())
+        .filter(|l| !l.is_empty());
+    if let Some(l) = selinux {
+        if !Path::new("/sys/fs/selinux/enforce").exists() {
+            log::warn!(
+                "container {id}: selinuxLabel {l:?} ignored: SELinux is not enabled on this host"
+            );
+        } else {
+            log::warn!("container {id}: selinuxLabel {l:?} is not applied by this Janus version");
+        }
+    }
+}
+
+/// `shim delete` after a crash, namespace mode's part: kill the init recorded in the bundle,
+/// remove the container's cgroup (VM mode's cgroup is the same path), unmount the rootfs.
+pub fn cleanup_bundle(bundle: &Path, id: &str) -> (u32, u32) {
+    let pid: i32 = std::fs::read_to_string(bundle.join(INIT_PID))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if pid > 0 {
+        let _ = signal_pid(pid, libc::SIGKILL as u32);
+    }
+    let rootfs = match rtspec::load(bundle) {
+        Ok(spec) => {
+            if let Ok(cg) = cgroups::spec_path(&spec, id).and_then(|rel| Cgroup::new(&rel)) {
+                if cg.exists() {
+                    if let Err(e) = cg.destroy() {
+                        log::warn!("cgroup {}: {e}", cg.rel());
+                    }
+                }
+            }
+            rootfs_path(&spec, bundle)
+        }
+        Err(_) => bundle.join("rootfs"),
+    };
+    let _ = mounts::unmount_all(&rootfs);
+    let _ = std::fs::remove_file(bundle.join(INIT_PID));
+    (pid.max(0) as u32, 128 + libc::SIGKILL as u32)
+}

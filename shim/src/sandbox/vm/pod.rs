@@ -1,0 +1,505 @@
+//! One VM and what serves it: virtiofsd on the pod's share, the pod's network mirrored to a
+//! tap, the VMM (`runtime::vm`), the agent. A pod's sandbox container boots it, the pod's
+//! other containers run in it; a plain container has one of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use protocols::agent as pa;
+use runtime::linux::cgroups::Cgroup;
+use runtime::vm::{agent, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
+
+use super::net::{self, PodNet};
+use super::portfwd::PortForward;
+use super::share::{mkdir, remove_share};
+use super::spec::{vm_size, GUEST_SHARED, GUEST_SHM};
+use crate::config::Config;
+use crate::error::{Result, ShimError};
+
+/// Debian ships virtiofsd with QEMU.
+pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+const SHARE_TAG: &str = "janus-share";
+/// How long one agent call may take unless `vm.agent_timeout_ms` says otherwise.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// ttrpc's deadline on a call, after ours.
+const CTX_MARGIN: Duration = Duration::from_secs(1);
+/// Name of the leftovers record in the bundle.
+const STATE_FILE: &str = "janus-vm.json";
+
+/// An agent error as the same status namespace mode would give.
+pub fn rpc(e: ttrpc::Error) -> ShimError {
+    runtime::Status::from_rpc(e)
+}
+
+fn vm_err(e: runtime::vm::Error) -> ShimError {
+    match e {
+        runtime::vm::Error::MissingAsset { .. } | runtime::vm::Error::Config(_) => {
+            ShimError::FailedPrecondition(e.to_string())
+        }
+        runtime::vm::Error::AgentTimeout { .. } => ShimError::DeadlineExceeded(e.to_string()),
+        runtime::vm::Error::Agent(t) => rpc(t),
+        _ => ShimError::Internal(e.to_string()),
+    }
+}
+
+/// The driver for the config's `vm.hypervisor`: "qemu" (the default) or "builtin" (janus-vmm,
+/// which needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it,
+/// so the container fails at once with FailedPrecondition instead of hanging in boot).
+pub fn hypervisor(name: Option<&str>) -> Result<Box<dyn Hypervisor>> {
+    use runtime::vm::{builtin::Builtin, qemu::Qemu};
+    match name.unwrap_or("qemu") {
+        "qemu" => Ok(Box::new(Qemu::new())),
+        "builtin" => match runtime::vm::builtin::hardware_virtualization() {
+            Some(_) => Ok(Box::new(Builtin::new())),
+            None => Err(ShimError::FailedPrecondition(
+                "vm.hypervisor = \"builtin\" needs hardware virtualization, but this CPU shows \
+                 neither vmx nor svm (a nested software KVM cannot boot Linux): use \
+                 hypervisor = \"qemu\", which falls back to software emulation"
+                    .into(),
+            )),
+        },
+        other => Err(ShimError::InvalidArgument(format!(
+            "vm.hypervisor = {other:?}: \"qemu\" or \"builtin\""
+        ))),
+    }
+}
+
+/// virtiofsd serving the pod's share; the shim's reaper collects it.
+struct Virtiofsd {
+    pid: u32,
+    sock: PathBuf,
+    shared: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts it on a fresh, empty `shared` directory and waits for its socket.
+    async fn start(work_dir: &Path, bundle: &Path, cgroup: Option<&Cgroup>) -> Result<Virtiofsd> {
+        if !Path::new(VIRTIOFSD).is_file() {
+            return Err(ShimError::FailedPrecondition(format!(
+                "virtiofsd not found at {VIRTIOFSD}: apt-get install qemu-system-x86 (Debian ships it with QEMU)"
+            )));
+        }
+        // Next to the work dir, which the VMM driver owns (and recreates).
+        let sock = work_dir.with_extension("vfs.sock");
+        let _ = std::fs::remove_file(&sock);
+        let shared = work_dir.with_extension("shared");
+        remove_share(&shared);
+        mkdir(&shared)?;
+        let log_path = bundle.join("virtiofsd.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| ShimError::failed("virtiofsd log", e))?;
+        let mut cmd = std::process::Command::new(VIRTIOFSD);
+        if let Some(cg) = cgroup {
+            cg.place_child(&mut cmd)?;
+        }
+        let child = cmd
+            .arg(format!("--socket-path={}", sock.display()))
+            .args([
+                "-o",
+                &format!("source={}", shared.display()),
+                "-o",
+                "cache=none",
+            ])
+            // chroot, not a mount namespace of its own: containers added to the pod later are
+            // bind mounts under the share made after virtiofsd starts, and it must see them.
+            .args(["-o", "sandbox=chroot"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| ShimError::FailedPrecondition(format!("start {VIRTIOFSD}: {e}")))?;
+        let vfs = Virtiofsd {
+            pid: child.id(),
+            sock,
+            shared,
+        };
+        let t = Instant::now();
+        while !vfs.sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) {
+                vfs.stop();
+                return Err(ShimError::Internal(format!(
+                    "virtiofsd did not create {} within 10 s (see {})",
+                    vfs.sock.display(),
+                    log_path.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(vfs)
+    }
+
+    fn stop(&self) {
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        let _ = std::fs::remove_file(&self.sock);
+        remove_share(&self.shared);
+    }
+}
+
+pub struct VmPod {
+    pub vm: Arc<dyn Vm>,
+    /// The container whose Create booted the VM; its Delete ends the VM.
+    pub owner: String,
+    /// Host directory virtiofsd shares (`<work dir>.shared`): `<container>/rootfs` and
+    /// `<container>/mounts/*` are bind mounts of the container's snapshot and host binds.
+    pub shared: PathBuf,
+    pub agent: AgentClient,
+    pub plane: StdioPlane,
+    /// The pod's network as the guest got it (tap + redirects in the pod's namespace).
+    net: Option<PodNet>,
+    virtiofsd: Virtiofsd,
+    /// Records what to clean up if the shim dies (`shim delete` reads it).
+    state_file: PathBuf,
+    /// Every agent call ends by then (DeadlineExceeded), so a hung guest never hangs a call.
+    call_timeout: Duration,
+    /// The host cgroup the VMM and virtiofsd run in (the booting container's): the VM is
+    /// charged to the pod. Removed with the VM.
+    cgroup: Option<Cgroup>,
+    /// CRI port-forward from the pod's namespace on the host to the guest's loopback.
+    portfwd: Option<PortForward>,
+}
+
+/// What the boot of one VM is given.
+pub struct BootRequest<'a> {
+    pub config: &'a Config,
+    pub namespace: &'a str,
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub annotations: &'a std::collections::HashMap<String, String>,
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<Cgroup>,
+}
+
+/// The VM's config from the Janus config: guest assets (checked), size, timeouts.
+fn vm_config(
+    config: &Config,
+    annotations: &std::collections::HashMap<String, String>,
+) -> Result<VmConfig> {
+    let mut cfg = match (&config.vm.kernel, &config.vm.initrd) {
+        (Some(k), Some(i)) => VmConfig::new(k, i),
+        _ => VmConfig::from_guest_dir(&runtime::vm::default_guest_dir()).map_err(vm_err)?,
+    };
+    if let Some(k) = &config.vm.kernel {
+        cfg.kernel = k.clone();
+    }
+    if let Some(i) = &config.vm.initrd {
+        cfg.initrd = i.clone();
+    }
+    for (what, p) in [
+        ("guest kernel", &cfg.kernel),
+        ("guest initramfs", &cfg.initrd),
+    ] {
+        if !p.is_file() {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{what} not found at {}: {} (or set vm.kernel / vm.initrd in the Janus config)",
+                p.display(),
+                runtime::vm::GUEST_HINT
+            )));
+        }
+    }
+    let (vcpus, memory_mib) = vm_size(
+        config.vm.vcpus.unwrap_or(1),
+        config.vm.memory_mib.unwrap_or(256),
+        annotations,
+    );
+    cfg.vcpus = vcpus;
+    cfg.memory_mib = memory_mib;
+    cfg.kernel_params = config.vm.kernel_params.clone();
+    cfg.shared_memory = true;
+    Ok(cfg)
+}
+
+/// What a boot has made so far, undone if a later step fails.
+struct Parts {
+    virtiofsd: Virtiofsd,
+    net: Option<PodNet>,
+    state_file: PathBuf,
+}
+
+impl Parts {
+    fn undo(&self) {
+        self.virtiofsd.stop();
+        if let Some(n) = &self.net {
+            net::teardown(&n.netns, &n.host_if);
+        }
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+
+    /// The leftovers record `shim delete` reads after a crash: without it a crashed shim
+    /// would leak the VM, so failing to write it fails the boot.
+    fn record(&self, vm: &dyn Vm) -> Result<()> {
+        let record = serde_json::json!({
+            "work_dir": vm.work_dir(),
+            "vfs_sock": self.virtiofsd.sock,
+            "virtiofsd": self.virtiofsd.pid,
+            "shared": self.virtiofsd.shared,
+            "netns": self.net.as_ref().map(|n| n.netns.clone()),
+            "host_if": self.net.as_ref().map(|n| n.host_if.clone()),
+        });
+        std::fs::write(&self.state_file, record.to_string())
+            .map_err(|e| ShimError::failed(format!("write {}", self.state_file.display()), e))
+    }
+}
+
+/// The agent's side of a new VM: the stdio plane, the sandbox's storages (the share and the
+/// pod's /dev/shm), the pod's interface and routes.
+async fn agent_up(
+    vm: &dyn Vm,
+    id: &str,
+    net: Option<&PodNet>,
+    timeout: Duration,
+) -> Result<(StdioPlane, AgentClient)> {
+    let stream = vm
+        .take_stdio_stream()
+        .ok_or_else(|| ShimError::Internal("VM has no stdio channel".into()))?;
+    let plane = StdioPlane::new(stream);
+    vm.connect_agent(None).await.map_err(vm_err)?;
+    let agent = vm
+        .agent()
+        .ok_or_else(|| ShimError::Internal("agent client missing".into()))?;
+    let storage = |driver: &str, source: &str, mount_point: &str, options: &[&str]| pa::Storage {
+        driver: driver.into(),
+        source: source.into(),
+        mount_point: mount_point.into(),
+        options: options.iter().map(|o| o.to_string()).collect(),
+        ..Default::default()
+    };
+    let sb = pa::CreateSandboxRequest {
+        sandbox_id: id.to_string(),
+        storages: vec![
+            storage("virtiofs", SHARE_TAG, GUEST_SHARED, &[]),
+            // Kubernetes' default /dev/shm size.
+            storage("tmpfs", "shm", GUEST_SHM, &["mode=1777", "size=65536k"]),
+        ],
+        ..Default::default()
+    };
+    let ctx = || agent::ctx(timeout);
+    agent.create_sandbox(ctx(), &sb).await.map_err(rpc)?;
+    if let Some(n) = net {
+        agent.update_interface(ctx(), &n.iface).await.map_err(rpc)?;
+        let routes = pa::Routes {
+            routes: n.routes.clone(),
+            ..Default::default()
+        };
+        agent.add_routes(ctx(), &routes).await.map_err(rpc)?;
+    }
+    Ok((plane, agent))
+}
+
+impl VmPod {
+    /// Boots the VM for container `r.id` (a pod's sandbox or a plain container), in named
+    /// steps: config, share (virtiofsd), network, hypervisor, leftovers record, agent. What a
+    /// failed step leaves is undone (the cgroup is the caller's).
+    pub async fn boot(r: BootRequest<'_>) -> Result<VmPod> {
+        let mut cfg = vm_config(r.config, r.annotations)?;
+        let hypervisor = hypervisor(r.config.vm.hypervisor.as_deref())?;
+        let call_timeout = r
+            .config
+            .vm
+            .agent_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(CALL_TIMEOUT);
+        // The VM's own directory (sockets, logs, pidfile) is named after the container when
+        // the name fits: unix socket paths are limited to 108 bytes, so not in the bundle.
+        let work_dir = vm_work_dir(r.namespace, r.id, r.bundle);
+        let parent = work_dir.parent().unwrap_or(Path::new("/run/janus"));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ShimError::failed(format!("{}", parent.display()), e))?;
+        cfg.work_dir = Some(work_dir.clone());
+        let mut parts = Parts {
+            virtiofsd: Virtiofsd::start(&work_dir, r.bundle, r.cgroup.as_ref()).await?,
+            net: None,
+            state_file: r.bundle.join(STATE_FILE),
+        };
+        if let Some(ns) = r.netns {
+            match super::blocking(move || net::setup(&ns)).await {
+                Ok(n) => parts.net = n,
+                Err(e) => {
+                    parts.undo();
+                    return Err(e);
+                }
+            }
+        }
+        // `ps` names the container on the VMM's command line.
+        cfg.name = Some(r.id.to_string());
+        cfg.fs = Some(FsShare {
+            tag: SHARE_TAG.into(),
+            socket: parts.virtiofsd.sock.clone(),
+        });
+        if let Some(n) = &parts.net {
+            cfg.netns = Some(n.netns.clone());
+            cfg.net.push(n.device());
+        }
+        cfg.cgroup = r.cgroup.clone();
+        let vm: Arc<dyn Vm> = match hypervisor.start(&cfg).await {
+            Ok(v) => Arc::from(v),
+            Err(e) => {
+                parts.undo();
+                return Err(vm_err(e));
+            }
+        };
+        let up = async {
+            parts.record(&*vm)?;
+            agent_up(&*vm, r.id, parts.net.as_ref(), call_timeout).await
+        };
+        let (plane, agent) = match up.await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = vm.kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await;
+                parts.undo();
+                return Err(e);
+            }
+        };
+        // Without it only port-forward is missing: the pod runs.
+        let portfwd = parts.net.as_ref().and_then(|n| {
+            PortForward::start(&n.netns, agent.clone(), plane.clone(), call_timeout)
+                .map_err(|e| log::warn!("container {}: no port-forward: {e}", r.id))
+                .ok()
+        });
+        log::info!(
+            "container {}: VM up ({} ms after spawn, accel {}, {} vCPU, {} MiB)",
+            r.id,
+            vm.started_at().elapsed().as_millis(),
+            vm.accel(),
+            cfg.vcpus,
+            cfg.memory_mib
+        );
+        Ok(VmPod {
+            vm,
+            owner: r.id.to_string(),
+            shared: parts.virtiofsd.shared.clone(),
+            agent,
+            plane,
+            net: parts.net,
+            virtiofsd: parts.virtiofsd,
+            state_file: parts.state_file,
+            call_timeout,
+            cgroup: r.cgroup,
+            portfwd,
+        })
+    }
+
+    /// Powers the VM off (forced after a timeout), stops virtiofsd, removes the share, the
+    /// network redirects, the work dir, the cgroup and the leftovers record.
+    pub async fn teardown(&self) {
+        if let Some(p) = &self.portfwd {
+            p.stop();
+        }
+        if self.vm.try_wait().ok().flatten().is_none() {
+            if let Err(e) = self.vm.shutdown(Duration::from_secs(10)).await {
+                log::warn!("VM shutdown: {e}");
+            }
+        }
+        let _ = kill(Pid::from_raw(self.virtiofsd.pid as i32), Signal::SIGKILL);
+        let _ = std::fs::remove_file(&self.virtiofsd.sock);
+        let shared = self.shared.clone();
+        let pod_net = self.net.clone();
+        let _ = super::blocking(move || {
+            remove_share(&shared);
+            if let Some(n) = pod_net {
+                net::teardown(&n.netns, &n.host_if);
+            }
+            Ok(())
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(self.vm.work_dir());
+        destroy_cgroup(self.cgroup.clone()).await;
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+
+    /// The context of an agent call: ttrpc's own deadline is only a backstop behind
+    /// [`VmPod::call`]'s.
+    pub fn ctx(&self) -> ttrpc::context::Context {
+        agent::ctx(self.call_timeout + CTX_MARGIN)
+    }
+
+    /// One agent call, bounded by `vm.agent_timeout_ms`: a guest that does not answer is
+    /// DeadlineExceeded, so a hung guest never hangs containerd.
+    pub async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.call_timeout, fut).await {
+            Ok(r) => r.map_err(rpc),
+            Err(_) => Err(ShimError::DeadlineExceeded(format!(
+                "agent {what}: no answer within {} ms",
+                self.call_timeout.as_millis()
+            ))),
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        matches!(self.vm.try_wait(), Ok(None))
+    }
+}
+
+/// The host cgroup for a VM: the booting container's `cgroupsPath` (for a CRI pod, the sandbox
+/// container's, under kubelet's pod cgroup), created here. Its limits stay the pod's (kubelet
+/// sizes the pod cgroup with the RuntimeClass overhead); this only makes the VM count there.
+/// `shim delete` removes it after a crash like any container cgroup.
+pub fn vm_cgroup(spec: &oci_spec::runtime::Spec, id: &str) -> Result<Cgroup> {
+    let cg = Cgroup::new(&runtime::linux::cgroups::spec_path(spec, id)?)?;
+    cg.create()?;
+    Ok(cg)
+}
+
+/// Removes a VM's cgroup (killing whatever is left in it) off the async threads.
+pub async fn destroy_cgroup(cg: Option<Cgroup>) {
+    let Some(cg) = cg else { return };
+    let rel = cg.rel().to_string();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.destroy()).await {
+        log::warn!("VM cgroup {rel}: {e}");
+    }
+}
+
+/// `shim delete` after a crashed shim: kill the VM and virtiofsd it left (each only if its
+/// command line still names what we recorded, so a recycled pid is left alone), remove their
+/// sockets and work dir.
+pub fn cleanup_leftovers(bundle: &Path) {
+    let path = bundle.join(STATE_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if let Some(wd) = v["work_dir"].as_str() {
+        if let Err(e) = runtime::vm::qemu::cleanup_work_dir(Path::new(wd)) {
+            log::warn!("VM leftovers in {wd}: {e}");
+        }
+    }
+    if let (Some(pid), Some(sock)) = (v["virtiofsd"].as_u64(), v["vfs_sock"].as_str()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(sock);
+    }
+    if let Some(shared) = v["shared"].as_str() {
+        remove_share(Path::new(shared));
+    }
+    if let (Some(ns), Some(dev)) = (v["netns"].as_str(), v["host_if"].as_str()) {
+        net::teardown(Path::new(ns), dev);
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// `/run/janus/vm/<namespace>_<id>`, or a hash of the bundle path for names that are long
+/// or unusual.
+pub fn vm_work_dir(ns: &str, id: &str, bundle: &Path) -> PathBuf {
+    let base = Path::new("/run/janus/vm");
+    let name = format!("{ns}_{id}");
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if plain && !ns.is_empty() && !id.is_empty() && name.len() <= 48 && !name.starts_with('.') {
+        base.join(name)
+    } else {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bundle.hash(&mut h);
+        base.join(format!("{:016x}", h.finish()))
+    }
+}
