@@ -228,28 +228,50 @@ mod tests {
         fn backend_used(&self) {}
     }
 
+    /// A one-port console and its handler on a loop of its own, with a peer connecting.
+    struct Setup {
+        console: Arc<Mutex<Console>>,
+        transport: Arc<Recorder>,
+        em: EventManager<Arc<Mutex<ConsoleHandler>>>,
+        peer: UnixStream,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new() -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("port0");
+            let listener = UnixListener::bind(&path).unwrap();
+            let console = Arc::new(Mutex::new(Console::new(vec![None]).unwrap()));
+            let transport = Arc::new(Recorder::default());
+            let handler = ConsoleHandler::new(console.clone(), transport.clone(), vec![listener]);
+            let mut em = EventManager::<Arc<Mutex<ConsoleHandler>>>::new().unwrap();
+            em.add_subscriber(Arc::new(Mutex::new(handler.unwrap())));
+            let peer = UnixStream::connect(&path).unwrap();
+            Setup {
+                console,
+                transport,
+                em,
+                peer,
+                _dir: dir,
+            }
+        }
+    }
+
     #[test]
     fn a_peer_is_accepted_and_its_input_runs_the_receive_queue() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("port0");
-        let listener = UnixListener::bind(&path).unwrap();
-        let console = Arc::new(Mutex::new(Console::new(vec![None]).unwrap()));
-        let transport = Arc::new(Recorder::default());
-        let handler = ConsoleHandler::new(console.clone(), transport.clone(), vec![listener]);
-        let mut em = EventManager::<Arc<Mutex<ConsoleHandler>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(handler.unwrap())));
-        let mut peer = UnixStream::connect(&path).unwrap();
-        assert_eq!(em.run_with_timeout(1000).unwrap(), 1, "accept");
-        assert!(transport.0.lock().unwrap().is_empty());
-        peer.write_all(b"hi").unwrap();
-        assert_eq!(em.run_with_timeout(1000).unwrap(), 1, "read");
-        assert_eq!(*transport.0.lock().unwrap(), vec![RX]);
-        assert!(lock(&console).wants_input(0));
+        let mut t = Setup::new();
+        assert_eq!(t.em.run_with_timeout(1000).unwrap(), 1, "accept");
+        assert!(t.transport.0.lock().unwrap().is_empty());
+        t.peer.write_all(b"hi").unwrap();
+        assert_eq!(t.em.run_with_timeout(1000).unwrap(), 1, "read");
+        assert_eq!(*t.transport.0.lock().unwrap(), vec![RX]);
+        assert!(lock(&t.console).wants_input(0));
         // The peer leaves: its source is dropped, nothing more to run.
-        drop(peer);
-        em.run_with_timeout(1000).unwrap();
-        assert_eq!(em.run_with_timeout(50).unwrap(), 0);
-        assert_eq!(transport.0.lock().unwrap().len(), 1);
+        drop(t.peer);
+        t.em.run_with_timeout(1000).unwrap();
+        assert_eq!(t.em.run_with_timeout(50).unwrap(), 0);
+        assert_eq!(t.transport.0.lock().unwrap().len(), 1);
     }
 
     #[test]
@@ -261,39 +283,36 @@ mod tests {
         use virtio_queue::mock::MockSplitQueue;
         use vm_memory::GuestAddress;
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("port0");
-        let listener = UnixListener::bind(&path).unwrap();
-        let console = Arc::new(Mutex::new(Console::new(vec![None]).unwrap()));
-        let transport = Arc::new(Recorder::default());
-        let handler = ConsoleHandler::new(console.clone(), transport.clone(), vec![listener]);
-        let mut em = EventManager::<Arc<Mutex<ConsoleHandler>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(handler.unwrap())));
-        let mut peer = UnixStream::connect(&path).unwrap();
-        em.run_with_timeout(1000).unwrap();
+        let mut t = Setup::new();
+        t.em.run_with_timeout(1000).unwrap();
         // More than the port holds: the writer blocks once the socket is full.
+        let mut peer = t.peer;
         let writer = std::thread::spawn(move || peer.write_all(&vec![7u8; 2 * HIGH]).unwrap());
-        while lock(&console).wants_input(0) {
-            em.run_with_timeout(1000).unwrap();
+        while lock(&t.console).wants_input(0) {
+            t.em.run_with_timeout(1000).unwrap();
         }
-        assert_eq!(em.run_with_timeout(50).unwrap(), 0, "the peer is not read");
-        let reads = transport.0.lock().unwrap().len();
+        assert_eq!(
+            t.em.run_with_timeout(50).unwrap(),
+            0,
+            "the peer is not read"
+        );
+        let reads = t.transport.0.lock().unwrap().len();
         // The guest takes it all: the device wakes the handler, which reads again.
         let m = GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
         let mq = MockSplitQueue::new(&m, 16);
         let d = RawDescriptor::from(Descriptor::new(0x10_0000, 2 * HIGH as u32, 2, 0));
         mq.add_desc_chains(&[d], 0).unwrap();
         let mut q = mq.create_queue().unwrap();
-        assert!(lock(&console).process_queue(RX, &mut q, &m));
-        assert!(lock(&console).wants_input(0));
+        assert!(lock(&t.console).process_queue(RX, &mut q, &m));
+        assert!(lock(&t.console).wants_input(0));
         for _ in 0..100 {
             if writer.is_finished() {
                 break;
             }
-            em.run_with_timeout(100).unwrap();
+            t.em.run_with_timeout(100).unwrap();
         }
         assert!(writer.is_finished(), "the peer is read again");
         writer.join().unwrap();
-        assert!(transport.0.lock().unwrap().len() > reads, "read again");
+        assert!(t.transport.0.lock().unwrap().len() > reads, "read again");
     }
 }
