@@ -158,6 +158,14 @@ impl Console {
         self.wake.try_clone()
     }
 
+    /// Asks for queue `q` to be run; once is enough until it has run, so `kicks` holds each
+    /// queue at most once.
+    fn kick(&mut self, q: usize) {
+        if !self.kicks.contains(&q) {
+            self.kicks.push(q);
+        }
+    }
+
     /// Wakes the event handler; a failed write only delays the work to its next retry.
     fn wake(&self) {
         if let Err(e) = self.wake.write(1) {
@@ -207,7 +215,7 @@ impl Console {
 
     fn send_control(&mut self, id: u32, event: u16, value: u16, payload: &[u8]) {
         self.ctrl_out.push_back(control(id, event, value, payload));
-        self.kicks.push(CTRL_RX);
+        self.kick(CTRL_RX);
     }
 
     /// Guest output of port `p`. While the peer is behind by `HIGH` bytes the guest's buffers
@@ -340,7 +348,7 @@ impl Console {
             PORT_OPEN if p < self.ports.len() => {
                 self.ports[p].guest_open = value == 1;
                 if value == 1 {
-                    self.kicks.push(port_queues(p).0);
+                    self.kick(port_queues(p).0);
                     self.flush(p);
                 }
             }
@@ -366,7 +374,8 @@ impl Console {
             let port = &mut self.ports[p];
             if port.tx_held && port.unsent.len() < HIGH {
                 port.tx_held = false;
-                self.kicks.push(port_queues(p).1);
+                let tx = port_queues(p).1;
+                self.kick(tx);
             }
         }
     }
@@ -414,7 +423,7 @@ impl Console {
                 } else {
                     port.input.extend(data);
                 }
-                self.kicks.push(port_queues(p).0);
+                self.kick(port_queues(p).0);
             }
             HostEvent::Disconnected => {
                 let port = &mut self.ports[p];
