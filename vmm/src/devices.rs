@@ -4,24 +4,14 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Serial;
 
+use crate::irq::IrqLine;
 use crate::layout;
 use crate::virtio::mmio::MmioTransport;
-
-/// An interrupt line: an eventfd KVM turns into a GSI edge (irqfd).
-pub struct IrqLine(pub EventFd);
-
-impl Trigger for IrqLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
 
 /// Why the guest stopped, when it asked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +33,9 @@ pub type SerialDev = Serial<IrqLine, NoEvents, Box<dyn Write + Send>>;
 
 pub struct Devices {
     serial: Mutex<SerialDev>,
-    /// virtio-mmio devices: (base address, transport).
-    mmio: Vec<(u64, Mutex<MmioTransport>)>,
+    /// virtio-mmio devices: (base address, transport). The transport is shared with the
+    /// event loop, which runs its queues on notifications.
+    mmio: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
     pub stats: Stats,
 }
 
@@ -58,8 +49,8 @@ impl Devices {
     }
 
     /// Adds a virtio-mmio device at `base` (one `VIRTIO_MMIO_SIZE` window).
-    pub fn add_mmio(&mut self, base: u64, t: MmioTransport) {
-        self.mmio.push((base, Mutex::new(t)));
+    pub fn add_mmio(&mut self, base: u64, t: Arc<Mutex<MmioTransport>>) {
+        self.mmio.push((base, t));
     }
 
     fn mmio_at(&self, addr: u64) -> Option<(u64, std::sync::MutexGuard<'_, MmioTransport>)> {
@@ -71,57 +62,6 @@ impl Devices {
 
     fn serial(&self) -> std::sync::MutexGuard<'_, SerialDev> {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The guest notified queue `queue` of the device at `base` (through its ioeventfd).
-    pub fn mmio_notify(&self, base: u64, queue: usize) {
-        if let Some((_, mut t)) = self.mmio_at(base) {
-            t.notify(queue);
-        }
-    }
-
-    /// The vhost-user backend of the device at `base` signalled used buffers.
-    pub fn mmio_backend_used(&self, base: u64) {
-        if let Some((_, mut t)) = self.mmio_at(base) {
-            t.backend_used_buffers();
-        }
-    }
-
-    /// Hands host-side input to the device at `base` (see `MmioTransport::input`).
-    pub fn mmio_input(&self, base: u64, data: Vec<u8>) {
-        if let Some((_, mut t)) = self.mmio_at(base) {
-            t.input(data);
-        }
-    }
-
-    /// A host-side event on port `port` of the device at `base` (console sockets).
-    pub fn mmio_host_event(&self, base: u64, port: usize, ev: crate::virtio::HostEvent) {
-        if let Some((_, mut t)) = self.mmio_at(base) {
-            t.host_event(port, ev);
-        }
-    }
-
-    /// Retries output that host peers could not take yet, on every device.
-    pub fn mmio_retry_output(&self) {
-        for (_, t) in &self.mmio {
-            t.lock().unwrap_or_else(|e| e.into_inner()).retry_output();
-        }
-    }
-
-    /// Writes out what host peers have not taken yet, until `deadline` (the VM has ended).
-    pub fn mmio_drain_output(&self, deadline: std::time::Instant) {
-        for (_, t) in &self.mmio {
-            t.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain_output(deadline);
-        }
-    }
-
-    /// Whether port `port` of the device at `base` takes more host input now.
-    pub fn mmio_wants_input(&self, base: u64, port: usize) -> bool {
-        self.mmio_at(base)
-            .map(|(_, t)| t.wants_input(port))
-            .unwrap_or(true)
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -197,7 +137,7 @@ mod tests {
     fn serial_output_power_off_and_reset() {
         let sink = Sink::default();
         let d = Devices::new(
-            IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            IrqLine::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             Box::new(sink.clone()),
         );
         for b in b"hi\n" {

@@ -1,244 +1,138 @@
-//! The device event loop (event-manager). Queue notifications arrive as ioeventfds: KVM
-//! completes the guest's QueueNotify write itself and signals the eventfd, so a notification
-//! costs no exit to the VMM. Taps and the console ports' sockets are readable fds. One thread serves
-//! them all; device work happens there, off the vCPU threads.
+//! The device event loop (event-manager). One thread serves every device's host-side events;
+//! device work happens there, off the vCPU threads. Its subscribers:
+//!
+//! - `QueueEvents`, one per virtio device: queue notifications arrive as ioeventfds (KVM
+//!   completes the guest's QueueNotify write itself and signals the eventfd, so a
+//!   notification costs no exit to the VMM), and a vhost-user backend's call eventfds say it
+//!   used buffers. Both go to the device's transport.
+//! - the devices' own handlers for their host fds (a tap, the console ports' sockets), next
+//!   to each device (`virtio/*/event_handler.rs`).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::Devices;
-use crate::virtio::{console, net, HostEvent};
+use crate::error::{Error, Result};
+use crate::virtio::{lock, QueueNotifier};
 
-/// Something the loop waits on, and the device it feeds.
-pub enum Source {
-    /// The guest notified queue `queue` of the device at `base`.
-    Notify { evt: EventFd, base: u64, queue: u32 },
-    /// The vhost-user backend of the device at `base` used buffers (its call eventfd).
-    BackendCall { evt: EventFd, base: u64 },
-    /// A frame arrived on the tap of the virtio-net device at `base`.
-    Tap { tap: Arc<File>, base: u64 },
-    /// A peer connects to the socket of console port `port` of the device at `base`.
-    ConsoleListener {
-        listener: UnixListener,
-        peer: console::Peer,
-        base: u64,
-        port: usize,
-    },
-    /// The connected peer of a console port sent bytes (or left).
-    ConsolePeer {
-        stream: UnixStream,
-        peer: console::Peer,
-        base: u64,
-        port: usize,
-    },
+/// A subscriber of the device event loop.
+pub trait DeviceEventHandler: MutEventSubscriber + Send {
+    /// Work that waits on a host peer rather than on an fd (output a slow peer could not take
+    /// yet): called when the loop is idle (at least every 100 ms) and every 20 ms while busy.
+    fn retry(&mut self) {}
+    /// The VM has ended: hand host peers what they are still owed, until `deadline`.
+    fn drain(&mut self, _deadline: Instant) {}
 }
 
-impl Source {
-    fn fd(&self) -> RawFd {
-        match self {
-            Source::Notify { evt, .. } | Source::BackendCall { evt, .. } => evt.as_raw_fd(),
-            Source::Tap { tap, .. } => tap.as_raw_fd(),
-            Source::ConsoleListener { listener, .. } => listener.as_raw_fd(),
-            Source::ConsolePeer { stream, .. } => stream.as_raw_fd(),
+/// A handler as the loop and the VM share it (the VM drains it after the loop has stopped).
+pub type Handler = Arc<Mutex<dyn DeviceEventHandler>>;
+
+/// Watches `fd` for input, with `data` to tell it apart in `process`.
+pub fn watch(ops: &mut EventOps, fd: std::os::fd::RawFd, data: usize) -> bool {
+    match ops.add(Events::with_data_raw(fd, data as u32, EventSet::IN)) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("event loop: watch fd {fd}: {e:?}");
+            false
         }
     }
 }
 
-pub struct DeviceEvents {
-    devices: Arc<Devices>,
-    /// Indexed by the event's data; a finished source leaves `None`.
-    sources: Vec<Option<Source>>,
-    /// The source of each console port's peer now connected, by (device, port): a newer
-    /// peer replaces an older one.
-    console_peers: HashMap<(u64, usize), usize>,
-    /// Console peers not being read while their port's input waits for the guest
-    /// (backpressure: the peer's writes block in its socket instead of being dropped).
-    paused: Vec<usize>,
-    buf: Vec<u8>,
+/// A device's queue notifications and backend calls, for its transport.
+pub struct QueueEvents {
+    transport: Arc<dyn QueueNotifier>,
+    /// (ioeventfd, queue index); the event data is the position here.
+    notify: Vec<(EventFd, usize)>,
+    /// The backend's call eventfds; event data `notify.len() + position`.
+    calls: Vec<EventFd>,
 }
 
-impl DeviceEvents {
-    pub fn new(devices: Arc<Devices>, sources: Vec<Source>) -> DeviceEvents {
-        DeviceEvents {
-            devices,
-            sources: sources.into_iter().map(Some).collect(),
-            console_peers: HashMap::new(),
-            paused: Vec::new(),
-            buf: vec![0u8; net::MAX_FRAME],
+impl QueueEvents {
+    pub fn new(
+        transport: Arc<dyn QueueNotifier>,
+        notify: Vec<(EventFd, usize)>,
+        calls: Vec<EventFd>,
+    ) -> QueueEvents {
+        QueueEvents {
+            transport,
+            notify,
+            calls,
         }
     }
 
-    fn watch(&mut self, ops: &mut EventOps, s: Source) -> Option<usize> {
-        let i = self.sources.len();
-        if let Err(e) = ops.add(Events::with_data_raw(s.fd(), i as u32, EventSet::IN)) {
-            log::warn!("event loop: watch fd {}: {e:?}", s.fd());
-            return None;
-        }
-        self.sources.push(Some(s));
-        Some(i)
+    pub fn is_empty(&self) -> bool {
+        self.notify.is_empty() && self.calls.is_empty()
     }
 }
 
-impl DeviceEvents {
-    /// Watches paused console peers again whose port has room now (the guest took input).
-    fn resume(&mut self, ops: &mut EventOps) {
-        let devices = &self.devices;
-        let sources = &self.sources;
-        let (ready, still): (Vec<usize>, Vec<usize>) =
-            self.paused.iter().partition(|&&j| match sources.get(j) {
-                Some(Some(Source::ConsolePeer { base, port, .. })) => {
-                    devices.mmio_wants_input(*base, *port)
-                }
-                _ => false,
-            });
-        self.paused = still;
-        for j in ready {
-            if let Some(Some(s)) = self.sources.get(j) {
-                if let Err(e) = ops.add(Events::with_data_raw(s.fd(), j as u32, EventSet::IN)) {
-                    log::warn!("event loop: watch fd {}: {e:?}", s.fd());
-                }
-            }
-        }
-    }
-}
-
-impl MutEventSubscriber for DeviceEvents {
+impl MutEventSubscriber for QueueEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, s) in self.sources.iter().enumerate() {
-            if let Some(s) = s {
-                if let Err(e) = ops.add(Events::with_data_raw(s.fd(), i as u32, EventSet::IN)) {
-                    log::warn!("event loop: watch fd {}: {e:?}", s.fd());
-                }
-            }
+        let fds = self.notify.iter().map(|(e, _)| e).chain(&self.calls);
+        for (i, evt) in fds.enumerate() {
+            use std::os::fd::AsRawFd;
+            watch(ops, evt.as_raw_fd(), i);
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let i = events.data() as usize;
-        let mut done = false;
-        // Read data this time: a hang-up waits until the socket is drained.
-        let mut more = false;
-        let mut pause = false;
-        let mut notified = false;
-        let mut new = None;
-        match self.sources.get(i).and_then(|s| s.as_ref()) {
-            Some(Source::Notify { evt, base, queue }) => {
-                let _ = evt.read();
-                self.devices.mmio_notify(*base, *queue as usize);
-                notified = true;
-            }
-            Some(Source::BackendCall { evt, base }) => {
-                let _ = evt.read();
-                self.devices.mmio_backend_used(*base);
-            }
-            Some(Source::Tap { tap, base }) => match (&**tap).read(&mut self.buf) {
-                Ok(n) if n > 0 => self.devices.mmio_input(*base, self.buf[..n].to_vec()),
-                Ok(_) => done = true,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        if let Some((evt, queue)) = self.notify.get(i) {
+            let _ = evt.read();
+            self.transport.notify(*queue);
+        } else if let Some(evt) = self.calls.get(i - self.notify.len()) {
+            let _ = evt.read();
+            self.transport.backend_used();
+        }
+    }
+}
+
+impl DeviceEventHandler for QueueEvents {}
+
+/// The loop over every handler; `run` on the device thread.
+pub struct EventLoop {
+    em: EventManager<Handler>,
+    handlers: Vec<Handler>,
+}
+
+impl EventLoop {
+    /// Makes the epoll set and registers every handler (before seccomp confines the thread).
+    pub fn new(handlers: Vec<Handler>) -> Result<EventLoop> {
+        let mut em = EventManager::<Handler>::new()
+            .map_err(|e| Error::Config(format!("event loop: {e:?}")))?;
+        for h in &handlers {
+            em.add_subscriber(h.clone());
+        }
+        Ok(EventLoop { em, handlers })
+    }
+
+    /// Serves events until `stop`. Output a slow host peer could not take is retried when
+    /// the loop is idle and at least every 20 ms while it is busy.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut retried = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            match self.em.run_with_timeout(100) {
                 Err(e) => {
-                    log::warn!("tap read: {e}");
-                    done = true;
+                    log::error!("device event loop: {e:?}");
+                    return;
                 }
-            },
-            Some(Source::ConsoleListener {
-                listener,
-                peer,
-                base,
-                port,
-            }) => {
-                if let Ok((stream, _)) = listener.accept() {
-                    // Non-blocking both ways: a slow peer must not stall the device thread.
-                    if let (Ok(w), Ok(())) = (stream.try_clone(), stream.set_nonblocking(true)) {
-                        // One peer at a time: a new one replaces the old, whose source then
-                        // reads as left.
-                        if let Some(old) = self.console_peers.remove(&(*base, *port)) {
-                            if let Some(Some(Source::ConsolePeer { stream, .. })) =
-                                self.sources.get(old)
-                            {
-                                let _ = stream.shutdown(std::net::Shutdown::Both);
-                            }
-                            // The guest sees the old session end before the new one starts.
-                            self.devices
-                                .mmio_host_event(*base, *port, HostEvent::Disconnected);
-                        }
-                        *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                        self.devices
-                            .mmio_host_event(*base, *port, HostEvent::Connected);
-                        new = Some(Source::ConsolePeer {
-                            stream,
-                            peer: peer.clone(),
-                            base: *base,
-                            port: *port,
-                        });
+                Ok(n) if n == 0 || retried.elapsed().as_millis() >= 20 => {
+                    for h in &self.handlers {
+                        lock(h).retry();
                     }
+                    retried = Instant::now();
                 }
-            }
-            Some(Source::ConsolePeer {
-                stream,
-                peer,
-                base,
-                port,
-            }) => match (&*stream).read(&mut self.buf) {
-                Ok(n) if n > 0 => {
-                    self.devices.mmio_host_event(
-                        *base,
-                        *port,
-                        HostEvent::Data(self.buf[..n].to_vec()),
-                    );
-                    more = true;
-                    pause = !self.devices.mmio_wants_input(*base, *port);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    more = true;
-                }
-                _ => {
-                    if self.console_peers.get(&(*base, *port)) == Some(&i) {
-                        *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                        self.console_peers.remove(&(*base, *port));
-                        self.devices
-                            .mmio_host_event(*base, *port, HostEvent::Disconnected);
-                    }
-                    done = true;
-                }
-            },
-            None => {}
-        }
-        let hup = events
-            .event_set()
-            .intersects(EventSet::HANG_UP | EventSet::ERROR);
-        if done || (hup && !more) {
-            let _ = ops.remove(events);
-            if let Some(s) = self.sources.get_mut(i) {
-                *s = None;
-            }
-        } else if pause {
-            let _ = ops.remove(events);
-            self.paused.push(i);
-        }
-        if notified && !self.paused.is_empty() {
-            self.resume(ops);
-        }
-        if let Some(s) = new {
-            let key = match &s {
-                Source::ConsolePeer { base, port, .. } => Some((*base, *port)),
-                _ => None,
-            };
-            if let (Some(j), Some(key)) = (self.watch(ops, s), key) {
-                self.console_peers.insert(key, j);
+                Ok(_) => {}
             }
         }
+    }
+}
+
+/// The VM has ended: every handler hands its host peers what they are still owed.
+pub fn drain(handlers: &[Handler], deadline: Instant) {
+    for h in handlers {
+        lock(h).drain(deadline);
     }
 }

@@ -1,7 +1,8 @@
 //! Janus's KVM microVM monitor, on the rust-vmm crates: guest memory (`memory`), vCPU setup
 //! (`cpu`), kernel loading and boot information (`boot`), ACPI tables (`acpi`), legacy devices
-//! (`devices`) and the run loop (`vm`). The `janus-vmm` binary runs one VM per process, so a
-//! crash of the VMM cannot take the shim down.
+//! (`devices`), interrupt lines (`irq`), virtio devices (`virtio`) served by the device event
+//! loop (`events`), and the run loop (`vm`). The `janus-vmm` binary runs one VM per process,
+//! so a crash of the VMM cannot take the shim down.
 
 pub mod acpi;
 pub mod boot;
@@ -9,6 +10,7 @@ pub mod cpu;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;

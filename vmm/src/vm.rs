@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -16,15 +15,17 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, Preference};
 use crate::cpu::{self, CpuidFilter, Entry};
-use crate::devices::{Devices, GuestStop, IrqLine};
+use crate::devices::{Devices, GuestStop};
 use crate::error::{io, Error, KvmContext, Result};
-use crate::events::{DeviceEvents, Source};
+use crate::events::{self, EventLoop, Handler, QueueEvents};
+use crate::irq::IrqLine;
 use crate::memory::{self, GuestMemory};
 use crate::virtio::blk::Block;
+use crate::virtio::console::{Console, ConsoleHandler};
 use crate::virtio::fs::Fs;
-use crate::virtio::mmio::{self, MmioTransport};
-use crate::virtio::net::{self, Net};
-use crate::virtio::{console, VirtioDevice};
+use crate::virtio::mmio::{self, MmioTransport, SharedDevice};
+use crate::virtio::net::{self, Net, NetHandler};
+use crate::virtio::{console, lock, QueueNotifier};
 use crate::{acpi, layout};
 
 #[derive(Debug, Clone)]
@@ -94,27 +95,30 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     pub entry: Entry,
     seccomp: bool,
-    /// What the device event loop waits on (queue notifications, taps, the console socket).
-    sources: Vec<Source>,
+    /// The device event loop's subscribers (queue notifications, taps, the console sockets).
+    handlers: Vec<Handler>,
     /// When setup finished (the first KVM_RUN follows).
     pub ready_at: Instant,
 }
 
-/// Puts a virtio device in `slot`: its transport, and its interrupt as an irqfd.
+/// Puts a virtio device in `slot`: its transport, its interrupt as an irqfd, and its queue
+/// events on the event loop. The transport is returned for the device's own event handler.
 fn attach(
     vm: &VmFd,
     devices: &mut Devices,
     mem: &GuestMemory,
     slot: &acpi::MmioSlot,
-    dev: Box<dyn VirtioDevice>,
-    sources: &mut Vec<Source>,
-) -> Result<()> {
+    dev: SharedDevice,
+    handlers: &mut Vec<Handler>,
+) -> Result<Arc<dyn QueueNotifier>> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
     vm.register_irqfd(&evt, slot.irq)
         .kvm("KVM_IRQFD (virtio)")?;
+    let (mut notify, mut calls) = (Vec::new(), Vec::new());
+    let d = lock(&dev);
     // One ioeventfd per queue: KVM matches the queue index written to QueueNotify.
-    let backend = dev.backend_queues();
-    for queue in 0..dev.queue_max_sizes().len() as u32 {
+    let backend = d.backend_queues();
+    for queue in 0..d.queue_max_sizes().len() as u32 {
         let addr = IoEventAddress::Mmio(slot.base + mmio::REG_QUEUE_NOTIFY);
         if let Some(b) = &backend {
             // Straight to the vhost-user backend: the VMM never sees these.
@@ -125,23 +129,20 @@ fn attach(
         let n = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         vm.register_ioevent(&n, &addr, queue)
             .kvm("KVM_IOEVENTFD (virtio)")?;
-        sources.push(Source::Notify {
-            evt: n,
-            base: slot.base,
-            queue,
-        });
+        notify.push((n, queue as usize));
     }
     for call in backend.iter().flat_map(|b| b.call) {
-        sources.push(Source::BackendCall {
-            evt: call.try_clone().map_err(io("eventfd"))?,
-            base: slot.base,
-        });
+        calls.push(call.try_clone().map_err(io("eventfd"))?);
     }
-    devices.add_mmio(
-        slot.base,
-        MmioTransport::new(dev, mem.clone(), IrqLine(evt)),
-    );
-    Ok(())
+    drop(d);
+    let irq = Box::new(IrqLine::new(evt));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq)));
+    devices.add_mmio(slot.base, transport.clone());
+    let queue_events = QueueEvents::new(transport.clone(), notify, calls);
+    if !queue_events.is_empty() {
+        handlers.push(Arc::new(Mutex::new(queue_events)));
+    }
+    Ok(transport)
 }
 
 /// The virtio-mmio windows and interrupts of `n` devices, in slot order.
@@ -197,8 +198,8 @@ impl Vm {
         let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
             .kvm("KVM_IRQFD (serial)")?;
-        let mut devices = Devices::new(IrqLine(serial_evt), out);
-        let mut sources = Vec::new();
+        let mut devices = Devices::new(IrqLine::new(serial_evt), out);
+        let mut handlers: Vec<Handler> = Vec::new();
         let n_console = !cfg.console_ports.is_empty() as usize;
         let slots = mmio_slots(cfg.disks.len() + cfg.taps.len() + cfg.fs.len() + n_console);
         for ((path, ro), slot) in cfg.disks.iter().zip(&slots) {
@@ -212,27 +213,19 @@ impl Vm {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
             let blk = Block::new(f, *ro, &id).map_err(io(format!("disk {}", path.display())))?;
-            attach(&vm, &mut devices, &mem, slot, Box::new(blk), &mut sources)?;
+            let blk = Arc::new(Mutex::new(blk));
+            attach(&vm, &mut devices, &mem, slot, blk, &mut handlers)?;
         }
         for ((name, mac), slot) in cfg.taps.iter().zip(&slots[cfg.disks.len()..]) {
             let tap = Arc::new(net::open_tap(name).map_err(io(format!("tap {name}")))?);
-            attach(
-                &vm,
-                &mut devices,
-                &mem,
-                slot,
-                Box::new(Net::new(tap.clone(), *mac)),
-                &mut sources,
-            )?;
-            sources.push(Source::Tap {
-                tap,
-                base: slot.base,
-            });
+            let dev = Arc::new(Mutex::new(Net::new(tap.clone(), *mac)));
+            let transport = attach(&vm, &mut devices, &mem, slot, dev.clone(), &mut handlers)?;
+            handlers.push(Arc::new(Mutex::new(NetHandler::new(dev, transport, tap))));
         }
         let fs_slots = &slots[cfg.disks.len() + cfg.taps.len()..];
         for ((tag, socket), slot) in cfg.fs.iter().zip(fs_slots) {
-            let fs = Box::new(Fs::connect(tag, socket)?);
-            attach(&vm, &mut devices, &mem, slot, fs, &mut sources)?;
+            let fs = Arc::new(Mutex::new(Fs::connect(tag, socket)?));
+            attach(&vm, &mut devices, &mem, slot, fs, &mut handlers)?;
         }
         if let (false, Some(slot)) = (cfg.console_ports.is_empty(), slots.last()) {
             if cfg.console_ports.len() > console::MAX_PORTS {
@@ -242,28 +235,18 @@ impl Vm {
                     console::MAX_PORTS
                 )));
             }
-            let mut ports = Vec::new();
-            for (port, (name, path)) in cfg.console_ports.iter().enumerate() {
+            let mut listeners = Vec::new();
+            for (_, path) in &cfg.console_ports {
                 let _ = std::fs::remove_file(path);
                 let listener = std::os::unix::net::UnixListener::bind(path)
                     .map_err(io(format!("console socket {}", path.display())))?;
-                let peer = console::Peer::default();
-                ports.push((name.clone(), peer.clone()));
-                sources.push(Source::ConsoleListener {
-                    listener,
-                    peer,
-                    base: slot.base,
-                    port,
-                });
+                listeners.push(listener);
             }
-            attach(
-                &vm,
-                &mut devices,
-                &mem,
-                slot,
-                Box::new(console::Console::new(ports)),
-                &mut sources,
-            )?;
+            let names = cfg.console_ports.iter().map(|(n, _)| n.clone()).collect();
+            let dev = Arc::new(Mutex::new(Console::new(names).map_err(io("eventfd"))?));
+            let transport = attach(&vm, &mut devices, &mem, slot, dev.clone(), &mut handlers)?;
+            let handler = ConsoleHandler::new(dev, transport, listeners).map_err(io("eventfd"))?;
+            handlers.push(Arc::new(Mutex::new(handler)));
         }
         acpi::write(&mem, &acpi::build(cfg.vcpus, &slots)?)?;
         let devices = Arc::new(devices);
@@ -289,7 +272,7 @@ impl Vm {
             devices,
             entry: loaded.entry,
             seccomp: cfg.seccomp,
-            sources,
+            handlers,
             ready_at: Instant::now(),
         })
     }
@@ -332,12 +315,9 @@ impl Vm {
             threads.push(t);
         }
         // The device event loop, confined like the vCPUs (its epoll set is made before).
-        if !self.sources.is_empty() {
-            let mut em = EventManager::<DeviceEvents>::new()
-                .map_err(|e| Error::Config(format!("event loop: {e:?}")))?;
-            em.add_subscriber(DeviceEvents::new(self.devices.clone(), self.sources));
+        if !self.handlers.is_empty() {
+            let mut event_loop = EventLoop::new(self.handlers.clone())?;
             let (stop, filter) = (stop.clone(), filter.clone());
-            let devices = self.devices.clone();
             let t = std::thread::Builder::new()
                 .name("devices".into())
                 .spawn(move || {
@@ -345,22 +325,7 @@ impl Vm {
                         log::error!("device thread seccomp: {e}");
                         return;
                     }
-                    // Output a slow host peer could not take is retried when the loop is
-                    // idle and at least every 20 ms while it is busy.
-                    let mut retried = Instant::now();
-                    while !stop.load(Ordering::SeqCst) {
-                        match em.run_with_timeout(100) {
-                            Err(e) => {
-                                log::error!("device event loop: {e:?}");
-                                return;
-                            }
-                            Ok(n) if n == 0 || retried.elapsed().as_millis() >= 20 => {
-                                devices.mmio_retry_output();
-                                retried = Instant::now();
-                            }
-                            Ok(_) => {}
-                        }
-                    }
+                    event_loop.run(&stop);
                 })
                 .map_err(io("spawn device thread"))?;
             threads.push(t);
@@ -397,8 +362,7 @@ impl Vm {
         // Guest output the guest saw delivered (its buffers were returned) but a peer has not
         // read yet: hand it over before the process ends (the agent's last words, a
         // container's last output), waiting a bounded time for slow peers.
-        self.devices
-            .mmio_drain_output(Instant::now() + Duration::from_secs(2));
+        events::drain(&self.handlers, Instant::now() + Duration::from_secs(2));
         let r = result.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(r.unwrap_or(VmExit::Failed("no vCPU reported an exit".into())))
     }

@@ -1,16 +1,18 @@
 //! The virtio-mmio register file (virtio 1.2 section 4.2.2, version 2) in front of a
-//! `VirtioDevice`. Queue notifications are handled on the notifying vCPU's thread; used
-//! buffers raise the device's interrupt line (an irqfd).
+//! `VirtioDevice`. Queue notifications reach `notify` (from the event loop's ioeventfds, or a
+//! vCPU for a notification no ioeventfd matched); used buffers set the interrupt status and
+//! raise the device's `VirtioInterrupt`.
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 
+use super::interrupt::VirtioInterrupt;
 use super::{
-    VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    lock, QueueNotifier, VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
-use crate::devices::IrqLine;
 use crate::memory::GuestMemory;
 
 pub const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -45,10 +47,15 @@ pub const REG_CONFIG: u64 = 0x100;
 /// Interrupt status bit: a used buffer was returned.
 pub const INT_VRING: u32 = 1;
 
+/// A device as the transport and the device's own event handler share it. The transport
+/// locks it for every register access and queue run; an event handler must not hold it
+/// while calling the transport (`QueueNotifier`), which locks transport then device.
+pub type SharedDevice = Arc<Mutex<dyn VirtioDevice>>;
+
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    device: SharedDevice,
     mem: GuestMemory,
-    irq: IrqLine,
+    irq: Box<dyn VirtioInterrupt>,
     queues: Vec<Queue>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -60,8 +67,12 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, irq: IrqLine) -> MmioTransport {
-        let queues = device
+    pub fn new(
+        device: SharedDevice,
+        mem: GuestMemory,
+        irq: Box<dyn VirtioInterrupt>,
+    ) -> MmioTransport {
+        let queues = lock(&device)
             .queue_max_sizes()
             .iter()
             .map(|&n| Queue::new(n).expect("queue sizes are powers of two"))
@@ -82,7 +93,7 @@ impl MmioTransport {
     }
 
     fn features(&self) -> u64 {
-        self.device.features() | VIRTIO_F_VERSION_1
+        lock(&self.device).features() | VIRTIO_F_VERSION_1
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -99,19 +110,19 @@ impl MmioTransport {
         self.driver_features = 0;
         self.status = 0;
         self.interrupt_status = 0;
-        self.device.reset();
+        lock(&self.device).reset();
     }
 
     /// Register reads; registers are 32 bits wide (config space aside), other widths read 0.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
-            self.device.read_config(offset - REG_CONFIG, data);
+            lock(&self.device).read_config(offset - REG_CONFIG, data);
             return;
         }
         let v: u32 = match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => lock(&self.device).device_type(),
             REG_VENDOR_ID => VENDOR,
             REG_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.features() as u32,
@@ -134,7 +145,7 @@ impl MmioTransport {
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= REG_CONFIG {
-            self.device.write_config(offset - REG_CONFIG, data);
+            lock(&self.device).write_config(offset - REG_CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
@@ -209,7 +220,7 @@ impl MmioTransport {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
-            self.device.ack_features(self.driver_features);
+            lock(&self.device).ack_features(self.driver_features);
         }
         let known = STATUS_ACKNOWLEDGE
             | STATUS_DRIVER
@@ -220,10 +231,9 @@ impl MmioTransport {
         // DEVICE_NEEDS_RESET is the device's to set; only a reset clears it.
         self.status = (v & known) | (self.status & STATUS_NEEDS_RESET);
         if going_live {
-            if let Err(e) = self
-                .device
-                .activate(self.driver_features, &self.queues, &self.mem)
-            {
+            let activated =
+                lock(&self.device).activate(self.driver_features, &self.queues, &self.mem);
+            if let Err(e) = activated {
                 log::error!("virtio-mmio: {e}");
                 self.status |= STATUS_NEEDS_RESET;
             }
@@ -242,8 +252,9 @@ impl MmioTransport {
         if !q.ready() || !q.is_valid(&self.mem) {
             return;
         }
-        let used = self.device.process_queue(index, q, &self.mem);
-        self.finish(used);
+        if lock(&self.device).process_queue(index, q, &self.mem) {
+            self.used_buffers();
+        }
     }
 
     /// Buffers were used (by the device, or by the backend that serves its queues): the
@@ -251,7 +262,7 @@ impl MmioTransport {
     fn used_buffers(&mut self) {
         self.interrupt_status |= INT_VRING;
         std::sync::atomic::fence(Ordering::SeqCst);
-        if let Err(e) = self.irq.0.write(1) {
+        if let Err(e) = self.irq.trigger() {
             log::warn!("virtio-mmio interrupt: {e}");
         }
     }
@@ -263,82 +274,23 @@ impl MmioTransport {
         }
     }
 
-    /// Processes queues `indices` (ready and valid ones); true when buffers were used.
-    fn process(&mut self, indices: &[usize]) -> bool {
-        let mut used = false;
-        for &i in indices {
-            if let Some(q) = self.queues.get_mut(i) {
-                if q.ready() && q.is_valid(&self.mem) {
-                    used |= self.device.process_queue(i, q, &self.mem);
-                }
-            }
-        }
-        used
-    }
-
-    /// Host-side input for the device (e.g. a received frame), delivered if the driver has
-    /// buffers posted; otherwise the device keeps it until it does.
-    pub fn input(&mut self, data: Vec<u8>) {
-        if let Some(q) = self.device.input(data) {
-            self.notify(q);
-        } else {
-            self.kicked();
-        }
-    }
-
-    /// A host-side event on port `port` of the device.
-    pub fn host_event(&mut self, port: usize, ev: super::HostEvent) {
-        self.device.host_event(port, ev);
-        self.kicked();
-    }
-
-    /// Retries output the device's host peers could not take yet.
-    pub fn retry_output(&mut self) {
-        self.device.retry_output();
-        self.kicked();
-    }
-
-    /// Writes out what the device's host peers have not taken yet, until `deadline`.
-    pub fn drain_output(&mut self, deadline: std::time::Instant) {
-        self.device.drain_output(deadline);
-    }
-
-    /// Whether port `port` of the device takes more host input now.
-    pub fn wants_input(&self, port: usize) -> bool {
-        self.device.wants_input(port)
-    }
-
-    /// Runs the queues the device asked for, if it is live.
-    fn kicked(&mut self) {
-        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
-            // Nothing to run yet: the device keeps its data until the driver notifies.
-            self.device.take_kicks();
-            return;
-        }
-        self.finish(false);
-    }
-
-    /// Runs follow-up work the device asked for (bounded: a device cannot keep us here),
-    /// then raises the interrupt if buffers were used.
-    fn finish(&mut self, mut used: bool) {
-        for _ in 0..8 {
-            let kicks = self.device.take_kicks();
-            if kicks.is_empty() {
-                break;
-            }
-            used |= self.process(&kicks);
-        }
-        if used {
-            self.used_buffers();
-        }
-    }
-
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        lock(&self.device).device_type()
     }
 
     pub fn status(&self) -> u32 {
         self.status
+    }
+}
+
+/// The transport as a device's event handler and the event loop reach it.
+impl QueueNotifier for Mutex<MmioTransport> {
+    fn notify(&self, index: usize) {
+        lock(self).notify(index);
+    }
+
+    fn backend_used(&self) {
+        lock(self).backend_used_buffers();
     }
 }
 
@@ -383,6 +335,10 @@ mod tests {
         t.write(off, &v.to_le_bytes());
     }
 
+    fn irq(evt: &EventFd) -> Box<dyn VirtioInterrupt> {
+        Box::new(crate::irq::IrqLine::new(evt.try_clone().unwrap()))
+    }
+
     fn transport() -> (MmioTransport, EventFd) {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -390,7 +346,7 @@ mod tests {
             notified: 0,
             resets: 0,
         };
-        let t = MmioTransport::new(Box::new(d), mem, IrqLine(evt.try_clone().unwrap()));
+        let t = MmioTransport::new(Arc::new(Mutex::new(d)), mem, irq(&evt));
         (t, evt)
     }
 
@@ -497,7 +453,7 @@ mod tests {
 
     /// A device served elsewhere: counts activations, fails them on request.
     struct Served {
-        activations: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        activations: Arc<std::sync::atomic::AtomicUsize>,
         fail: bool,
     }
     impl VirtioDevice for Served {
@@ -538,12 +494,12 @@ mod tests {
         for fail in [false, true] {
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
             let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-            let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let d = Served {
                 activations: n.clone(),
                 fail,
             };
-            let mut t = MmioTransport::new(Box::new(d), mem, IrqLine(evt.try_clone().unwrap()));
+            let mut t = MmioTransport::new(Arc::new(Mutex::new(d)), mem, irq(&evt));
             bring_up(&mut t, 0);
             // DRIVER_OK written again: no second activation.
             let s = r32(&mut t, REG_STATUS) & !STATUS_NEEDS_RESET;

@@ -1,12 +1,21 @@
 //! virtio devices on the MMIO transport (virtio 1.2, "virtio-mmio" version 2). Queues are
 //! `virtio-queue`'s split queues; the transport's register file is ours (the rust-vmm crate
 //! that has one, virtio-device, is not published on crates.io).
+//!
+//! Layout: the transport (`mmio`) knows only what every device has (register file, queues,
+//! feature negotiation, interrupt status) and reaches the device through `VirtioDevice`; it
+//! signals the guest through `interrupt`. Each device has its own folder: `device.rs` is the
+//! device model, `event_handler.rs` (console, net) watches the device's host fds on the event
+//! loop (`events.rs`) and asks the transport to run queues through `QueueNotifier`.
 
 pub mod blk;
 pub mod console;
 pub mod fs;
+pub mod interrupt;
 pub mod mmio;
 pub mod net;
+
+use std::sync::{Mutex, MutexGuard};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -39,29 +48,8 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
-    /// Data from the host side (a received frame); the queue to process for it.
-    fn input(&mut self, _data: Vec<u8>) -> Option<usize> {
-        None
-    }
     /// The driver's accepted features (FEATURES_OK was set).
     fn ack_features(&mut self, _features: u64) {}
-    /// Something happened on the host side of port `port` (console ports).
-    fn host_event(&mut self, _port: usize, _ev: HostEvent) {}
-    /// Whether port `port` takes more host input now; when not, its host side is not read
-    /// until the guest has taken some (backpressure instead of dropping).
-    fn wants_input(&self, _port: usize) -> bool {
-        true
-    }
-    /// Retries output a host peer could not take yet (the device thread calls it after every
-    /// round of events, at least every 100 ms); queues to run go to `take_kicks`.
-    fn retry_output(&mut self) {}
-    /// The VM has ended: write out what host peers have not taken yet, until `deadline`.
-    fn drain_output(&mut self, _deadline: std::time::Instant) {}
-    /// Queues the device wants processed next, e.g. a control reply to deliver after the
-    /// driver's control message, or input that arrived for a port.
-    fn take_kicks(&mut self) -> Vec<usize> {
-        Vec::new()
-    }
     /// The driver set DRIVER_OK with these features and queues. A device whose queues
     /// another process serves hands them over here; an error sets DEVICE_NEEDS_RESET.
     fn activate(
@@ -78,12 +66,15 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// What happened on the host side of a device's port.
-#[derive(Debug)]
-pub enum HostEvent {
-    Connected,
-    Data(Vec<u8>),
-    Disconnected,
+/// How a device's own event handler (host fds: a tap, console sockets) gets queue work done:
+/// it asks the transport to run a queue as if the driver had notified it, after releasing the
+/// device, since the transport locks the device to process the queue.
+pub trait QueueNotifier: Send + Sync {
+    /// Processes queue `index` if the device is live and the queue valid; raises the
+    /// interrupt when buffers were used.
+    fn notify(&self, index: usize);
+    /// The vhost-user backend serving the device's queues used buffers.
+    fn backend_used(&self);
 }
 
 /// A backend-served device's eventfds, one of each per queue: `kick` is the queue's
@@ -133,4 +124,10 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
         *b = config.get(start + i).copied().unwrap_or(0);
     }
+}
+
+/// Locks a device or transport. A poisoned lock still holds a usable one: a panic on one
+/// thread must not take the guest's devices down with it.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

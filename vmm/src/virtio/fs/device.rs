@@ -21,9 +21,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{read_config_bytes, BackendQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
+use crate::virtio::{read_config_bytes, BackendQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const DEVICE_ID: u32 = 26;
 /// The tag the guest mounts by (`mount -t virtiofs TAG`): up to 36 bytes, NUL padded.

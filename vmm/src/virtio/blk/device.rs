@@ -7,8 +7,8 @@ use std::os::unix::fs::FileExt;
 
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
-use super::{read_config_bytes, VirtioDevice};
 use crate::memory::GuestMemory;
+use crate::virtio::{read_config_bytes, VirtioDevice};
 
 pub const DEVICE_ID: u32 = 2;
 pub const SECTOR: u64 = 512;

@@ -1,18 +1,18 @@
 //! virtio-net on a tap device. The tap carries virtio-net headers itself (`IFF_VNET_HDR`, 12
 //! bytes: the VERSION_1 layout), so frames pass through unchanged; no offloads are offered.
-//! Transmit runs on the notifying vCPU; a receive thread (see `vm.rs`) reads the tap and hands
-//! frames to `input`, and they go into the guest's receive buffers as those are posted.
+//! Transmit runs when the guest notifies the transmit queue; the event handler
+//! (`event_handler.rs`) reads the tap and hands frames to `input`, and they go into the
+//! guest's receive buffers as those are posted.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT, Writer};
 
-use super::{read_config_bytes, VirtioDevice};
 use crate::memory::GuestMemory;
+use crate::virtio::{read_config_bytes, VirtioDevice};
 
 pub const DEVICE_ID: u32 = 1;
 pub const RX: usize = 0;
@@ -25,37 +25,6 @@ pub const HDR_LEN: usize = 12;
 const MAX_PENDING: usize = 256;
 /// A frame with its header: 64 KiB of GSO-less Ethernet at most.
 pub const MAX_FRAME: usize = HDR_LEN + 65550;
-
-/// Opens (or creates) tap `name` in the calling process's network namespace, with virtio-net
-/// headers of `HDR_LEN` bytes.
-pub fn open_tap(name: &str) -> std::io::Result<File> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("tap name {name:?}: 1 to {} bytes", libc::IFNAMSIZ - 1),
-        ));
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    // SAFETY: ifreq is plain data; zeroed is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    // SAFETY: TUNSETIFF reads an ifreq we own; the fd is the tun device we opened.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &ifr) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let size: libc::c_int = HDR_LEN as libc::c_int;
-    // SAFETY: TUNSETVNETHDRSZ reads an int we own.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(f)
-}
 
 pub struct Net {
     tap: Arc<File>,
@@ -75,8 +44,17 @@ impl Net {
         }
     }
 
+    /// A frame from the tap, kept until the guest posts receive buffers (then run `RX`).
+    pub fn input(&mut self, frame: Vec<u8>) {
+        if self.pending.len() >= MAX_PENDING {
+            self.dropped += 1;
+        } else {
+            self.pending.push_back(frame);
+        }
+    }
+
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        super::drain_readable(queue, mem, MAX_FRAME, |frame| {
+        crate::virtio::drain_readable(queue, mem, MAX_FRAME, |frame| {
             match frame {
                 Some(f) if f.len() >= HDR_LEN => {
                     if let Err(e) = (&*self.tap).write_all(&f) {
@@ -147,15 +125,6 @@ impl VirtioDevice for Net {
             TX => self.transmit(queue, mem),
             _ => false,
         }
-    }
-
-    fn input(&mut self, frame: Vec<u8>) -> Option<usize> {
-        if self.pending.len() >= MAX_PENDING {
-            self.dropped += 1;
-        } else {
-            self.pending.push_back(frame);
-        }
-        Some(RX)
     }
 
     fn reset(&mut self) {
@@ -234,7 +203,7 @@ mod tests {
         let mut n = Net::new(tap, [2, 0, 0, 0, 0, 1]);
         let mut frame = vec![0u8; HDR_LEN + 42];
         frame[HDR_LEN] = 0xff;
-        assert_eq!(n.input(frame.clone()), Some(RX));
+        n.input(frame.clone());
         // A buffer too small: the frame is dropped, the buffer returned empty.
         let (mut q, used) = queue_with(
             &m,
