@@ -154,11 +154,17 @@ mod tests {
             Status::NotFound(_)
         ));
         let s = Status::from(E::Cgroup("x".into()));
-        assert!(matches!(&s, Status::Other(e) if e.downcast_ref::<E>().is_some()), "{s:?}");
+        assert!(
+            matches!(&s, Status::Other(e) if e.downcast_ref::<E>().is_some()),
+            "{s:?}"
+        );
         let io = std::io::Error::from_raw_os_error(libc::EBUSY);
         let s = Status::failed("remove cgroup", io);
         let cause = std::error::Error::source(&s).expect("the cause is kept");
-        assert!(cause.downcast_ref::<std::io::Error>().is_some(), "{cause:?}");
+        assert!(
+            cause.downcast_ref::<std::io::Error>().is_some(),
+            "{cause:?}"
+        );
         assert_eq!(code_of(s), Code::UNKNOWN);
     }
 }

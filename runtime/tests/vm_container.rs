@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use protocols::agent::*;
 use runtime::vm::{agent, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 static BOOT: Mutex<()> = Mutex::new(());
 
@@ -131,11 +131,11 @@ fn process_json(args: &[&str], terminal: bool) -> Vec<u8> {
 #[derive(Default)]
 struct Streams {
     stdio: StdioStreams,
-    out: Option<UnboundedReceiver<Vec<u8>>>,
-    err: Option<UnboundedReceiver<Vec<u8>>>,
+    out: Option<Receiver<Vec<u8>>>,
+    err: Option<Receiver<Vec<u8>>>,
 }
 
-async fn collect(rx: Option<UnboundedReceiver<Vec<u8>>>) -> String {
+async fn collect(rx: Option<Receiver<Vec<u8>>>) -> String {
     let Some(mut rx) = rx else {
         return String::new();
     };

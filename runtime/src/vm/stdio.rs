@@ -3,6 +3,12 @@
 //!
 //! Subscribe to a stream before the process that writes it is created: frames for a stream
 //! nobody listens to are dropped.
+//!
+//! Each stream's queue is bounded ([`STREAM_QUEUE`] frames). A consumer that stops taking its
+//! stream's data (containerd no longer reading a FIFO) makes the reader wait once that queue
+//! is full: backpressure, as a host process blocks on a full pipe, rather than memory growth.
+//! The streams of one VM share the channel, so that wait holds the VM's other streams too
+//! until the consumer reads again; the guest side (agent, VMM) bounds its queues the same way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,7 +20,10 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Vec<u8>>>>>;
+/// Frames queued per stream before the reader waits for its consumer.
+pub const STREAM_QUEUE: usize = 256;
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>>;
 
 /// Cheap to clone; the reader task ends when the channel closes (VM gone).
 #[derive(Clone)]
@@ -43,14 +52,18 @@ impl StdioPlane {
                 if rd.read_exact(&mut data).await.is_err() {
                     break;
                 }
-                let mut routes = r2.lock().unwrap_or_else(|e| e.into_inner());
-                if !data.is_empty() {
-                    if let Some(tx) = routes.get(&stream) {
-                        let _ = tx.send(data);
-                    }
+                let route = r2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&stream)
+                    .cloned();
+                if let (false, Some(tx)) = (data.is_empty(), route) {
+                    // Waits while the stream's queue is full; fails only if the consumer is
+                    // gone, and then the data has nobody to go to.
+                    let _ = tx.send(data).await;
                 }
                 if flags & FLAG_EOF != 0 {
-                    routes.remove(&stream);
+                    r2.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream);
                 }
             }
             // The VM is gone: every stream ends.
@@ -74,8 +87,8 @@ impl StdioPlane {
     }
 
     /// The stream's data, in order; the receiver ends at the stream's EOF frame.
-    pub fn subscribe(&self, stream: u32) -> mpsc::UnboundedReceiver<Vec<u8>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn subscribe(&self, stream: u32) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         self.routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -139,6 +152,32 @@ mod tests {
         assert_eq!(r2.recv().await.unwrap(), b"two");
         drop(b);
         assert!(r2.recv().await.is_none(), "channel close ends every stream");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_stream_holds_the_reader_until_its_consumer_reads() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let plane = StdioPlane::new(a);
+        let (s1, s2) = (plane.alloc(), plane.alloc());
+        let mut r1 = plane.subscribe(s1);
+        let mut r2 = plane.subscribe(s2);
+        let mut raw = Vec::new();
+        for i in 0..STREAM_QUEUE + 1 {
+            let d = (i as u32).to_le_bytes();
+            raw.extend_from_slice(&encode_header(s1, 0, d.len()));
+            raw.extend_from_slice(&d);
+        }
+        raw.extend_from_slice(&encode_header(s2, 0, 3));
+        raw.extend_from_slice(b"two");
+        b.write_all(&raw).await.unwrap();
+        // s1's queue fills; the frame after it (and s2's) wait, nothing is dropped.
+        tokio::task::yield_now().await;
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(200), r2.recv());
+        assert!(pending.await.is_err(), "s2 got data past a full s1 queue");
+        for i in 0..STREAM_QUEUE + 1 {
+            assert_eq!(r1.recv().await.unwrap(), (i as u32).to_le_bytes());
+        }
+        assert_eq!(r2.recv().await.unwrap(), b"two");
     }
 
     #[tokio::test(flavor = "current_thread")]

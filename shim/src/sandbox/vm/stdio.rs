@@ -133,7 +133,7 @@ pub async fn wire(
 
 /// Frames of one stream -> a host descriptor (FIFO, pipe to a log driver, or a file, which
 /// epoll cannot watch: then a plain thread writes it).
-async fn copy_out(mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, fd: OwnedFd) {
+async fn copy_out(mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>, fd: OwnedFd) {
     let spare = fd.try_clone().ok();
     match aio::register(fd) {
         Ok(afd) => {
