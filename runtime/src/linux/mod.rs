@@ -13,6 +13,7 @@ mod error;
 pub mod hooks;
 mod init;
 pub mod mounts;
+pub mod request;
 pub mod seccomp;
 pub mod spawn;
 pub mod spec;
