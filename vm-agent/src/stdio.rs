@@ -11,7 +11,7 @@ use runtime::aio;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::containers::{AgentError, Result};
+use crate::error::{AgentError, Result};
 
 pub const STDIO_PORT: &str = "janus.stdio";
 /// Output frames queued for the port before the processes writing them wait.

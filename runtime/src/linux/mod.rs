@@ -12,6 +12,7 @@ pub mod cgroups;
 mod error;
 pub mod hooks;
 mod init;
+pub mod lifecycle;
 pub mod mounts;
 pub mod request;
 pub mod seccomp;
