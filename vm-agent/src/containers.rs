@@ -27,6 +27,11 @@ pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// OOM events queued for GetOOMEvent. Bounded: while the host does not ask, the watcher
+/// threads wait (their kills stay counted and are reported once it does) instead of
+/// piling events up in guest memory.
+const OOM_EVENTS: usize = 64;
+
 pub struct Ctr {
     pub id: String,
     pub cgroup: Cgroup,
@@ -57,13 +62,13 @@ pub struct Containers {
     map: Mutex<HashMap<String, Arc<Ctr>>>,
     /// Reaped pids -> their process records.
     exits: ExitTable<Arc<GProc>>,
-    oom_tx: mpsc::UnboundedSender<String>,
-    pub oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    oom_tx: mpsc::Sender<String>,
+    pub oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Default for Containers {
     fn default() -> Self {
-        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        let (oom_tx, oom_rx) = mpsc::channel(OOM_EVENTS);
         Containers {
             map: Mutex::default(),
             exits: ExitTable::default(),
@@ -211,7 +216,7 @@ impl Containers {
             let oom_id = id2.clone();
             let oom = OomMonitor::start(&cg, move || {
                 crate::log_line(&format!("container {oom_id}: OOM kill"));
-                tx.send(oom_id.clone()).is_ok()
+                tx.blocking_send(oom_id.clone()).is_ok()
             })
             .ok();
             let gp = GProc::new("", stdio.stdin, oom);
