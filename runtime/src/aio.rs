@@ -1,9 +1,12 @@
 //! Async reads and writes on raw descriptors (pty masters, virtio-serial ports, pipes) that
-//! tokio has no type for, through `AsyncFd` readiness.
+//! tokio has no type for, through `AsyncFd` readiness; and blocking work run from an RPC
+//! handler (`blocking`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
+
+use crate::Status;
 
 pub fn set_nonblocking(fd: &impl AsRawFd) {
     // SAFETY: fcntl flag changes on a descriptor the caller holds open.
@@ -37,6 +40,16 @@ pub async fn read(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usi
             Err(_would_block) => continue,
         }
     }
+}
+
+/// Runs blocking work (syscalls, cgroup files, the setup handshake) on tokio's blocking pool,
+/// so an RPC handler does not stall the runtime's threads; a panic there answers Internal.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::Internal(format!("blocking task: {e}")))?
 }
 
 /// Writes all of `buf`.

@@ -2,148 +2,35 @@
 //! as namespace mode does on the host (the same setup handshake, `runtime::linux::spawn`).
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process};
+use runtime::aio::blocking;
 use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::lifecycle::{ExitTable, OomMonitor, ProcessStatus as Status};
 use runtime::linux::spawn::{self, Placement, SetupHooks, Spawned};
 use runtime::linux::spec::{self as rtspec, NsPlan};
-use runtime::linux::sync::Channel;
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::stdio::Mux;
+use crate::error::{AgentError, Result};
+use crate::process::GProc;
+use crate::stdio::{Mux, Wiring};
+use crate::storage::{mount_storages, unmount_all};
 
 pub static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
 
-/// The agent's errors: the runtime's RPC status, so codes match namespace mode's.
-pub type AgentError = runtime::Status;
-pub type Result<T> = std::result::Result<T, AgentError>;
-
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Status {
-    Created,
-    Running,
-    Stopped,
-}
-
-#[derive(Debug)]
-pub struct ProcState {
-    pub status: Status,
-    pub pid: i32,
-    pub exit_status: u32,
-    pub exited_at: i64,
-    /// An OOM kill claimed at exit (reported with the exit, not by GetOOMEvent).
-    pub oom_killed: bool,
-    sync: Option<Channel>,
-    pty: Option<Arc<OwnedFd>>,
-}
-
-/// A process in the guest: a container's init or an exec.
-pub struct GProc {
-    pub exec_id: String,
-    state: Mutex<ProcState>,
-    stdin_stream: u32,
-    exited: watch::Sender<bool>,
-    /// The container's OOM counter, claimed when the init exits.
-    oom: Option<(Cgroup, Arc<AtomicU64>)>,
-}
-
-impl GProc {
-    fn new(exec_id: &str, stdin_stream: u32, oom: Option<(Cgroup, Arc<AtomicU64>)>) -> Arc<GProc> {
-        let (tx, _) = watch::channel(false);
-        Arc::new(GProc {
-            exec_id: exec_id.to_string(),
-            state: Mutex::new(ProcState {
-                status: Status::Created,
-                pid: 0,
-                exit_status: 0,
-                exited_at: 0,
-                oom_killed: false,
-                sync: None,
-                pty: None,
-            }),
-            stdin_stream,
-            exited: tx,
-            oom,
-        })
-    }
-
-    fn st(&self) -> std::sync::MutexGuard<'_, ProcState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn status(&self) -> Status {
-        self.st().status
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.st().pid
-    }
-
-    fn set_exited(&self, code: i32) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
-        // Claim a kill the watcher has not reported yet so it travels with the exit.
-        let oom = self
-            .oom
-            .as_ref()
-            .is_some_and(|(cg, seen)| cg.oom_kill_count().is_some_and(|k| cgroups::claim(seen, k)));
-        {
-            let mut s = self.st();
-            if s.status == Status::Stopped {
-                return;
-            }
-            s.status = Status::Stopped;
-            s.exit_status = code as u32;
-            s.exited_at = now;
-            s.oom_killed = oom;
-            s.sync = None;
-        }
-        self.exited.send_replace(true);
-    }
-
-    pub async fn wait(&self) -> protocols::agent::WaitResponse {
-        let mut rx = self.exited.subscribe();
-        let _ = rx.wait_for(|e| *e).await;
-        let s = self.st();
-        protocols::agent::WaitResponse {
-            exit_status: s.exit_status,
-            exited_at_unix_nanos: s.exited_at,
-            oom_killed: s.oom_killed,
-            ..Default::default()
-        }
-    }
-
-    fn signal(&self, sig: u32) -> Result<()> {
-        let (status, pid) = {
-            let s = self.st();
-            (s.status, s.pid)
-        };
-        if status == Status::Stopped || pid <= 0 {
-            return Err(AgentError::NotFound("process already finished".into()));
-        }
-        // SAFETY: kill(2) has no memory effects.
-        if unsafe { libc::kill(pid, sig as i32) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::ESRCH) => AgentError::NotFound("process already finished".into()),
-                Some(libc::EINVAL) => AgentError::InvalidArgument(format!("bad signal {sig}")),
-                _ => AgentError::Internal(format!("kill {pid}: {e}")),
-            });
-        }
-        Ok(())
-    }
-}
+/// OOM events queued for GetOOMEvent. Bounded: while the host does not ask, the watcher
+/// threads wait (their kills stay counted and are reported once it does) instead of
+/// piling events up in guest memory.
+const OOM_EVENTS: usize = 64;
 
 pub struct Ctr {
     pub id: String,
@@ -173,31 +60,22 @@ impl Ctr {
 
 pub struct Containers {
     map: Mutex<HashMap<String, Arc<Ctr>>>,
-    pids: Mutex<HashMap<i32, Arc<GProc>>>,
-    early: Mutex<HashMap<i32, i32>>,
-    oom_tx: mpsc::UnboundedSender<String>,
-    pub oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// Reaped pids -> their process records.
+    exits: ExitTable<Arc<GProc>>,
+    oom_tx: mpsc::Sender<String>,
+    pub oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Default for Containers {
     fn default() -> Self {
-        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        let (oom_tx, oom_rx) = mpsc::channel(OOM_EVENTS);
         Containers {
             map: Mutex::default(),
-            pids: Mutex::default(),
-            early: Mutex::default(),
+            exits: ExitTable::default(),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
         }
     }
-}
-
-fn blocking_err(e: tokio::task::JoinError) -> AgentError {
-    AgentError::Internal(format!("blocking task: {e}"))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
 }
 
 fn check_id(what: &str, id: &str) -> Result<()> {
@@ -215,30 +93,13 @@ struct AgentSetup<'a> {
 
 impl SetupHooks for AgentSetup<'_> {
     fn register(&mut self, pid: i32) -> Option<i32> {
-        if let Some(code) = self
-            .containers
-            .early
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid)
-        {
-            return Some(code);
-        }
+        // The pid goes in first: the exit may be reaped the moment the table has it.
         self.proc.st().pid = pid;
-        self.containers
-            .pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(pid, self.proc.clone());
-        None
+        self.containers.exits.register(pid, self.proc.clone())
     }
 
     fn unregister(&mut self, pid: i32) {
-        self.containers
-            .pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
+        self.containers.exits.unregister(pid);
     }
 }
 
@@ -260,20 +121,8 @@ impl Containers {
 
     /// Reaper callback.
     pub fn on_exit(&self, pid: i32, code: i32) {
-        let p = self
-            .pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
-        match p {
-            Some(p) => p.set_exited(code),
-            None => {
-                let mut e = self.early.lock().unwrap_or_else(|e| e.into_inner());
-                if e.len() > 1024 {
-                    e.clear();
-                }
-                e.insert(pid, code);
-            }
+        if let Some(p) = self.exits.exited(pid, code) {
+            p.set_exited(code);
         }
     }
 
@@ -285,7 +134,7 @@ impl Containers {
         stdio: &protocols::agent::StdioStreams,
         proc: &Arc<GProc>,
         cg: Option<&Cgroup>,
-    ) -> Result<(Spawned, crate::stdio::Wiring)> {
+    ) -> Result<(Spawned, Wiring)> {
         let z = ZYGOTE
             .get()
             .ok_or_else(|| AgentError::Internal("zygote not running".into()))?;
@@ -363,27 +212,13 @@ impl Containers {
             if let Some(r) = linux.resources() {
                 cg.apply(r, false).map_err(|e| undo(e.into()))?;
             }
-            let oom = cg
-                .oom_watcher()
-                .ok()
-                .map(|w| (w.counter(), w))
-                .map(|(seen, w)| {
-                    let tx = me.oom_tx.clone();
-                    let id = id2.clone();
-                    let mut w = w;
-                    // The watcher ends when the cgroup is removed.
-                    let _ = std::thread::Builder::new()
-                        .name("oom".into())
-                        .spawn(move || {
-                            while w.wait() {
-                                crate::log_line(&format!("container {id}: OOM kill"));
-                                if tx.send(id.clone()).is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                    (cg.clone(), seen)
-                });
+            let tx = me.oom_tx.clone();
+            let oom_id = id2.clone();
+            let oom = OomMonitor::start(&cg, move || {
+                crate::log_line(&format!("container {oom_id}: OOM kill"));
+                tx.blocking_send(oom_id.clone()).is_ok()
+            })
+            .ok();
             let gp = GProc::new("", stdio.stdin, oom);
             let process = spec.process().clone().unwrap_or_default();
             let sreq = SpawnRequest {
@@ -446,9 +281,7 @@ impl Containers {
         .ok_or_else(|| AgentError::FailedPrecondition(format!("container {id} already started")))?;
         blocking(move || spawn::release(&sync).map_err(AgentError::from)).await?;
         let mut s = c.init.st();
-        if s.status == Status::Created {
-            s.status = Status::Running;
-        }
+        s.started();
         Ok(s.pid as u32)
     }
 
@@ -506,12 +339,8 @@ impl Containers {
         let res = blocking(move || {
             let (spawned, wiring) = me.spawn(&mux2, &sreq, &stdio, &gp2, Some(&c2.cgroup))?;
             if let Err(e) = spawn::release(&spawned.sync) {
-                me.pids
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&spawned.pid);
-                // SAFETY: kill(2) has no memory effects.
-                unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
+                me.exits.unregister(spawned.pid);
+                let _ = kill(Pid::from_raw(spawned.pid), Signal::SIGKILL);
                 return Err(e.into());
             }
             Ok((spawned, wiring))
@@ -527,9 +356,7 @@ impl Containers {
         {
             let mut s = gp.st();
             s.pty = spawned.pty_master.map(Arc::new);
-            if s.status == Status::Created {
-                s.status = Status::Running;
-            }
+            s.started();
         }
         mux.start(wiring);
         Ok(spawned.pid as u32)
@@ -579,8 +406,7 @@ impl Containers {
                 let _ = c2.cgroup.kill_all(libc::SIGKILL);
             }
             if c2.init.status() == Status::Created && c2.init.pid() > 0 {
-                // SAFETY: kill(2) has no memory effects.
-                unsafe { libc::kill(c2.init.pid(), libc::SIGKILL) };
+                let _ = kill(Pid::from_raw(c2.init.pid()), Signal::SIGKILL);
             }
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             loop {
@@ -648,98 +474,6 @@ impl Containers {
     pub async fn stats(&self, id: &str) -> Result<protocols::agent::CgroupStats> {
         let c = self.get(id)?;
         let s = blocking(move || c.cgroup.stats().map_err(AgentError::from)).await?;
-        Ok(to_proto(s))
-    }
-}
-
-fn to_proto(s: cgroups::Stats) -> protocols::agent::CgroupStats {
-    protocols::agent::CgroupStats {
-        memory_usage: s.memory_usage,
-        memory_max_usage: s.memory_max_usage,
-        memory_limit: s.memory_limit,
-        memory_failcnt: s.memory_failcnt,
-        swap_usage: s.swap_usage,
-        swap_limit: s.swap_limit,
-        memory_stat: s.memory_stat.into_iter().collect(),
-        cpu_usage_ns: s.cpu_usage_ns,
-        cpu_user_ns: s.cpu_user_ns,
-        cpu_system_ns: s.cpu_system_ns,
-        cpu_percpu_ns: s.cpu_percpu_ns,
-        cpu_nr_periods: s.cpu_nr_periods,
-        cpu_nr_throttled: s.cpu_nr_throttled,
-        cpu_throttled_ns: s.cpu_throttled_ns,
-        pids_current: s.pids_current,
-        pids_limit: s.pids_limit,
-        io: s
-            .io_bytes
-            .into_iter()
-            .map(|(major, minor, op, value)| protocols::agent::IoStat {
-                major,
-                minor,
-                op,
-                value,
-                ..Default::default()
-            })
-            .collect(),
-        oom_kills: s.oom_kills,
-        memory_events: s.memory_events.into_iter().collect(),
-        ..Default::default()
-    }
-}
-
-/// Guest-side mounts of a container's storages (virtio-fs shares, bind sources).
-pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Result<Vec<PathBuf>> {
-    let mut mounted = Vec::new();
-    for s in storages {
-        let mp = PathBuf::from(&s.mount_point);
-        let res = (|| {
-            if !mp.is_absolute() || s.mount_point.contains("..") {
-                return Err(AgentError::InvalidArgument(format!(
-                    "storage mount point {:?} must be an absolute guest path",
-                    s.mount_point
-                )));
-            }
-            let (fstype, flags) = match s.driver.as_str() {
-                "virtiofs" => (Some("virtiofs"), MsFlags::empty()),
-                "bind" => (None, MsFlags::MS_BIND),
-                // The pod's /dev/shm.
-                "tmpfs" => (Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
-                other => {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "storage driver {other:?} is not supported"
-                    )))
-                }
-            };
-            std::fs::create_dir_all(&mp)
-                .map_err(|e| AgentError::Internal(format!("create {}: {e}", mp.display())))?;
-            crate::log_line(&format!(
-                "container {id}: mount {} {} on {}",
-                s.driver,
-                s.source,
-                mp.display()
-            ));
-            let data = s.options.join(",");
-            let data = (!data.is_empty()).then_some(data.as_str());
-            mount(Some(s.source.as_str()), &mp, fstype, flags, data).map_err(|e| {
-                AgentError::Internal(format!(
-                    "mount {} {} on {}: {e}",
-                    s.driver,
-                    s.source,
-                    mp.display()
-                ))
-            })
-        })();
-        if let Err(e) = res {
-            unmount_all(&mounted);
-            return Err(e);
-        }
-        mounted.push(mp);
-    }
-    Ok(mounted)
-}
-
-pub fn unmount_all(mounts: &[PathBuf]) {
-    for m in mounts.iter().rev() {
-        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        Ok(s.into_proto())
     }
 }

@@ -6,11 +6,14 @@
 //! that socket to the port: ttrpc needs a connection, the port is a character device.
 
 mod containers;
+mod error;
 mod init;
 mod modprobe;
 mod net;
+mod process;
 mod service;
 mod stdio;
+mod storage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,23 +114,13 @@ async fn serve() -> Result<(), String> {
     let containers = svc.containers();
     // Reap everything (we are PID 1): container exits go to their records.
     tokio::spawn(async move {
-        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
         else {
             return;
         };
         loop {
             sig.recv().await;
-            loop {
-                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(pid, code)) => containers.on_exit(pid.as_raw(), code),
-                    Ok(WaitStatus::Signaled(pid, s, _)) => {
-                        containers.on_exit(pid.as_raw(), 128 + s as i32)
-                    }
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            runtime::linux::lifecycle::reap(|pid, code| containers.on_exit(pid, code));
         }
     });
     // SIGTERM: power off cleanly. SIGQUIT: exit at once, as if the agent had been killed

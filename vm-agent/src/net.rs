@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::containers::{AgentError, Result};
+use crate::error::{AgentError, Result};
 
 fn sock() -> Result<OwnedFd> {
     sock_of(libc::AF_INET)

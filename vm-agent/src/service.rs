@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::containers::{AgentError, Containers};
+use crate::containers::Containers;
+use crate::error::AgentError;
 use crate::stdio::Mux;
 
 use async_trait::async_trait;
 use protocols::agent::*;
+use runtime::aio::blocking;
 use ttrpc::r#async::TtrpcContext;
 
 pub struct AgentService {
@@ -228,7 +230,7 @@ impl protocols::Agent for AgentService {
             if !held.is_empty() {
                 return Err(AgentError::AlreadyExists("sandbox already created".into()).into());
             }
-            *held = crate::containers::mount_storages("sandbox", &req.storages)?;
+            *held = crate::storage::mount_storages("sandbox", &req.storages)?;
         }
         if !req.dns.is_empty() {
             let text: String = req
@@ -258,21 +260,17 @@ impl protocols::Agent for AgentService {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        crate::containers::unmount_all(&held);
+        crate::storage::unmount_all(&held);
         Ok(Empty::default())
     }
 
     async fn update_interface(&self, _ctx: &TtrpcContext, req: Interface) -> ttrpc::Result<Empty> {
-        tokio::task::spawn_blocking(move || crate::net::update_interface(&req))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        blocking(move || crate::net::update_interface(&req)).await?;
         Ok(Empty::default())
     }
 
     async fn add_routes(&self, _ctx: &TtrpcContext, req: Routes) -> ttrpc::Result<Empty> {
-        tokio::task::spawn_blocking(move || crate::net::add_routes(&req.routes))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        blocking(move || crate::net::add_routes(&req.routes)).await?;
         Ok(Empty::default())
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use protocols::stdio_frame::{decode_header, encode_header, FLAG_EOF, HEADER, MAX_PAYLOAD};
@@ -11,17 +11,73 @@ use runtime::aio;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use crate::containers::{AgentError, Result};
+use crate::error::{AgentError, Result};
 
 pub const STDIO_PORT: &str = "janus.stdio";
 /// Output frames queued for the port before the processes writing them wait.
 const OUTPUT_FRAMES: usize = 32;
 
+/// Input frames queued per stream before the frame reader waits (64 KiB each at most).
+const INPUT_FRAMES: usize = 4;
+
 type Frame = (u32, u32, Vec<u8>);
 
-/// Input streams: frames for a stream are queued to a writer task per process, so a process
-/// that does not read its stdin never stalls the other streams.
-type Inputs = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Vec<u8>>>>>;
+/// Input streams by id, each written to its process by a task of its own.
+///
+/// Backpressure: a stream's queue holds INPUT_FRAMES; when it is full (the process does not
+/// read its stdin), the frame reader waits for room and reads nothing more from the port
+/// meanwhile, so the host's writes to the port wait in turn. Input is never dropped, and
+/// guest memory stays bounded. The price is head-of-line blocking: one port carries every
+/// input stream of the VM, so the other streams' input waits too. We accept it: without
+/// per-stream credit in the frame protocol the only other choices are unbounded buffering
+/// or dropping input. The queue absorbs bursts, so a process that reads slowly stalls no
+/// one for long, and the wait ends when the process reads or when the last holder of its
+/// stdin is gone (the pipe breaks, the writer task ends, the queue closes). CloseStdin does
+/// not end it: it closes the input after what is queued, and that is what is stuck. Output
+/// flows the other way on the port and never waits on input.
+#[derive(Clone, Default)]
+struct Inputs(Arc<Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>>);
+
+impl Inputs {
+    fn map(&self) -> MutexGuard<'_, HashMap<u32, mpsc::Sender<Vec<u8>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts feeding `stream` into `fd`.
+    fn add(&self, stream: u32, fd: AsyncFd<OwnedFd>) {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(INPUT_FRAMES);
+        self.map().insert(stream, tx);
+        tokio::spawn(async move {
+            while let Some(data) = rx.recv().await {
+                if aio::write_all(&fd, &data).await.is_err() {
+                    break;
+                }
+            }
+            // A socket's other end sees the end of input (pipes just close).
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        });
+    }
+
+    /// Ends a stream's input after what is queued.
+    fn close(&self, stream: u32) {
+        self.map().remove(&stream);
+    }
+
+    /// Hands one frame to its stream, waiting while the stream's queue is full.
+    async fn deliver(&self, stream: u32, flags: u32, data: Vec<u8>) {
+        if !data.is_empty() {
+            // A clone, so the map's lock is not held while waiting.
+            let tx = self.map().get(&stream).cloned();
+            if let Some(tx) = tx {
+                // Fails only when the writer task has ended: its process is gone.
+                let _ = tx.send(data).await;
+            }
+        }
+        if flags & FLAG_EOF != 0 {
+            self.close(stream);
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Mux {
@@ -102,7 +158,7 @@ fn null() -> Result<OwnedFd> {
 impl Mux {
     /// Opens the port (if the VM has one) and starts the frame pumps.
     pub fn open() -> Mux {
-        let stdin: Inputs = Arc::default();
+        let stdin = Inputs::default();
         let Some(path) = crate::find_port(STDIO_PORT, Duration::from_secs(2)) else {
             crate::log_line("no janus.stdio port: process output is discarded");
             return Mux { tx: None, stdin };
@@ -135,7 +191,7 @@ impl Mux {
                 }
             }
         });
-        let map = stdin.clone();
+        let inputs = stdin.clone();
         tokio::spawn(async move {
             let mut hdr = [0u8; HEADER];
             loop {
@@ -150,15 +206,7 @@ impl Mux {
                 if read_exact(&port, &mut data).await.is_err() {
                     break;
                 }
-                let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-                if !data.is_empty() {
-                    if let Some(w) = m.get(&stream) {
-                        let _ = w.send(data);
-                    }
-                }
-                if flags & FLAG_EOF != 0 {
-                    m.remove(&stream);
-                }
+                inputs.deliver(stream, flags, data).await;
             }
         });
         Mux {
@@ -199,32 +247,13 @@ impl Mux {
 
     /// Ends a process's input after what is queued (CloseStdin).
     pub fn close_input(&self, stream: u32) {
-        self.stdin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&stream);
+        self.stdin.close(stream);
     }
 
     pub fn start(&self, w: Wiring) {
         if let Some((id, fd)) = w.input {
             if let Ok(afd) = aio::register(fd) {
-                let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-                self.stdin
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, tx);
-                tokio::spawn(async move {
-                    while let Some(data) = rx.recv().await {
-                        if aio::write_all(&afd, &data).await.is_err() {
-                            break;
-                        }
-                    }
-                    // A socket's other end sees the end of input (pipes just close).
-                    let _ = nix::sys::socket::shutdown(
-                        afd.as_raw_fd(),
-                        nix::sys::socket::Shutdown::Write,
-                    );
-                });
+                self.stdin.add(id, afd);
             }
         }
         let Some(tx) = self.tx.clone() else { return };
@@ -263,4 +292,60 @@ async fn read_exact(port: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A process that does not read its stdin: the frame reader waits once the stream's
+    /// queue is full (it does not buffer on), and nothing is lost once the process reads.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stalled_stdin_holds_the_reader_and_loses_nothing() {
+        const FRAME: usize = 16 * 1024;
+        const FRAMES: usize = 64;
+        let (r, w) = pipe2().unwrap();
+        let pipe_frames =
+            nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap() as usize / FRAME;
+        let inputs = Inputs::default();
+        inputs.add(1, aio::register(w).unwrap());
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let reader = tokio::spawn({
+            let (inputs, delivered) = (inputs.clone(), delivered.clone());
+            async move {
+                for i in 0..FRAMES {
+                    inputs.deliver(1, 0, vec![i as u8; FRAME]).await;
+                    delivered.fetch_add(1, Ordering::SeqCst);
+                }
+                inputs.deliver(1, FLAG_EOF, Vec::new()).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = delivered.load(Ordering::SeqCst);
+        // The pipe, the writer task's frame in hand and the queue: then the reader waits.
+        assert!(
+            stalled <= pipe_frames + 1 + INPUT_FRAMES + 1,
+            "{stalled} frames taken while nobody reads"
+        );
+        assert!(!reader.is_finished());
+
+        let r = aio::register(r).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match aio::read(&r, &mut buf).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        reader.await.unwrap();
+        assert_eq!(got.len(), FRAMES * FRAME);
+        for (i, frame) in got.chunks(FRAME).enumerate() {
+            assert!(
+                frame.iter().all(|b| *b == i as u8),
+                "frame {i} out of order"
+            );
+        }
+    }
 }

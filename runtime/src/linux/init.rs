@@ -17,19 +17,12 @@ use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, LinuxNamespaceType, Mount,
 use super::caps::ProcessCaps;
 use super::error::{Error, IoContext, Result};
 use super::mounts::{parse_options, secure_join};
+use super::request::{SpawnKind, SpawnRequest};
 use super::spec::{find_executable, ns_flag, rlimit_name, rlimit_resource, NsPlan};
 use super::sync::{Channel, Msg};
-use super::zygote::{SpawnKind, SpawnRequest};
 
 fn fail(sync: &Channel, e: Error) -> ! {
-    let invalid = matches!(e, Error::InvalidSpec(_));
-    let _ = sync.send(
-        &Msg::Error {
-            message: e.to_string(),
-            invalid,
-        },
-        &[],
-    );
+    let _ = sync.send(&Msg::failure(&e), &[]);
     std::process::exit(1)
 }
 

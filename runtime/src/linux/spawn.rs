@@ -7,10 +7,14 @@
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use super::cgroups::Cgroup;
 use super::error::{Error, Result};
+use super::request::SpawnRequest;
 use super::sync::{Channel, Msg};
-use super::zygote::{SpawnRequest, Zygote};
+use super::zygote::Zygote;
 
 /// What the caller does at the handshake's steps.
 pub trait SetupHooks {
@@ -86,8 +90,7 @@ pub fn spawn(
         }),
         Err(e) => {
             hooks.unregister(pid);
-            // SAFETY: kill(2) has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             Err(e)
         }
     }

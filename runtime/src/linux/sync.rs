@@ -39,6 +39,17 @@ pub enum Msg {
     Error { message: String, invalid: bool },
 }
 
+impl Msg {
+    /// A setup failure as the child reports it; a spec problem is marked so the parent
+    /// answers InvalidArgument, not Internal.
+    pub fn failure(e: &Error) -> Msg {
+        Msg::Error {
+            message: e.to_string(),
+            invalid: matches!(e, Error::InvalidSpec(_)),
+        }
+    }
+}
+
 /// One end of a seqpacket socket pair.
 #[derive(Debug)]
 pub struct Channel(OwnedFd);
@@ -65,6 +76,11 @@ impl Channel {
     pub unsafe fn from_raw(fd: RawFd) -> Channel {
         // SAFETY: guaranteed by the caller.
         Channel(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Wraps a received end (the zygote gets its children's ends as fds).
+    pub(crate) fn from_owned(fd: OwnedFd) -> Channel {
+        Channel(fd)
     }
 
     pub fn fd(&self) -> RawFd {

@@ -7,49 +7,13 @@ use std::sync::Mutex;
 
 use nix::sched::CloneFlags;
 use nix::unistd::{fork, ForkResult, Pid};
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
-use serde::{Deserialize, Serialize};
+use oci_spec::runtime::{LinuxNamespaceType, Process};
 
 use super::error::{Error, IoContext, Result};
+// Callers name the request types through the zygote that carries them.
+pub use super::request::{SpawnKind, SpawnRequest};
 use super::spec::{ns_flag, ns_proc_name, NsPlan};
 use super::sync::{Channel, Msg};
-
-/// What to create.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum SpawnKind {
-    /// A container's init process.
-    Init {
-        id: String,
-        bundle: PathBuf,
-        spec: Box<Spec>,
-        /// Absolute host path of the (already mounted) rootfs.
-        rootfs: PathBuf,
-        /// The container's cgroup directories on the host, for its /sys/fs/cgroup.
-        cgroup_dirs: Vec<(String, PathBuf)>,
-    },
-    /// Runs hooks in the runtime's namespaces and reports `Ready` or `Error`.
-    Hooks {
-        hooks: Vec<oci_spec::runtime::Hook>,
-        state: String,
-        phase: String,
-    },
-    /// An extra process in the namespaces of a running container.
-    Exec {
-        init_pid: i32,
-        namespaces: Vec<LinuxNamespaceType>,
-    },
-}
-
-/// A request to the zygote. File descriptors travel alongside: first the child's end of
-/// the sync channel, then stdin, stdout and stderr unless `terminal` is set.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SpawnRequest {
-    pub kind: SpawnKind,
-    pub process: Process,
-    pub terminal: bool,
-    /// The container's seccomp filter (exec processes get the container's too).
-    pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
-}
 
 /// Handle to the zygote process.
 #[derive(Debug)]
@@ -194,13 +158,6 @@ fn zygote_main(chan: Channel) -> ! {
     }
 }
 
-impl Channel {
-    pub(crate) fn from_owned(fd: OwnedFd) -> Channel {
-        // SAFETY: we own `fd`; into_raw_fd hands ownership to the new Channel.
-        unsafe { Channel::from_raw(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
-    }
-}
-
 fn intermediate(req: SpawnRequest, sync: Channel, stdio: Vec<OwnedFd>) -> ! {
     if let SpawnKind::Hooks {
         hooks,
@@ -224,14 +181,7 @@ fn intermediate(req: SpawnRequest, sync: Channel, stdio: Vec<OwnedFd>) -> ! {
             std::process::exit(0)
         }
         Err(e) => {
-            let invalid = matches!(e, Error::InvalidSpec(_));
-            let _ = sync.send(
-                &Msg::Error {
-                    message: e.to_string(),
-                    invalid,
-                },
-                &[],
-            );
+            let _ = sync.send(&Msg::failure(&e), &[]);
             std::process::exit(1)
         }
     }

@@ -170,35 +170,8 @@ pub fn socket_in(work_dir: &Path) -> PathBuf {
 
 /// A guest cgroup's usage as the runtime's version-neutral stats (for containerd's metrics).
 pub fn stats_from_proto(p: &protocols::agent::CgroupStats) -> crate::linux::cgroups::Stats {
-    crate::linux::cgroups::Stats {
-        memory_usage: p.memory_usage,
-        memory_max_usage: p.memory_max_usage,
-        memory_limit: p.memory_limit,
-        memory_failcnt: p.memory_failcnt,
-        swap_usage: p.swap_usage,
-        swap_limit: p.swap_limit,
-        memory_stat: p.memory_stat.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        cpu_usage_ns: p.cpu_usage_ns,
-        cpu_user_ns: p.cpu_user_ns,
-        cpu_system_ns: p.cpu_system_ns,
-        cpu_percpu_ns: p.cpu_percpu_ns.clone(),
-        cpu_nr_periods: p.cpu_nr_periods,
-        cpu_nr_throttled: p.cpu_nr_throttled,
-        cpu_throttled_ns: p.cpu_throttled_ns,
-        pids_current: p.pids_current,
-        pids_limit: p.pids_limit,
-        io_bytes: p
-            .io
-            .iter()
-            .map(|i| (i.major, i.minor, i.op.clone(), i.value))
-            .collect(),
-        oom_kills: p.oom_kills,
-        memory_events: p
-            .memory_events
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-    }
+    // One mapping for both ends of the VM boundary: `runtime::proto`.
+    crate::linux::cgroups::Stats::from_proto(p)
 }
 
 #[cfg(test)]
