@@ -49,7 +49,7 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Status::Internal(format!("blocking task: {e}")))?
+        .map_err(|e| Status::failed("blocking task", e))?
 }
 
 /// Writes all of `buf`.
@@ -73,6 +73,28 @@ pub async fn write_all(afd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Resul
     Ok(())
 }
 
+/// Copies `from` into `to` until `from` ends or either side fails (a closed peer ends a
+/// copy, it is not an error to report); returns the bytes copied.
+pub async fn pump<R>(from: &mut R, to: &AsyncFd<OwnedFd>, buf_size: usize) -> u64
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; buf_size];
+    let mut total = 0;
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => {
+                if write_all(to, &buf[..n]).await.is_err() {
+                    return total;
+                }
+                total += n as u64;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +109,25 @@ mod tests {
         let n = read(&r, &mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"hello");
         assert_eq!(read(&r, &mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn pump_copies_until_the_source_ends() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (r, w) = (register(r).unwrap(), register(w).unwrap());
+        let mut from: &[u8] = &[7u8; 100_000];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match read(&r, &mut buf).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        assert_eq!(pump(&mut from, &w, 1024).await, 100_000);
+        drop(w);
+        assert_eq!(reader.await.unwrap(), vec![7u8; 100_000]);
     }
 }

@@ -10,7 +10,7 @@ use containerd_shim_protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC
 use containerd_shim_protos::ttrpc::context::Context;
 use tokio::sync::mpsc;
 
-use crate::process::Proc;
+use crate::process::{timestamp, Proc};
 
 pub type Event = (&'static str, Box<dyn MessageDyn>);
 
@@ -80,7 +80,7 @@ impl Events {
                 },
                 pid: st.pid as u32,
                 exit_status: st.exit_status,
-                exited_at: MessageField::from_option(st.exited_at.clone()),
+                exited_at: MessageField::from_option(st.exited_at.map(timestamp)),
                 ..Default::default()
             }
         };

@@ -87,14 +87,9 @@ fn runtime_name() -> config::RuntimeName {
 /// Reaps every exited child and hands its status to whoever waits for it: a VMM, a helper
 /// command, or a namespace-mode container process.
 async fn reap(linux: &LinuxSandbox) {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    loop {
-        let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid.as_raw(), 128 + sig as i32),
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => continue,
-        };
+    let mut exits = Vec::new();
+    runtime::linux::lifecycle::reap(|pid, code| exits.push((pid, code)));
+    for (pid, code) in exits {
         if runtime::vm::record_reaped(pid, code) || command::record_exit(pid, code) {
             continue;
         }

@@ -1,23 +1,18 @@
 //! Process records: what containerd knows of a container's init or exec process (state, pid,
 //! exit status, waiters), the same in every mode, and the mode's handle on the process.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use oci_spec::runtime::Process as OciProcess;
-use tokio::sync::watch;
+use runtime::linux::lifecycle::{ProcessRecord, ProcessState};
 
 use crate::error::{Result, ShimError};
 use crate::stdio::IoPaths;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Created,
-    Running,
-    Stopped,
-}
+pub use runtime::linux::lifecycle::ProcessStatus as Status;
 
 /// What a sandbox does to one process it runs (the init from Create, an exec from Start).
 #[async_trait]
@@ -34,28 +29,23 @@ pub trait ProcessOps: Send + Sync {
     fn exited(&self);
 }
 
-pub struct ProcState {
-    pub status: Status,
-    pub pid: i32,
-    pub exit_status: u32,
-    pub exited_at: Option<Timestamp>,
-}
-
 pub struct Proc {
     pub exec_id: String,
     pub io: IoPaths,
     /// For exec processes: the process spec, used when Start spawns it.
     pub spec: Option<OciProcess>,
-    state: Mutex<ProcState>,
+    /// State, pid, exit: the record runtimes keep (the agent keeps the same in the guest).
+    record: ProcessRecord<()>,
     /// The sandbox's handle, attached once the process exists.
     ops: OnceLock<Arc<dyn ProcessOps>>,
-    exited: watch::Sender<bool>,
 }
 
 pub fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    timestamp(SystemTime::now())
+}
+
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -65,32 +55,25 @@ pub fn now() -> Timestamp {
 
 impl Proc {
     pub fn new(exec_id: &str, io: IoPaths, spec: Option<OciProcess>) -> Arc<Proc> {
-        let (tx, _) = watch::channel(false);
         Arc::new(Proc {
             exec_id: exec_id.to_string(),
             io,
             spec,
-            state: Mutex::new(ProcState {
-                status: Status::Created,
-                pid: 0,
-                exit_status: 0,
-                exited_at: None,
-            }),
+            record: ProcessRecord::new(()),
             ops: OnceLock::new(),
-            exited: tx,
         })
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, ProcState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn lock(&self) -> MutexGuard<'_, ProcessState<()>> {
+        self.record.lock()
     }
 
     pub fn pid(&self) -> i32 {
-        self.lock().pid
+        self.record.pid()
     }
 
     pub fn status(&self) -> Status {
-        self.lock().status
+        self.record.status()
     }
 
     /// The process has a pid (it may already have exited: the exit keeps it).
@@ -102,9 +85,7 @@ impl Proc {
     pub fn set_running(&self, pid: i32) {
         let mut st = self.lock();
         st.pid = pid;
-        if st.status == Status::Created {
-            st.status = Status::Running;
-        }
+        st.started();
     }
 
     pub fn attach(&self, ops: Arc<dyn ProcessOps>) -> Result<()> {
@@ -124,26 +105,19 @@ impl Proc {
         self.ops.get().is_some()
     }
 
-    /// Records the exit; returns false if it was already recorded.
+    /// Records the exit; returns false if it was already recorded. The sandbox's handle
+    /// then stops what only a live process needs.
     pub fn set_exited(&self, code: i32) -> bool {
-        let mut st = self.lock();
-        if st.status == Status::Stopped {
+        if !self.record.set_exited(code, |_| {}) {
             return false;
         }
-        st.status = Status::Stopped;
-        st.exit_status = code as u32;
-        st.exited_at = Some(now());
-        drop(st);
         if let Some(ops) = self.ops.get() {
             ops.exited();
         }
-        // send_replace stores the value even when nobody waits yet; send() would drop it.
-        self.exited.send_replace(true);
         true
     }
 
     pub async fn wait(&self) {
-        let mut rx = self.exited.subscribe();
-        let _ = rx.wait_for(|e| *e).await;
+        self.record.wait().await
     }
 }

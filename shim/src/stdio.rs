@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime::aio;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::error::{Result, ShimError};
@@ -342,17 +342,7 @@ pub fn start_tty(master: OwnedFd, io: &IoPaths) -> Result<Tty> {
             else {
                 return;
             };
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match inp.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if aio::write_all(&writer, &buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            aio::pump(&mut inp, &writer, 32 * 1024).await;
         }))
     };
     Ok(Tty {

@@ -26,7 +26,7 @@ use runtime::linux::spec as rtspec;
 use crate::error::{Result, ShimError};
 use crate::events::Events;
 use crate::node::Sandboxes;
-use crate::process::{Proc, Status};
+use crate::process::{timestamp, Proc, Status};
 use crate::sandbox::{ContainerOps, Sandbox};
 use crate::stdio::IoPaths;
 
@@ -109,7 +109,7 @@ fn delete_response(p: &Proc) -> DeleteResponse {
     DeleteResponse {
         pid: st.pid as u32,
         exit_status: st.exit_status,
-        exited_at: MessageField::from_option(st.exited_at.clone()),
+        exited_at: MessageField::from_option(st.exited_at.map(timestamp)),
         ..Default::default()
     }
 }
@@ -347,7 +347,7 @@ impl Task for TaskService {
             stderr: p.io.stderr.clone(),
             terminal: p.io.terminal,
             exit_status: st.exit_status,
-            exited_at: MessageField::from_option(st.exited_at.clone()),
+            exited_at: MessageField::from_option(st.exited_at.map(timestamp)),
             exec_id: req.exec_id.clone(),
             ..Default::default()
         })
@@ -516,7 +516,7 @@ impl Task for TaskService {
         let st = p.lock();
         Ok(WaitResponse {
             exit_status: st.exit_status,
-            exited_at: MessageField::from_option(st.exited_at.clone()),
+            exited_at: MessageField::from_option(st.exited_at.map(timestamp)),
             ..Default::default()
         })
     }

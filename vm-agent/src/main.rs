@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime::aio;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 pub const AGENT_PORT: &str = "janus.agent";
@@ -75,17 +75,7 @@ async fn pump(port_path: PathBuf) -> std::io::Result<()> {
         wr.write_all(&buf[..n]).await?;
         let p2 = port.clone();
         let to_host = tokio::spawn(async move {
-            let mut b = vec![0u8; 64 * 1024];
-            loop {
-                match rd.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if aio::write_all(&p2, &b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            aio::pump(&mut rd, &p2, 64 * 1024).await;
         });
         loop {
             match aio::read(&port, &mut buf).await {

@@ -1,5 +1,5 @@
 //! What both sandboxes do on the host for a container: its rootfs (containerd's snapshot,
-//! mounted where the spec's root says), and blocking work kept off the async threads.
+//! mounted where the spec's root says); blocking work goes through `runtime::aio::blocking`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,16 +7,8 @@ use containerd_shim_protos::api::CreateTaskRequest;
 use oci_spec::runtime::Spec;
 use runtime::linux::mounts;
 
-use crate::error::{Result, ShimError};
-
-/// Runs blocking work (file systems, cgroups, the zygote's handshake) off the async threads.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ShimError::failed("blocking task", e))?
-}
+use crate::error::Result;
+pub use runtime::aio::blocking;
 
 /// The spec's root, absolute (relative roots are in the bundle).
 pub fn rootfs_path(spec: &Spec, bundle: &Path) -> PathBuf {

@@ -3,7 +3,6 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +11,8 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
-use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::cgroups::Cgroup;
+use runtime::linux::lifecycle::OomMonitor;
 use runtime::linux::mounts;
 use runtime::linux::spawn;
 use runtime::linux::sync::Channel;
@@ -33,8 +33,7 @@ use crate::stdio::{self, Tty};
 pub struct ExitScope {
     pub id: String,
     pub cgroup: Cgroup,
-    /// OOM kills already reported (shared with the OOM watcher thread).
-    pub oom_seen: Option<Arc<AtomicU64>>,
+    pub oom: Option<OomMonitor>,
     pub own_pidns: bool,
     pub events: Events,
 }
@@ -44,11 +43,7 @@ impl ExitScope {
         let is_init = p.exec_id.is_empty();
         // An OOM kill the watcher thread has not reported yet must still reach containerd,
         // and before the exit.
-        let oom = is_init
-            && match (&self.oom_seen, self.cgroup.oom_kill_count()) {
-                (Some(seen), Some(k)) => cgroups::claim(seen, k),
-                _ => false,
-            };
+        let oom = is_init && self.oom.as_ref().is_some_and(|m| m.claim_unreported());
         if is_init && !self.own_pidns {
             // Without its own pid namespace nothing reaps the container's other processes
             // when init dies: do what the kernel would.

@@ -2,11 +2,9 @@
 //! (`runtime::linux`), their exits seen by the shim's reaper.
 
 mod container;
-mod exits;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -22,7 +20,7 @@ use runtime::linux::{mounts, spec as rtspec};
 
 pub use container::signal_pid;
 use container::{ExitScope, LinuxContainer, LinuxProcess};
-use exits::{Owner, PidTable};
+use runtime::linux::lifecycle::{ExitTable, OomMonitor};
 
 use super::host::{blocking, mount_rootfs, rootfs_path};
 use super::{ContainerOps, Isolation, Sandbox};
@@ -42,7 +40,14 @@ pub struct LinuxSandbox {
     me: Weak<LinuxSandbox>,
     namespace: String,
     events: Events,
-    exits: PidTable,
+    exits: ExitTable<Owner>,
+}
+
+/// Who a pid is: its container's exit handling and its process record.
+#[derive(Clone)]
+struct Owner {
+    container: Arc<ExitScope>,
+    proc: Arc<Proc>,
 }
 
 /// A process set up by the zygote, waiting for Start.
@@ -65,7 +70,7 @@ impl Spawned {
 
 /// The shim's part of the zygote's setup handshake: the pid table and the create hooks.
 struct Setup<'a> {
-    exits: &'a PidTable,
+    exits: &'a ExitTable<Owner>,
     owner: Owner,
     hooks: Option<(&'a Spec, &'a str, &'a Path)>,
 }
@@ -77,7 +82,7 @@ impl spawn::SetupHooks for Setup<'_> {
     }
 
     fn unregister(&mut self, pid: i32) {
-        self.exits.unregister(pid)
+        self.exits.unregister(pid);
     }
 
     fn runtime_hooks(&mut self, pid: i32) -> runtime::linux::Result<()> {
@@ -95,7 +100,7 @@ impl LinuxSandbox {
             me: me.clone(),
             namespace,
             events,
-            exits: PidTable::default(),
+            exits: ExitTable::default(),
         })
     }
 
@@ -144,7 +149,7 @@ impl LinuxSandbox {
             let scope = Arc::new(ExitScope {
                 id: req.id.clone(),
                 cgroup: cg.clone(),
-                oom_seen: self.watch_oom(&req.id, &cg),
+                oom: self.watch_oom(&req.id, &cg),
                 own_pidns: NsPlan::from_spec(spec)?.new_pid(),
                 events: self.events.clone(),
             });
@@ -220,33 +225,20 @@ impl LinuxSandbox {
         })
     }
 
-    /// Watches the cgroup's OOM kills on a thread of its own; the counter is shared with the
-    /// exit handling (which reports a kill the watcher has not yet).
-    fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<Arc<AtomicU64>> {
-        let mut w = match cg.oom_watcher() {
-            Ok(w) => w,
-            Err(e) => {
-                log::warn!("no OOM events for {id}: {e}");
-                return None;
-            }
+    /// Watches the cgroup's OOM kills on a thread of its own (TaskOOM as they happen); the
+    /// exit handling claims a kill the thread has not reported yet.
+    fn watch_oom(&self, id: &str, cg: &Cgroup) -> Option<OomMonitor> {
+        let (events, id2) = (self.events.clone(), id.to_string());
+        let report = move || {
+            events.send_blocking(
+                containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC,
+                crate::events::oom_event(&id2),
+            );
+            true
         };
-        let seen = w.counter();
-        let (events, id) = (self.events.clone(), id.to_string());
-        let started = std::thread::Builder::new()
-            .name("oom".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                while w.wait() {
-                    events.send_blocking(
-                        containerd_shim_protos::topics::TASK_OOM_EVENT_TOPIC,
-                        crate::events::oom_event(&id),
-                    );
-                }
-            });
-        if let Err(e) = started {
-            log::warn!("no OOM watcher: {e}");
-        }
-        Some(seen)
+        OomMonitor::start(cg, report)
+            .map_err(|e| log::warn!("no OOM events for {id}: {e}"))
+            .ok()
     }
 }
 

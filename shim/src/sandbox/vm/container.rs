@@ -272,7 +272,7 @@ impl ContainerOps for VmContainer {
         let r = pod
             .call("stats", pod.agent.stats(pod.ctx(), &creq(&self.id)))
             .await?;
-        let s = runtime::vm::agent::stats_from_proto(&r.stats.unwrap_or_default());
+        let s = cgroups::Stats::from_proto(&r.stats.unwrap_or_default());
         // The guest is cgroup v2.
         metrics::to_any(cgroups::Mode::V2, &s)
     }
