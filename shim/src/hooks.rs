@@ -40,7 +40,8 @@ impl Phase {
     }
 }
 
-/// Runs the spec's hooks of `phase` for container `id` (blocking); a failure is an error.
+/// Runs the spec's hooks of `phase` for container `id` (blocking); a failure is an error
+/// (the runtime's own, so a hook failing inside the zygote's setup handshake keeps its kind).
 pub fn run(
     spec: &Spec,
     id: &str,
@@ -48,7 +49,7 @@ pub fn run(
     phase: Phase,
     pid: i32,
     status: &str,
-) -> Result<()> {
+) -> runtime::linux::Result<()> {
     let Some(h) = spec.hooks() else { return Ok(()) };
     let list = match phase {
         Phase::Prestart => h.prestart(),
@@ -62,8 +63,10 @@ pub fn run(
         return Ok(());
     }
     let state = hooks::state_json(id, status, pid, bundle, spec.annotations().as_ref());
-    zygote()?.run_hooks(list, state, phase.name())?;
-    Ok(())
+    let z = ZYGOTE
+        .get()
+        .ok_or_else(|| runtime::linux::Error::Child("zygote not running".into()))?;
+    z.run_hooks(list, state, phase.name())
 }
 
 /// Poststart and poststop: OCI says a failure only warrants a warning.
@@ -74,7 +77,7 @@ pub fn run_warn(spec: &Spec, id: &str, bundle: &Path, phase: Phase, pid: i32, st
 }
 
 /// prestart then createRuntime, with the container "creating" (its pid known).
-pub fn run_create(spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
+pub fn run_create(spec: &Spec, id: &str, bundle: &Path, pid: i32) -> runtime::linux::Result<()> {
     run(spec, id, bundle, Phase::Prestart, pid, "creating")?;
     run(spec, id, bundle, Phase::CreateRuntime, pid, "creating")
 }

@@ -90,7 +90,6 @@ impl spawn::SetupHooks for Setup<'_> {
             return Ok(());
         };
         hooks::run_create(spec, id, bundle, pid)
-            .map_err(|e| runtime::linux::Error::Child(format!("{e}")))
     }
 }
 

@@ -181,7 +181,7 @@ impl VmSandbox {
             }
         };
         let (spec2, id2, bundle) = (spec.clone(), req.id.clone(), PathBuf::from(&req.bundle));
-        if let Err(e) = blocking(move || hooks::run_create(&spec2, &id2, &bundle, pid)).await {
+        if let Err(e) = blocking(move || Ok(hooks::run_create(&spec2, &id2, &bundle, pid)?)).await {
             let rm = container::creq(&req.id);
             let _ = pod
                 .call(
