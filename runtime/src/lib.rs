@@ -3,7 +3,8 @@
 //! `linux` turns an OCI runtime spec into a Linux container in-process (no runc binary):
 //! namespaces, mounts, pivot_root, cgroups, capabilities, rlimits and process management.
 //! `vm` (cargo feature `vm`, off by default so the in-guest agent does not link it) is the
-//! host side of VM mode: the hypervisor trait, the QEMU driver and the agent client.
+//! host side of VM mode: the hypervisor trait, its drivers (QEMU, janus-vmm), virtiofsd and the
+//! agent client.
 
 #[cfg(feature = "aio")]
 pub mod aio;

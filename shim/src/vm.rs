@@ -26,17 +26,14 @@ use oci_spec::runtime::Spec;
 use protocols::agent as pa;
 use runtime::aio;
 use runtime::linux::cgroups::Cgroup;
-use runtime::vm::{
-    agent, builtin::Builtin, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm,
-};
+use runtime::vm::virtiofsd::{self, Virtiofsd, VirtiofsdConfig};
+use runtime::vm::{agent, AgentClient, FsShare, StdioPlane, Vm};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::error::{Result, ShimError};
 use crate::stdio::{self, IoPaths};
 
-/// Debian ships virtiofsd with QEMU.
-pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 /// Where the agent mounts the pod's share in the guest: one directory per container, with its
 /// rootfs and host binds.
 pub const GUEST_SHARED: &str = "/run/janus/shared";
@@ -61,29 +58,9 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
             ShimError::FailedPrecondition(e.to_string())
         }
         runtime::vm::Error::AgentTimeout { .. } => ShimError::DeadlineExceeded(e.to_string()),
+        runtime::vm::Error::UnknownDriver(_) => ShimError::InvalidArgument(e.to_string()),
         runtime::vm::Error::Agent(t) => rpc(t),
         _ => ShimError::Internal(e.to_string()),
-    }
-}
-
-/// The driver for the config's `vm.hypervisor`: "qemu" (the default) or "builtin" (janus-vmm,
-/// which needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it,
-/// so the container fails at once with FailedPrecondition instead of hanging in boot).
-pub fn hypervisor(name: Option<&str>) -> std::result::Result<Box<dyn Hypervisor>, ShimError> {
-    match name.unwrap_or("qemu") {
-        "qemu" => Ok(Box::new(Qemu::new())),
-        "builtin" => match runtime::vm::builtin::hardware_virtualization() {
-            Some(_) => Ok(Box::new(Builtin::new())),
-            None => Err(ShimError::FailedPrecondition(
-                "vm.hypervisor = \"builtin\" needs hardware virtualization, but this CPU shows \
-                 neither vmx nor svm (a nested software KVM cannot boot Linux): use \
-                 hypervisor = \"qemu\", which falls back to software emulation"
-                    .into(),
-            )),
-        },
-        other => Err(ShimError::InvalidArgument(format!(
-            "vm.hypervisor = {other:?}: \"qemu\" or \"builtin\""
-        ))),
     }
 }
 
@@ -206,12 +183,17 @@ impl VmPod {
                 )));
             }
         }
-        let hypervisor = hypervisor(config.vm.hypervisor.as_deref())?;
-        if !Path::new(VIRTIOFSD).is_file() {
-            return Err(ShimError::FailedPrecondition(format!(
-                "virtiofsd not found at {VIRTIOFSD}: apt-get install qemu-system-x86 (Debian ships it with QEMU)"
-            )));
-        }
+        // "builtin" without vmx/svm is refused here (FailedPrecondition) instead of hanging
+        // in a boot that cannot finish.
+        let hypervisor = runtime::vm::driver(
+            config
+                .vm
+                .hypervisor
+                .as_deref()
+                .unwrap_or(runtime::vm::DEFAULT_DRIVER),
+        )
+        .map_err(vm_err)?;
+        virtiofsd::find().map_err(vm_err)?;
         let (vcpus, memory_mib) = vm_size(
             config.vm.vcpus.unwrap_or(1),
             config.vm.memory_mib.unwrap_or(256),
@@ -241,51 +223,22 @@ impl VmPod {
         let shared = work_dir.with_extension("shared");
         remove_share(&shared);
         mkdir(&shared)?;
-        let log = std::fs::File::create(bundle.join("virtiofsd.log"))
-            .map_err(|e| ShimError::Internal(format!("virtiofsd log: {e}")))?;
-        let mut vfs_cmd = std::process::Command::new(VIRTIOFSD);
-        if let Some(cg) = &cgroup {
-            cg.place_child(&mut vfs_cmd)?;
-        }
-        let child = vfs_cmd
-            .arg(format!("--socket-path={}", vfs_sock.display()))
-            .args([
-                "-o",
-                &format!("source={}", shared.display()),
-                "-o",
-                "cache=none",
-                // chroot, not a mount namespace of its own: containers added to the pod later
-                // are bind mounts under the share made after virtiofsd starts, and it must
-                // see them.
-                "-o",
-                "sandbox=chroot",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| ShimError::FailedPrecondition(format!("start {VIRTIOFSD}: {e}")))?;
-        let virtiofsd = child.id();
-        // The shim's reaper collects it; the handle is not waited on here.
-        drop(child);
+        let mut vfs_cfg = VirtiofsdConfig::new(&shared, &vfs_sock, bundle.join("virtiofsd.log"));
+        vfs_cfg.cgroup = cgroup.clone();
+        let virtiofsd = match Virtiofsd::start(&vfs_cfg).await {
+            // The shim's reaper collects it.
+            Ok(v) => v.detach(),
+            Err(e) => {
+                remove_share(&shared);
+                return Err(vm_err(e));
+            }
+        };
         let kill_vfs = || {
             // SAFETY: kill(2) has no memory effects; the pid is our child until reaped.
             unsafe { libc::kill(virtiofsd as i32, libc::SIGKILL) };
             let _ = std::fs::remove_file(&vfs_sock);
             remove_share(&shared);
         };
-        let t = Instant::now();
-        while !vfs_sock.exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                kill_vfs();
-                return Err(ShimError::Internal(format!(
-                    "virtiofsd did not create {} within 10 s (see {})",
-                    vfs_sock.display(),
-                    bundle.join("virtiofsd.log").display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         let net = match netns {
             Some(ns) => {
                 let r = tokio::task::spawn_blocking(move || crate::vmnet::setup(&ns))
@@ -545,7 +498,7 @@ pub fn cleanup_leftovers(bundle: &Path) {
     };
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     if let Some(wd) = v["work_dir"].as_str() {
-        if let Err(e) = runtime::vm::qemu::cleanup_work_dir(Path::new(wd)) {
+        if let Err(e) = runtime::vm::cleanup_work_dir(Path::new(wd)) {
             log::warn!("VM leftovers in {wd}: {e}");
         }
     }
