@@ -66,7 +66,7 @@ fn default_guest_dir() -> PathBuf {
 /// `containerd-shim-janus-vm-v2` alias does).
 /// Returns whether everything VM mode needs is in place.
 fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool, builtin: bool) -> bool {
-    use runtime::vm::{builtin::Builtin, qemu, Hypervisor, VmConfig};
+    use runtime::vm::{qemu, VmConfig};
     let bad = if required { Level::Fail } else { Level::Warn };
     match qemu::find_qemu(None) {
         Ok(q) => r.line(Level::Ok, "qemu", q.display().to_string()),
@@ -75,18 +75,12 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool, builtin: bool) ->
             return false;
         }
     }
-    let vfs = Path::new("/usr/lib/qemu/virtiofsd");
-    r.line(
-        if vfs.is_file() { Level::Ok } else { bad },
-        "virtiofsd",
-        if vfs.is_file() {
-            vfs.display().to_string()
-        } else {
-            "missing: apt-get install qemu-system-x86 (ships /usr/lib/qemu/virtiofsd)".into()
-        },
-    );
-    if !vfs.is_file() {
-        return false;
+    match runtime::vm::virtiofsd::find() {
+        Ok(vfs) => r.line(Level::Ok, "virtiofsd", vfs.display().to_string()),
+        Err(e) => {
+            r.line(bad, "virtiofsd", e.to_string());
+            return false;
+        }
     }
     // QEMU runs in its own work dir: give it absolute paths.
     let guest_dir = std::fs::canonicalize(guest_dir).unwrap_or_else(|_| guest_dir.to_path_buf());
@@ -113,10 +107,12 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool, builtin: bool) ->
         }
     };
     // The driver the config selects (builtin only gets here with vmx/svm present).
-    let driver: Box<dyn Hypervisor> = if builtin {
-        Box::new(Builtin::new())
-    } else {
-        Box::new(qemu::Qemu::new())
+    let driver = match runtime::vm::driver(if builtin { "builtin" } else { "qemu" }) {
+        Ok(d) => d,
+        Err(e) => {
+            r.line(bad, "test boot", e.to_string());
+            return false;
+        }
     };
     let vmm = if builtin { "janus-vmm" } else { "QEMU" };
     let res = rt.block_on(async {
@@ -324,7 +320,7 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
     }
 
     // VM mode prerequisites
-    let hw = runtime::vm::builtin::hardware_virtualization().is_some();
+    let hw = runtime::vm::hardware_virtualization().is_some();
     let kvm = Path::new("/dev/kvm").exists();
     let accel = match (hw, kvm) {
         (true, true) => "KVM usable (vmx/svm present, /dev/kvm exists)".to_string(),

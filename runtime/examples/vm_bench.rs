@@ -10,15 +10,13 @@
 //! Needs hack/build-guest.sh's output and /usr/lib/qemu/virtiofsd.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use protocols::agent::*;
+use runtime::vm::virtiofsd::{Virtiofsd, VirtiofsdConfig};
 use runtime::vm::{agent, qemu::Qemu, FsShare, Hypervisor, StdioPlane, VmConfig};
 use tokio::io::AsyncReadExt;
-
-const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -68,14 +66,6 @@ async fn agent_boot(cfg: &VmConfig) -> Result<f64> {
     Ok(ms)
 }
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn stdio_throughput(guest: &Path, mib: u64) -> Result<(f64, f64)> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("rootfs");
@@ -86,24 +76,12 @@ async fn stdio_throughput(guest: &Path, mib: u64) -> Result<(f64, f64)> {
         .context("/bin/busybox (apt-get install busybox-static)")?;
     std::fs::hard_link(root.join("bin/busybox"), root.join("bin/dd"))?;
     let sock = tmp.path().join("vfs.sock");
-    let _vfs = Child(
-        Command::new(VIRTIOFSD)
-            .arg(format!("--socket-path={}", sock.display()))
-            .args(["-o", &format!("source={}", tmp.path().display())])
-            .args(["-o", "cache=none"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {VIRTIOFSD}"))?,
-    );
-    let t = Instant::now();
-    while !sock.exists() {
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("virtiofsd did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let _vfs = Virtiofsd::start(&VirtiofsdConfig::new(
+        tmp.path(),
+        &sock,
+        tmp.path().join("virtiofsd.log"),
+    ))
+    .await?;
     let mut cfg = VmConfig::from_guest_dir(guest)?;
     cfg.shared_memory = true;
     cfg.fs = Some(FsShare {
@@ -223,7 +201,7 @@ async fn main() -> Result<()> {
         b.push(bare_boot(&bare).await?);
         a.push(agent_boot(&full).await?);
     }
-    let accel = runtime::vm::qemu::choose_accel(runtime::vm::Accel::Auto)?.accel;
+    let accel = runtime::vm::choose_accel(runtime::vm::Accel::Auto)?.accel;
     let (bm, am) = (median(&mut b), median(&mut a));
     let (mbps, secs) = stdio_throughput(&guest, mib).await?;
     println!("== VM mode (QEMU, accel {accel}, {boots} boots each) ==");

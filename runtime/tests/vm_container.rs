@@ -8,18 +8,17 @@
 #![allow(clippy::await_holding_lock)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use protocols::agent::*;
+use runtime::vm::virtiofsd::{Virtiofsd, VirtiofsdConfig};
 use runtime::vm::{agent, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
 use serde_json::json;
 use tokio::sync::mpsc::Receiver;
 
 static BOOT: Mutex<()> = Mutex::new(());
 
-const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 const SHARED: &str = "/run/janus/shared";
 const ROOT: &str = "/run/janus/shared/rootfs";
 
@@ -44,43 +43,11 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
     root
 }
 
-struct Virtiofsd(Child);
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn virtiofsd(sock: &Path, source: &Path, log: &Path) -> Virtiofsd {
-    assert!(
-        Path::new(VIRTIOFSD).is_file(),
-        "{VIRTIOFSD} is missing: apt-get install qemu-system-x86 (Debian ships virtiofsd with it)"
-    );
-    let child = Command::new(VIRTIOFSD)
-        .arg(format!("--socket-path={}", sock.display()))
-        .args([
-            "-o",
-            &format!("source={}", source.display()),
-            "-o",
-            "cache=none",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start virtiofsd");
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "virtiofsd did not create {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Virtiofsd(child)
+/// virtiofsd on `source`, as the shim starts it.
+async fn virtiofsd(sock: &Path, source: &Path, log: &Path) -> Virtiofsd {
+    Virtiofsd::start(&VirtiofsdConfig::new(source, sock, log))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -173,7 +140,7 @@ impl Guest {
         let vfs_sock = tmp.path().join("vfs.sock");
         let vfs_log = tmp.path().join("virtiofsd.log");
         // The share is the directory holding rootfs/, as a pod's share holds its containers'.
-        let vfs = virtiofsd(&vfs_sock, tmp.path(), &vfs_log);
+        let vfs = virtiofsd(&vfs_sock, tmp.path(), &vfs_log).await;
         let mut cfg = VmConfig::from_guest_dir(&guest_dir())
             .unwrap_or_else(|e| panic!("{e} (run hack/build-guest.sh)"));
         cfg.shared_memory = true;
@@ -337,7 +304,7 @@ impl Guest {
         let mut vfs = self.vfs.take().unwrap();
         let t = Instant::now();
         loop {
-            if vfs.0.try_wait().unwrap().is_some() {
+            if vfs.try_wait().unwrap().is_some() {
                 break;
             }
             assert!(

@@ -74,13 +74,6 @@ fn agent_config() -> VmConfig {
     VmConfig::new(kernel, initrd)
 }
 
-fn host_has_virt() -> bool {
-    let ci = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-    ci.lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
-
 fn gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -106,7 +99,7 @@ async fn testinit_boots_and_powers_off() {
     let (pid, dir) = (vm.pid(), vm.work_dir().to_path_buf());
     assert!(dir.is_dir());
     assert!(vm.agent_socket().starts_with(&dir) && vm.console_log().starts_with(&dir));
-    if !host_has_virt() {
+    if runtime::vm::hardware_virtualization().is_none() {
         assert_eq!(vm.accel(), Accel::Tcg, "no vmx/svm: TCG");
     }
 

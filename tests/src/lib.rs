@@ -61,16 +61,6 @@ const SYS_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 // Paths, knobs
 
 /// The workspace root (parent of this crate).
-/// "vmx" or "svm" when /proc/cpuinfo's flags show hardware virtualization (tests whose full
-/// run needs it say NOT RUN elsewhere).
-pub fn hw_virt() -> Option<&'static str> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
-    ["vmx", "svm"]
-        .into_iter()
-        .find(|f| flags.split_whitespace().any(|w| w == *f))
-}
-
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -105,7 +105,7 @@ fn check_reports_the_builtin_driver() {
         "mode = \"vm\"\n[vm]\nhypervisor = \"builtin\"\n",
         &[],
     );
-    let hw = janus_tests::hw_virt().is_some();
+    let hw = runtime::vm::hardware_virtualization().is_some();
     let line = out
         .lines()
         .find(|l| l.contains("hypervisor driver"))

@@ -816,7 +816,7 @@ mod janus_vm_faults {
 mod janus_vm_builtin {
     use super::*;
 
-    use janus_tests::hw_virt;
+    use runtime::vm::hardware_virtualization as hw_virt;
 
     #[test]
     fn builtin_without_hardware_virtualization_is_a_failed_precondition() {

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{build_guest, kvm_or_say, Virtiofsd};
+use common::{build_guest, kvm_or_say, virtiofsd};
 use runtime::vm::builtin::Builtin;
 use runtime::vm::{FsShare, Vm, VmConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -46,12 +46,12 @@ async fn builtin_driver_runs_janus_vmm_with_the_agent_ports() {
     let d = tempfile::tempdir().unwrap();
     let share = d.path().join("share");
     std::fs::create_dir(&share).unwrap();
-    let vfs = Virtiofsd::start(d.path(), &share);
+    let (vfs, _) = virtiofsd(d.path(), &share).await;
     let mut cfg = config("virtio_console_ports", d.path());
     cfg.name = Some("driver-test".into());
     cfg.fs = Some(FsShare {
         tag: "janus".into(),
-        socket: vfs.socket.clone(),
+        socket: vfs.socket().to_path_buf(),
     });
     let vm = Builtin::new().start_vm(&cfg).await.expect("janus-vmm up");
     let args = cmdline(vm.pid());
@@ -65,7 +65,7 @@ async fn builtin_driver_runs_janus_vmm_with_the_agent_ports() {
     ] {
         assert!(args.contains(want), "{want} in {args}");
     }
-    let pidfile = vm.work_dir().join(runtime::vm::builtin::VMM_PIDFILE);
+    let pidfile = vm.work_dir().join(runtime::vm::builtin::VMM_FILES.pidfile);
     assert_eq!(
         std::fs::read_to_string(&pidfile).unwrap().trim(),
         vm.pid().to_string()
@@ -128,7 +128,7 @@ async fn leftover_janus_vmm_is_cleaned_up() {
     // Forget the handle as a crashed shim would (no kill on drop).
     std::mem::forget(vm);
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
-    assert!(runtime::vm::qemu::cleanup_work_dir(&wd).unwrap(), "killed");
+    assert!(runtime::vm::cleanup_work_dir(&wd).unwrap(), "killed");
     assert!(!wd.exists());
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     assert!(

@@ -193,11 +193,7 @@ fn tail(s: &str) -> String {
 /// parity test above covers what can run there.
 #[test]
 fn linux_boots_to_init_with_hardware_virtualization() {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
-    if !hw {
+    if runtime::vm::hardware_virtualization().is_none() {
         eprintln!(
             "linux_boots_to_init_with_hardware_virtualization: NOT RUN: the CPU shows no vmx/svm \
              (a software KVM cannot run a Linux guest to the end)"

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{build_guest, kvm_or_say, out_dir, Virtiofsd};
+use common::{build_guest, kvm_or_say, out_dir, virtiofsd};
 
 struct Run {
     code: i32,
@@ -416,11 +416,8 @@ fn virtio_fs_round_trip_through_virtiofsd() {
     if !kvm_or_say("virtio_fs_round_trip_through_virtiofsd") {
         return;
     }
-    if !Path::new(Virtiofsd::BIN).exists() {
-        eprintln!(
-            "virtio_fs_round_trip_through_virtiofsd: NOT RUN: no {}",
-            Virtiofsd::BIN
-        );
+    if let Err(e) = runtime::vm::virtiofsd::find() {
+        eprintln!("virtio_fs_round_trip_through_virtiofsd: NOT RUN: {e}");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -428,15 +425,22 @@ fn virtio_fs_round_trip_through_virtiofsd() {
     std::fs::create_dir(&share).unwrap();
     let content = "janus virtio-fs says hello";
     std::fs::write(share.join("hello.txt"), content).unwrap();
-    let mut fsd = Virtiofsd::start(tmp.path(), &share);
-    let fs_arg = format!("myfs={}", fsd.socket.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let (mut fsd, fsd_log) = rt.block_on(virtiofsd(tmp.path(), &share));
+    let fs_arg = format!("myfs={}", fsd.socket().display());
     let r = run_guest(
         "virtio_fs",
         "virtio_fs",
         &["--shared-memory", "--fs", &fs_arg],
     );
-    let status = fsd.wait();
-    let log = std::fs::read_to_string(&fsd.log).unwrap_or_default();
+    // virtiofsd ends when the VMM closes the session.
+    let status = fsd
+        .wait_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let log = std::fs::read_to_string(&fsd_log).unwrap_or_default();
     assert_eq!(r.code, 0, "{}\n{}\nvirtiofsd:\n{log}", r.serial, r.stderr);
     assert!(
         !r.serial.contains("FAIL"),

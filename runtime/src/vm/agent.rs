@@ -165,7 +165,7 @@ pub(crate) async fn connect_socket(sock: &Path, last_error: &mut String) -> Unix
 
 /// Where the agent socket of a work directory is (for tools that only have the directory).
 pub fn socket_in(work_dir: &Path) -> PathBuf {
-    work_dir.join(super::qemu::AGENT_SOCK)
+    work_dir.join(super::workdir::AGENT_SOCK)
 }
 
 /// A guest cgroup's usage as the runtime's version-neutral stats (for containerd's metrics).
@@ -254,7 +254,7 @@ mod tests {
             Error::Boot {
                 reason: "gone".into(),
                 console_tail: String::new(),
-                qemu_log: String::new(),
+                vmm_log: String::new(),
             }
         };
         let e = connect_with(

@@ -6,28 +6,30 @@
 //! QEMU's `server=on,wait=off` semantics, so the agent and the host side are the same code),
 //! virtio-fs through virtiofsd (vhost-user), virtio-net on a tap, ttyS0 into `console.log`,
 //! its ACPI S5 power-off ending the process. janus-vmm writes its pidfile (`vmm.pid`) and
-//! carries the pidfile's path on its command line, so [`super::qemu::cleanup_work_dir`]
-//! recognises a leftover one after a crash.
+//! carries the pidfile's path on its command line, so [`super::cleanup_work_dir`] recognises
+//! a leftover one after a crash.
 //!
 //! KVM only: the builtin VMM has no software emulation. It needs hardware virtualization
 //! (vmx/svm) to run a Linux guest; on a host without it (a nested software KVM such as PVM)
-//! KVM still opens but a Linux guest cannot boot, which [`hardware_virtualization`] tells
-//! callers so they can refuse early.
+//! KVM still opens but a Linux guest cannot boot, which
+//! [`hardware_virtualization`](super::hardware_virtualization) tells callers
+//! ([`super::driver`] among them) so they can refuse early.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::qemu::{
-    check_config, choose_accel, connect_channels, kernel_cmdline, prepare_work_dir, spawn_vmm,
-    ProcessVm, WorkDir,
-};
+use super::accel::choose_accel;
+use super::vmm_process::{check_config, kernel_cmdline, Launch, ProcessVm};
+use super::workdir::{VmmFiles, WorkDir};
 use super::{Accel, Error, Hypervisor, Result, Vm, VmConfig, AGENT_PORT, STDIO_PORT};
 
 pub const VMM_BINARY: &str = "janus-vmm";
-pub const VMM_LOG: &str = "vmm.log";
-pub const VMM_PIDFILE: &str = "vmm.pid";
+/// janus-vmm's log and pidfile in the work directory.
+pub const VMM_FILES: VmmFiles = VmmFiles {
+    log: "vmm.log",
+    pidfile: "vmm.pid",
+};
 
 /// The builtin driver.
 #[derive(Clone, Debug, Default)]
@@ -53,11 +55,6 @@ impl Hypervisor for Builtin {
     async fn start(&self, config: &VmConfig) -> Result<Box<dyn Vm>> {
         Ok(Box::new(start(config).await?))
     }
-}
-
-/// "vmx" or "svm" when the CPU shows hardware virtualization.
-pub fn hardware_virtualization() -> Option<&'static str> {
-    super::qemu::cpu_virt_flag(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
 }
 
 /// janus-vmm: `configured`, else next to the running binary (a release build puts the shim
@@ -143,42 +140,15 @@ async fn start(cfg: &VmConfig) -> Result<ProcessVm> {
         ));
     }
     let accel = choose_accel(Accel::Kvm)?;
-    let (mut wd, mut dir_guard) = prepare_work_dir(cfg)?;
-    wd.qemu_log = wd.dir.join(VMM_LOG);
-    wd.pidfile = wd.dir.join(VMM_PIDFILE);
     let cmdline = kernel_cmdline(Accel::Kvm, None, &cfg.kernel_params);
-    let args = vmm_args(cfg, &wd, &cmdline);
-    let started = Instant::now();
-    let proc = spawn_vmm(&vmm, &args, &wd, cfg)?;
-    log::info!(
-        "vm: janus-vmm pid {} ({}), {} vCPU, {} MiB, kernel {}, work dir {}",
-        proc.pid(),
-        accel.reason,
-        cfg.vcpus,
-        cfg.memory_mib,
-        cfg.kernel.display(),
-        wd.dir.display()
-    );
-    // janus-vmm binds the port sockets during setup, before its first KVM_RUN: once both
-    // connect, the devices exist (a refused option has made it exit by then, which
-    // connect_channels reports with the VMM's own words).
-    let (agent, stdio, ()) = connect_channels("janus-vmm", &proc, &wd, async { Ok(()) }).await?;
-    log::debug!(
-        "vm: janus-vmm {} channels connected after {} ms",
-        proc.pid(),
-        started.elapsed().as_millis()
-    );
-    dir_guard.disarm();
-    Ok(ProcessVm::new(
-        "janus-vmm",
-        proc,
+    let launch = Launch {
+        vmm: "janus-vmm",
+        binary: &vmm,
         accel,
-        wd,
-        started,
-        cfg.keep_work_dir,
-        (agent, stdio),
-        None,
-    ))
+        files: VMM_FILES,
+        qmp: false,
+    };
+    ProcessVm::launch(cfg, launch, |wd| vmm_args(cfg, wd, &cmdline)).await
 }
 
 #[cfg(test)]
@@ -198,7 +168,7 @@ mod tests {
             tap: "tap0_janus".into(),
             mac: "aa:bb:cc:dd:ee:ff".into(),
         });
-        let wd = WorkDir::new(Path::new("/run/j/vm"));
+        let wd = WorkDir::new(Path::new("/run/j/vm"), VMM_FILES);
         let a = vmm_args(&cfg, &wd, "console=ttyS0").join(" ");
         for want in [
             "--kernel /g/vmlinux --initrd /g/initramfs.cpio --cmdline console=ttyS0",

@@ -20,18 +20,18 @@ pub enum Error {
     #[error("invalid VM configuration: {0}")]
     Config(String),
 
-    /// The VM did not come up, or died: QEMU refused to start, exited, or was killed.
-    /// `console_tail` is the end of the guest console log, `qemu_log` the end of QEMU's own
-    /// stderr (its argument and device errors land there).
+    /// The VM did not come up, or died: the VMM refused to start, exited, or was killed.
+    /// `console_tail` is the end of the guest console log, `vmm_log` the end of the VMM's own
+    /// stderr (QEMU's or janus-vmm's: its argument and device errors land there).
     #[error(
         "VM boot failed: {reason}{}{}",
-        section("the VMM said", qemu_log),
+        section("the VMM said", vmm_log),
         section("guest console (tail)", console_tail)
     )]
     Boot {
         reason: String,
         console_tail: String,
-        qemu_log: String,
+        vmm_log: String,
     },
 
     /// The guest is running but the agent did not answer Health in time.
@@ -45,6 +45,10 @@ pub enum Error {
     /// A ttrpc call to the agent failed (transport error or an error status from the agent).
     #[error("agent: {0}")]
     Agent(#[from] ttrpc::Error),
+
+    /// No hypervisor driver of this name (see [`driver`](super::driver)).
+    #[error("vm.hypervisor = {0:?}: \"qemu\" or \"builtin\"")]
+    UnknownDriver(String),
 
     /// The pod's cgroup for the VM could not be used.
     #[error("VM cgroup: {0}")]

@@ -1,25 +1,36 @@
 //! VM mode, host side: a [`Hypervisor`] boots a guest ([`Vm`]) from a [`VmConfig`], and the
 //! [`agent`] module talks ttrpc to the in-guest agent (`vm-agent`) over the VM's agent channel.
 //!
-//! Drivers: [`qemu::Qemu`] (`qemu-system-x86_64 -M microvm`, KVM when the CPU has vmx/svm and
-//! /dev/kvm opens, TCG otherwise) and [`builtin::Builtin`] (our own `janus-vmm`, KVM only).
-//! Both give the guest the same devices: two named console ports for the agent and stdio,
-//! virtio-fs through virtiofsd, virtio-net on a tap, the serial console in a log file.
+//! Drivers, chosen by name with [`driver`]: [`qemu::Qemu`] (`qemu-system-x86_64 -M microvm`,
+//! KVM when the CPU has vmx/svm and /dev/kvm opens, TCG otherwise) and [`builtin::Builtin`]
+//! (our own `janus-vmm`, KVM only). Both run the VMM as a process and give the guest the same
+//! devices: two named console ports for the agent and stdio, virtio-fs through virtiofsd
+//! ([`virtiofsd`]), virtio-net on a tap, the serial console in a log file. So both return the
+//! same [`ProcessVm`]; a driver only chooses the binary and its arguments.
 //!
-//! Every VM owns a work directory (sockets, console log, QEMU's log and pidfile). Dropping the
-//! [`Vm`] kills a still-running VMM with SIGKILL, reaps it and removes that directory; a crashed
-//! host process leaves the pidfile behind for [`qemu::cleanup_work_dir`].
+//! Layout, each module depending only on those below it: the drivers (`qemu`, `builtin`) ->
+//! `vmm_process` (the VM of a VMM process: spawn, channels, agent, shutdown) -> `workdir`,
+//! `accel`, `qmp`, `agent`, `process` (a child watched through a pidfd).
+//!
+//! Every VM owns a work directory (sockets, console log, the VMM's log and pidfile). Dropping
+//! the [`Vm`] kills a still-running VMM with SIGKILL, reaps it and removes that directory; a
+//! crashed host process leaves the pidfile behind for [`cleanup_work_dir`].
 //!
 //! Exit statuses: the VMM process is watched through a pidfd, so its exit is seen even when
 //! another part of the process (the shim's SIGCHLD reaper calling `waitpid(-1)`) reaps it first.
 //! A reaper that does so can hand the status over with [`record_reaped`].
 
+mod accel;
 pub mod agent;
 pub mod builtin;
 mod error;
 mod process;
 pub mod qemu;
+mod qmp;
 pub mod stdio;
+pub mod virtiofsd;
+mod vmm_process;
+mod workdir;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,11 +40,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::net::UnixStream;
 
+pub use accel::{choose_accel, hardware_virtualization, AccelChoice};
 pub use agent::AgentConnection;
 pub use error::{Error, Result};
 pub use process::record_reaped;
 pub use protocols::AgentClient;
 pub use stdio::StdioPlane;
+pub use vmm_process::ProcessVm;
+pub use workdir::{cleanup_work_dir, VmmFiles, WorkDir};
 
 /// Name of the guest's virtio-serial port that carries the agent's ttrpc API.
 pub const AGENT_PORT: &str = "janus.agent";
@@ -249,6 +263,29 @@ impl fmt::Display for VmExit {
             write!(f, " (forced)")?;
         }
         Ok(())
+    }
+}
+
+/// The driver the configuration names when it names none.
+pub const DEFAULT_DRIVER: &str = "qemu";
+
+/// The hypervisor driver called `name`: "qemu" or "builtin" (janus-vmm). The builtin driver
+/// needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it, so it is
+/// refused here ([`Error::Config`]) instead of hanging in boot. An unknown name is
+/// [`Error::UnknownDriver`].
+pub fn driver(name: &str) -> Result<Box<dyn Hypervisor>> {
+    match name {
+        "qemu" => Ok(Box::new(qemu::Qemu::new())),
+        "builtin" => match hardware_virtualization() {
+            Some(_) => Ok(Box::new(builtin::Builtin::new())),
+            None => Err(Error::Config(
+                "vm.hypervisor = \"builtin\" needs hardware virtualization, but this CPU shows \
+                 neither vmx nor svm (a nested software KVM cannot boot Linux): use \
+                 hypervisor = \"qemu\", which falls back to software emulation"
+                    .into(),
+            )),
+        },
+        other => Err(Error::UnknownDriver(other.to_string())),
     }
 }
 

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub use runtime::vm::virtiofsd::{Virtiofsd, VirtiofsdConfig};
+
 /// What the console-ports guest sends after the bulk it receives: 1 MiB.
 pub const CONSOLE_TX_BULK: usize = 1 << 20;
 
@@ -97,53 +99,15 @@ pub fn kvm_or_say(test: &str) -> bool {
     ok
 }
 
-/// virtiofsd (Debian's, QEMU 7.2) on a temporary directory, killed on drop.
-pub struct Virtiofsd {
-    child: std::process::Child,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Virtiofsd {
-    pub const BIN: &'static str = "/usr/lib/qemu/virtiofsd";
-
-    pub fn start(dir: &Path, share: &Path) -> Virtiofsd {
-        let socket = dir.join("fs.sock");
-        let log = dir.join("virtiofsd.log");
-        let child = Command::new(Self::BIN)
-            .arg(format!("--socket-path={}", socket.display()))
-            .arg("-o")
-            .arg(format!("source={}", share.display()))
-            // chroot works as root in a container; the default (namespaces) may not.
-            .args(["-o", "sandbox=chroot", "-o", "log_level=debug"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("virtiofsd");
-        let t = std::time::Instant::now();
-        while !socket.exists() {
-            assert!(t.elapsed().as_secs() < 20, "virtiofsd made no socket");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Virtiofsd { child, socket, log }
-    }
-
-    /// Its exit status once the VMM has closed the session (bounded wait).
-    pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
-        let t = std::time::Instant::now();
-        while t.elapsed().as_secs() < 10 {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// virtiofsd (Debian's, QEMU 7.2) on `share`, started as the shim starts it
+/// (`runtime::vm::virtiofsd`) and logging every request (the tests look for the guest's file
+/// names there); its socket and log (returned) in `dir`. Killed on drop.
+pub async fn virtiofsd(dir: &Path, share: &Path) -> (Virtiofsd, PathBuf) {
+    let log = dir.join("virtiofsd.log");
+    let mut cfg = VirtiofsdConfig::new(share, dir.join("fs.sock"), &log);
+    cfg.debug_log = true;
+    let vfs = Virtiofsd::start(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (vfs, log)
 }

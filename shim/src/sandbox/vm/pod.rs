@@ -4,13 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use protocols::agent as pa;
 use runtime::linux::cgroups::Cgroup;
-use runtime::vm::{agent, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
+use runtime::vm::virtiofsd::{self, VirtiofsdConfig};
+use runtime::vm::{agent, AgentClient, FsShare, StdioPlane, Vm, VmConfig};
 
 use super::net::{self, PodNet};
 use super::portfwd::PortForward;
@@ -19,8 +20,6 @@ use super::spec::{vm_size, GUEST_SHARED, GUEST_SHM};
 use crate::config::Config;
 use crate::error::{Result, ShimError};
 
-/// Debian ships virtiofsd with QEMU.
-pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 const SHARE_TAG: &str = "janus-share";
 /// How long one agent call may take unless `vm.agent_timeout_ms` says otherwise.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,30 +39,9 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
             ShimError::FailedPrecondition(e.to_string())
         }
         runtime::vm::Error::AgentTimeout { .. } => ShimError::DeadlineExceeded(e.to_string()),
+        runtime::vm::Error::UnknownDriver(_) => ShimError::InvalidArgument(e.to_string()),
         runtime::vm::Error::Agent(t) => rpc(t),
         _ => ShimError::Internal(e.to_string()),
-    }
-}
-
-/// The driver for the config's `vm.hypervisor`: "qemu" (the default) or "builtin" (janus-vmm,
-/// which needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it,
-/// so the container fails at once with FailedPrecondition instead of hanging in boot).
-pub fn hypervisor(name: Option<&str>) -> Result<Box<dyn Hypervisor>> {
-    use runtime::vm::{builtin::Builtin, qemu::Qemu};
-    match name.unwrap_or("qemu") {
-        "qemu" => Ok(Box::new(Qemu::new())),
-        "builtin" => match runtime::vm::builtin::hardware_virtualization() {
-            Some(_) => Ok(Box::new(Builtin::new())),
-            None => Err(ShimError::FailedPrecondition(
-                "vm.hypervisor = \"builtin\" needs hardware virtualization, but this CPU shows \
-                 neither vmx nor svm (a nested software KVM cannot boot Linux): use \
-                 hypervisor = \"qemu\", which falls back to software emulation"
-                    .into(),
-            )),
-        },
-        other => Err(ShimError::InvalidArgument(format!(
-            "vm.hypervisor = {other:?}: \"qemu\" or \"builtin\""
-        ))),
     }
 }
 
@@ -75,60 +53,30 @@ struct Virtiofsd {
 }
 
 impl Virtiofsd {
-    /// Starts it on a fresh, empty `shared` directory and waits for its socket.
+    /// Starts it (`runtime::vm::virtiofsd`, as the tests do) on a fresh, empty `shared`
+    /// directory next to the VM's work dir, in the pod's cgroup.
     async fn start(work_dir: &Path, bundle: &Path, cgroup: Option<&Cgroup>) -> Result<Virtiofsd> {
-        if !Path::new(VIRTIOFSD).is_file() {
-            return Err(ShimError::FailedPrecondition(format!(
-                "virtiofsd not found at {VIRTIOFSD}: apt-get install qemu-system-x86 (Debian ships it with QEMU)"
-            )));
-        }
+        virtiofsd::find().map_err(vm_err)?;
         // Next to the work dir, which the VMM driver owns (and recreates).
         let sock = work_dir.with_extension("vfs.sock");
         let _ = std::fs::remove_file(&sock);
         let shared = work_dir.with_extension("shared");
         remove_share(&shared);
         mkdir(&shared)?;
-        let log_path = bundle.join("virtiofsd.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| ShimError::failed("virtiofsd log", e))?;
-        let mut cmd = std::process::Command::new(VIRTIOFSD);
-        if let Some(cg) = cgroup {
-            cg.place_child(&mut cmd)?;
-        }
-        let child = cmd
-            .arg(format!("--socket-path={}", sock.display()))
-            .args([
-                "-o",
-                &format!("source={}", shared.display()),
-                "-o",
-                "cache=none",
-            ])
-            // chroot, not a mount namespace of its own: containers added to the pod later are
-            // bind mounts under the share made after virtiofsd starts, and it must see them.
-            .args(["-o", "sandbox=chroot"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| ShimError::FailedPrecondition(format!("start {VIRTIOFSD}: {e}")))?;
-        let vfs = Virtiofsd {
-            pid: child.id(),
-            sock,
-            shared,
-        };
-        let t = Instant::now();
-        while !vfs.sock.exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                vfs.stop();
-                return Err(ShimError::Internal(format!(
-                    "virtiofsd did not create {} within 10 s (see {})",
-                    vfs.sock.display(),
-                    log_path.display()
-                )));
+        let mut cfg = VirtiofsdConfig::new(&shared, &sock, bundle.join("virtiofsd.log"));
+        cfg.cgroup = cgroup.cloned();
+        match runtime::vm::virtiofsd::Virtiofsd::start(&cfg).await {
+            // The shim's reaper collects it.
+            Ok(v) => Ok(Virtiofsd {
+                pid: v.detach(),
+                sock,
+                shared,
+            }),
+            Err(e) => {
+                remove_share(&shared);
+                Err(vm_err(e))
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(vfs)
     }
 
     fn stop(&self) {
@@ -294,7 +242,11 @@ impl VmPod {
     /// failed step leaves is undone (the cgroup is the caller's).
     pub async fn boot(r: BootRequest<'_>) -> Result<VmPod> {
         let mut cfg = vm_config(r.config, r.annotations)?;
-        let hypervisor = hypervisor(r.config.vm.hypervisor.as_deref())?;
+        // "builtin" without vmx/svm is refused here (FailedPrecondition) instead of hanging
+        // in a boot that cannot finish.
+        let name = r.config.vm.hypervisor.as_deref();
+        let hypervisor =
+            runtime::vm::driver(name.unwrap_or(runtime::vm::DEFAULT_DRIVER)).map_err(vm_err)?;
         let call_timeout = r
             .config
             .vm
@@ -466,7 +418,7 @@ pub fn cleanup_leftovers(bundle: &Path) {
     };
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     if let Some(wd) = v["work_dir"].as_str() {
-        if let Err(e) = runtime::vm::qemu::cleanup_work_dir(Path::new(wd)) {
+        if let Err(e) = runtime::vm::cleanup_work_dir(Path::new(wd)) {
             log::warn!("VM leftovers in {wd}: {e}");
         }
     }

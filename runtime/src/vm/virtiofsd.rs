@@ -1,0 +1,195 @@
+//! virtiofsd, the vhost-user backend behind the guest's virtio-fs: the one way it is started,
+//! by the shim and by the tests alike, so both run it with the same options.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::error::IoContext;
+use super::{Error, Result};
+use crate::linux::cgroups::Cgroup;
+
+/// Debian ships virtiofsd with QEMU.
+pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+/// How long virtiofsd may take to create its socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+/// virtiofsd's binary, or [`Error::MissingAsset`] saying how to get it.
+pub fn find() -> Result<PathBuf> {
+    let p = PathBuf::from(VIRTIOFSD);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::MissingAsset {
+            what: "virtiofsd".into(),
+            path: p,
+            hint: "apt-get install qemu-system-x86 (Debian ships it with QEMU)".into(),
+        })
+    }
+}
+
+/// What to share and where.
+#[derive(Clone, Debug)]
+pub struct VirtiofsdConfig {
+    /// The host directory the guest mounts.
+    pub source: PathBuf,
+    /// The vhost-user socket the VMM connects to ([`FsShare::socket`](super::FsShare)).
+    pub socket: PathBuf,
+    /// virtiofsd's stderr goes here.
+    pub log: PathBuf,
+    /// Start it in this cgroup (the pod's, as the VMM), so its memory is charged to the pod.
+    pub cgroup: Option<Cgroup>,
+    /// Log every FUSE request (tests read the log to see what the guest asked for).
+    pub debug_log: bool,
+}
+
+impl VirtiofsdConfig {
+    pub fn new(
+        source: impl Into<PathBuf>,
+        socket: impl Into<PathBuf>,
+        log: impl Into<PathBuf>,
+    ) -> Self {
+        VirtiofsdConfig {
+            source: source.into(),
+            socket: socket.into(),
+            log: log.into(),
+            cgroup: None,
+            debug_log: false,
+        }
+    }
+
+    /// virtiofsd's arguments.
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--socket-path={}", self.socket.display()),
+            "-o".into(),
+            format!("source={}", self.source.display()),
+            "-o".into(),
+            "cache=none".into(),
+            // chroot, not a mount namespace of its own: containers added to a pod later are
+            // bind mounts under the share made after virtiofsd starts, and it must see them
+            // (and chroot works as root inside a container, where namespaces may not).
+            "-o".into(),
+            "sandbox=chroot".into(),
+        ];
+        if self.debug_log {
+            a.extend(["-o".into(), "log_level=debug".into()]);
+        }
+        a
+    }
+}
+
+/// A running virtiofsd. Dropping it kills and reaps it, unless it was [`detach`]ed.
+///
+/// [`detach`]: Virtiofsd::detach
+#[derive(Debug)]
+pub struct Virtiofsd {
+    child: Option<Child>,
+    pid: u32,
+    socket: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd and returns once its socket exists. A virtiofsd that makes no socket
+    /// within 10 s is killed and reported with its log's path.
+    pub async fn start(cfg: &VirtiofsdConfig) -> Result<Virtiofsd> {
+        let bin = find()?;
+        let log =
+            std::fs::File::create(&cfg.log).ctx(|| format!("create {}", cfg.log.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(cfg.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(cg) = &cfg.cgroup {
+            cg.place_child(&mut cmd).map_err(Error::Cgroup)?;
+        }
+        let child = cmd.spawn().ctx(|| format!("start {}", bin.display()))?;
+        let vfs = Virtiofsd {
+            pid: child.id(),
+            child: Some(child),
+            socket: cfg.socket.clone(),
+        };
+        let t = Instant::now();
+        while !cfg.socket.exists() {
+            if t.elapsed() > SOCKET_WAIT {
+                // Dropping `vfs` kills it.
+                return Err(Error::io(
+                    format!(
+                        "virtiofsd did not create {} within {SOCKET_WAIT:?} (see {})",
+                        cfg.socket.display(),
+                        cfg.log.display()
+                    ),
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(vfs)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Leaves the process running and unwatched, for a caller whose own reaper collects it
+    /// (the shim's SIGCHLD handler reaps every child); returns its pid.
+    pub fn detach(mut self) -> u32 {
+        self.child = None;
+        self.pid
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(c) => c.try_wait().ctx(|| "wait for virtiofsd"),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit (it ends when its VMM closes the session).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            if t.elapsed() >= timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Nothing to report to from a drop: an exited child makes kill fail, which is fine.
+            let _ = c.kill();
+            if let Err(e) = c.wait() {
+                log::warn!("vm: wait for virtiofsd {}: {e}", self.pid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args() {
+        let mut cfg = VirtiofsdConfig::new("/s", "/r/vfs.sock", "/r/log");
+        assert_eq!(
+            cfg.args().join(" "),
+            "--socket-path=/r/vfs.sock -o source=/s -o cache=none -o sandbox=chroot"
+        );
+        cfg.debug_log = true;
+        assert!(cfg.args().join(" ").ends_with("-o log_level=debug"));
+    }
+}
