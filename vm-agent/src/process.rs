@@ -78,16 +78,6 @@ impl GProc {
         if status == ProcessStatus::Stopped || pid <= 0 {
             return Err(AgentError::NotFound("process already finished".into()));
         }
-        // libc, not nix: nix's Signal has no real-time signals, which a container may be sent.
-        // SAFETY: kill(2) has no memory effects.
-        if unsafe { libc::kill(pid, sig as i32) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::ESRCH) => AgentError::NotFound("process already finished".into()),
-                Some(libc::EINVAL) => AgentError::InvalidArgument(format!("bad signal {sig}")),
-                _ => AgentError::Internal(format!("kill {pid}: {e}")),
-            });
-        }
-        Ok(())
+        runtime::linux::lifecycle::signal::signal(pid, sig)
     }
 }

@@ -614,8 +614,8 @@ impl Cgroup {
     pub fn kill_all(&self, sig: i32) -> Result<()> {
         let freeze = sig == libc::SIGKILL && self.freeze().is_ok();
         for pid in self.procs().unwrap_or_default() {
-            // SAFETY: kill(2) has no memory effects; a stale pid yields ESRCH, ignored.
-            unsafe { libc::kill(pid, sig) };
+            // A stale pid yields ESRCH: it is gone, which is what was asked.
+            let _ = super::lifecycle::signal::send(pid, sig);
         }
         if freeze || self.is_frozen() && sig == libc::SIGKILL {
             let _ = self.thaw();

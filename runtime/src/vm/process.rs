@@ -87,8 +87,10 @@ impl Process {
             Err(e) => {
                 // ESRCH: it already exited and someone reaped it; anything else: we cannot
                 // watch it, so do not leave it running.
-                // SAFETY: plain kill on a pid we just spawned.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 reaped()
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
 use runtime::linux::cgroups::Cgroup;
 use runtime::linux::lifecycle::OomMonitor;
@@ -93,19 +91,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub fn signal_pid(pid: i32, sig: u32) -> Result<()> {
-    use nix::errno::Errno;
-    // nix names the standard signals only; a real-time one (SIGRTMIN..SIGRTMAX) goes to libc.
-    let sent = match Signal::try_from(sig as i32) {
-        Ok(s) => nix::sys::signal::kill(Pid::from_raw(pid), s),
-        // SAFETY: kill(2) has no memory effects.
-        Err(_) => Errno::result(unsafe { libc::kill(pid, sig as i32) }).map(drop),
-    };
-    match sent {
-        Ok(()) => Ok(()),
-        Err(Errno::ESRCH) => Err(ShimError::NotFound("process already finished".into())),
-        Err(Errno::EINVAL) => Err(ShimError::InvalidArgument(format!("bad signal {sig}"))),
-        Err(e) => Err(ShimError::failed(format!("kill {pid}"), e)),
-    }
+    runtime::linux::lifecycle::signal::signal(pid, sig)
 }
 
 #[async_trait]
