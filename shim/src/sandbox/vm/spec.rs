@@ -115,92 +115,104 @@ pub fn guest_spec(id: &str, spec: &Spec, pod: &PodNs) -> Result<(Vec<u8>, Vec<Ho
         h.retain(|phase, _| phase == "createContainer" || phase == "startContainer");
     }
     if let Some(ns) = v["linux"]["namespaces"].as_array_mut() {
-        ns.retain_mut(|n| {
-            let Some(path) = n["path"].as_str().filter(|p| !p.is_empty()) else {
-                return true;
-            };
-            let typ = n["type"].as_str().unwrap_or_default();
-            let named_pid = path
-                .strip_prefix("/proc/")
-                .and_then(|r| r.split('/').next())
-                .and_then(|p| p.parse::<i32>().ok());
-            if named_pid.is_some_and(|p| pod.known_pids.contains(&p)) {
-                return true;
-            }
-            match (pod.sandbox_pid, ns_file(typ)) {
-                (Some(sb), Some(f)) => {
-                    n["path"] = serde_json::Value::String(format!("/proc/{sb}/ns/{f}"));
-                    true
-                }
-                _ => {
-                    log::info!("container {id}: {typ} namespace at host path {path}: the VM's own");
-                    false
-                }
-            }
-        });
+        ns.retain_mut(|n| guest_namespace(id, n, pod));
     }
     let mut binds = Vec::new();
     if let Some(ms) = v["mounts"].as_array_mut() {
         let mut out = Vec::with_capacity(ms.len());
-        for mut m in std::mem::take(ms) {
-            let opts: Vec<String> = m["options"]
-                .as_array()
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let bind = m["type"].as_str() == Some("bind")
-                || opts.iter().any(|x| x == "bind" || x == "rbind");
-            if !bind {
-                out.push(m);
-                continue;
-            }
-            let dest = m["destination"].as_str().unwrap_or_default().to_string();
-            let src = m["source"].as_str().unwrap_or_default().to_string();
-            if dest == "/dev/shm" {
-                m["source"] = serde_json::Value::String(GUEST_SHM.into());
-                m["type"] = serde_json::Value::String("bind".into());
-                m["options"] = serde_json::json!(["rbind", "nosuid", "nodev", "noexec"]);
-                out.push(m);
-                continue;
-            }
-            let host_kernel = ["/dev", "/proc", "/sys"]
-                .iter()
-                .any(|k| Path::new(&src).starts_with(k));
-            if !src.starts_with('/') || host_kernel {
-                log::warn!(
-                    "container {id}: bind mount of host {src:?} on {dest} is not shared into the VM \
-                     (the guest has its own /dev, /proc and /sys)"
-                );
-                continue;
-            }
-            if opts.iter().any(|o| o == "rshared" || o == "shared") {
-                return Err(ShimError::InvalidArgument(format!(
-                    "container {id}: bind mount of host {src:?} on {dest} asks for shared \
-                     (Bidirectional) propagation: mounts made in a VM cannot reach the host \
-                     through virtio-fs; use HostToContainer (rslave) propagation, or \
-                     RuntimeClass janus (namespace mode)"
-                )));
-            }
-            let base = Path::new(&src)
-                .file_name()
-                .map(|f| f.to_string_lossy().to_string())
-                .unwrap_or_default();
-            let name = format!("{}-{}", binds.len(), base);
-            m["source"] = serde_json::Value::String(guest_bind_path(id, &name));
-            binds.push(HostBind {
-                source: PathBuf::from(&src),
-                name,
-                readonly: opts.iter().any(|o| o == "ro"),
-            });
-            out.push(m);
+        for m in std::mem::take(ms) {
+            out.extend(guest_mount(id, m, &mut binds)?);
         }
         *ms = out;
     }
     let text = serde_json::to_vec(&v).map_err(|e| ShimError::failed("spec to JSON", e))?;
     Ok((text, binds))
+}
+
+/// A namespace entry as the guest sees it (false: drop it, the guest makes a new one). A path
+/// naming a pid containerd knows is a guest path already; other paths join the sandbox's.
+fn guest_namespace(id: &str, n: &mut serde_json::Value, pod: &PodNs) -> bool {
+    let Some(path) = n["path"].as_str().filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let typ = n["type"].as_str().unwrap_or_default();
+    let named_pid = path
+        .strip_prefix("/proc/")
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse::<i32>().ok());
+    if named_pid.is_some_and(|p| pod.known_pids.contains(&p)) {
+        return true;
+    }
+    match (pod.sandbox_pid, ns_file(typ)) {
+        (Some(sb), Some(f)) => {
+            n["path"] = serde_json::Value::String(format!("/proc/{sb}/ns/{f}"));
+            true
+        }
+        _ => {
+            log::info!("container {id}: {typ} namespace at host path {path}: the VM's own");
+            false
+        }
+    }
+}
+
+/// A mount as the guest sees it (None: dropped); a host bind becomes a share path, recorded
+/// in `binds` for the host side.
+fn guest_mount(
+    id: &str,
+    mut m: serde_json::Value,
+    binds: &mut Vec<HostBind>,
+) -> Result<Option<serde_json::Value>> {
+    let opts: Vec<String> = m["options"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let bind =
+        m["type"].as_str() == Some("bind") || opts.iter().any(|x| x == "bind" || x == "rbind");
+    if !bind {
+        return Ok(Some(m));
+    }
+    let dest = m["destination"].as_str().unwrap_or_default().to_string();
+    let src = m["source"].as_str().unwrap_or_default().to_string();
+    if dest == "/dev/shm" {
+        m["source"] = serde_json::Value::String(GUEST_SHM.into());
+        m["type"] = serde_json::Value::String("bind".into());
+        m["options"] = serde_json::json!(["rbind", "nosuid", "nodev", "noexec"]);
+        return Ok(Some(m));
+    }
+    let host_kernel = ["/dev", "/proc", "/sys"]
+        .iter()
+        .any(|k| Path::new(&src).starts_with(k));
+    if !src.starts_with('/') || host_kernel {
+        log::warn!(
+            "container {id}: bind mount of host {src:?} on {dest} is not shared into the VM \
+             (the guest has its own /dev, /proc and /sys)"
+        );
+        return Ok(None);
+    }
+    if opts.iter().any(|o| o == "rshared" || o == "shared") {
+        return Err(ShimError::InvalidArgument(format!(
+            "container {id}: bind mount of host {src:?} on {dest} asks for shared \
+             (Bidirectional) propagation: mounts made in a VM cannot reach the host \
+             through virtio-fs; use HostToContainer (rslave) propagation, or \
+             RuntimeClass janus (namespace mode)"
+        )));
+    }
+    let base = Path::new(&src)
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let name = format!("{}-{}", binds.len(), base);
+    m["source"] = serde_json::Value::String(guest_bind_path(id, &name));
+    binds.push(HostBind {
+        source: PathBuf::from(&src),
+        name,
+        readonly: opts.iter().any(|o| o == "ro"),
+    });
+    Ok(Some(m))
 }
 
 /// CRI's pod resource annotations (containerd >= 1.6 sets them from the pod's requests and
