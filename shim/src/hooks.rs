@@ -81,3 +81,20 @@ pub fn run_create(spec: &Spec, id: &str, bundle: &Path, pid: i32) -> runtime::li
     run(spec, id, bundle, Phase::Prestart, pid, "creating")?;
     run(spec, id, bundle, Phase::CreateRuntime, pid, "creating")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phases_run_here_are_the_ones_features_lists() {
+        for p in [
+            Phase::Prestart,
+            Phase::CreateRuntime,
+            Phase::Poststart,
+            Phase::Poststop,
+        ] {
+            assert!(hooks::PHASES.contains(&p.name()), "{p:?}");
+        }
+    }
+}

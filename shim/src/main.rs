@@ -239,6 +239,31 @@ fn adjust_oom_score(pid: u32) {
     }
 }
 
+/// containerd's type URL for the OCI runtime features document (JSON inside the Any).
+const FEATURES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
+
+/// `-info` (containerd 2.x): the runtime name this binary runs as (the VM alias reports its
+/// own), the version, and the OCI features of what the runtime implements.
+fn runtime_info() -> containerd_shim_protos::types::introspection::RuntimeInfo {
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
+    let features = serde_json::to_vec(&runtime::linux::features::features()).ok();
+    RuntimeInfo {
+        name: runtime_name().runtime_id().to_string(),
+        version: MessageField::some(RuntimeVersion {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }),
+        features: MessageField::from_option(features.map(|value| Any {
+            type_url: FEATURES_TYPE_URL.into(),
+            value,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args
@@ -253,18 +278,7 @@ fn main() {
     }
     let action = args.last().map(String::as_str).unwrap_or("");
     if args.iter().any(|a| a == "-info" || a == "--info") {
-        // containerd 2.x asks for runtime info; answer with name and version.
-        let info = containerd_shim_protos::types::introspection::RuntimeInfo {
-            name: RUNTIME_ID.to_string(),
-            version: MessageField::some(
-                containerd_shim_protos::types::introspection::RuntimeVersion {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    ..Default::default()
-                },
-            ),
-            ..Default::default()
-        };
-        match info.write_to_bytes() {
+        match runtime_info().write_to_bytes() {
             Ok(b) => {
                 let _ = std::io::Write::write_all(&mut std::io::stdout(), &b);
                 return;

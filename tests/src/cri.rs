@@ -1218,7 +1218,7 @@ fn ip_route_get(ip: &str) -> Result<String> {
     run_ip(&[family, "route", "get", ip])
 }
 
-fn cgroup_controller_dirs() -> Vec<PathBuf> {
+pub fn cgroup_controller_dirs() -> Vec<PathBuf> {
     read_dirs(Path::new("/sys/fs/cgroup"))
 }
 

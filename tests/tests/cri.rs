@@ -1582,6 +1582,70 @@ fn vm_net_modules_on_demand(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), id], secs(15));
 }
 
+/// The systemd cgroup driver's form: containerd's CRI hands the runtime
+/// `<slice>:cri-containerd:<id>` whenever the pod's cgroup parent is a `.slice` (kubelet with
+/// `cgroupDriver: systemd`). This host has no systemd: the container gets the directory
+/// systemd would have made, the slice expanded into its nesting, then the scope. In VM mode
+/// the VM sits in the sandbox's scope on the host and the container in its own in the guest.
+fn systemd_cgroup_path(h: &str) {
+    let c = Cri::start(h);
+    let top = janus_tests::unique_id("jt").replace('-', "");
+    let mut base = String::new();
+    let p = pod_with(&c, "sdcgroup", |cfg| {
+        let uid = cfg.metadata.as_ref().unwrap().uid.clone();
+        base = format!("/{top}.slice/{top}-besteffort.slice/{top}-besteffort-pod{uid}.slice");
+        cfg.linux.as_mut().unwrap().cgroup_parent = base.clone();
+    });
+    let id = sleeper(&c, &p, "app");
+    let ctrl = if janus_tests::cgroup_v2_only() {
+        ""
+    } else {
+        "memory"
+    };
+    let scope = |cid: &str| format!("{base}/cri-containerd-{cid}.scope");
+    let host_pid = if h == cri::JANUS_VM_HANDLER {
+        let inside = c.exec_ok(&id, &["cat", "/proc/self/cgroup"]);
+        assert!(
+            inside.lines().any(|l| l.ends_with(&scope(&id))),
+            "guest cgroup of the container is not {}:\n{inside}",
+            scope(&id)
+        );
+        let sock = pod_vm_socket(&c, &p);
+        let procs = janus_tests::processes();
+        let vmm = procs
+            .iter()
+            .find(|x| x.cmdline.contains("qemu-system") && x.cmdline.contains(&sock))
+            .expect("the pod's QEMU");
+        (vmm.pid, p.id.clone())
+    } else {
+        (c.container_pid(&id), id.clone())
+    };
+    let dir = cgroup_dir(host_pid.0, ctrl).unwrap();
+    assert!(
+        dir.ends_with(scope(&host_pid.1).trim_start_matches('/')),
+        "host cgroup {} is not {}",
+        dir.display(),
+        scope(&host_pid.1)
+    );
+    c.stop_remove_pod(&p);
+    // Janus removed the scopes; the slices are kubelet's to remove.
+    let rel = base.trim_start_matches('/');
+    for d in cri::cgroup_controller_dirs() {
+        for cid in [&id, &p.id] {
+            let s = d.join(scope(cid).trim_start_matches('/'));
+            assert!(!s.exists(), "{} left behind", s.display());
+        }
+        let mut slice = std::path::PathBuf::from(rel);
+        loop {
+            let _ = std::fs::remove_dir(d.join(&slice));
+            if !slice.pop() || slice.as_os_str().is_empty() {
+                break;
+            }
+        }
+    }
+    c.assert_no_leaks(&[p.id.clone(), id], secs(15));
+}
+
 /// One test module: each case run with CRI runtime handler `$h`.
 macro_rules! suite {
     ($m:ident, $h:ident; $($name:ident),* $(,)?) => {
@@ -1658,4 +1722,7 @@ cases!(
     vm_net_modules_on_demand,
     propagation_host_to_container,
     vm_pod_charged_to_pod_cgroup,
+    systemd_cgroup_path,
 );
+// The systemd driver's cgroup paths (runc's Go shim here runs the cgroupfs driver).
+suite!(janus_systemd, JANUS_HANDLER; systemd_cgroup_path);

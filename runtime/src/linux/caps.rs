@@ -25,6 +25,11 @@ where
     Ok(out)
 }
 
+/// Every capability name this build knows (`CAP_...`), whether the kernel has it or not.
+pub fn known() -> Vec<String> {
+    caps::all().into_iter().map(|c| c.to_string()).collect()
+}
+
 fn names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
     set.iter()
         .flatten()

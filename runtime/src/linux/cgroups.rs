@@ -66,10 +66,7 @@ pub fn normalize_path(path: &str, id: &str) -> Result<String> {
         return Ok(format!("janus/{id}"));
     }
     if path.contains(':') && !path.starts_with('/') {
-        return Err(Error::InvalidSpec(format!(
-            "linux.cgroupsPath {path:?}: systemd cgroup paths (slice:prefix:name) are not \
-             supported; Janus drives cgroupfs directly"
-        )));
+        return systemd_path(path);
     }
     let rel = path.trim_start_matches('/');
     if rel.split('/').any(|c| c == "..") {
@@ -83,6 +80,59 @@ pub fn normalize_path(path: &str, id: &str) -> Result<String> {
         ));
     }
     Ok(rel.to_string())
+}
+
+/// The cgroupfs path systemd gives a `slice:prefix:name` cgroupsPath (the systemd cgroup
+/// driver's form: kubelet with `cgroupDriver: systemd`, containerd's CRI whenever the pod's
+/// cgroup parent is a `.slice`): the slice expanded into its nesting
+/// (`kubepods-besteffort-pod1.slice` -> `kubepods.slice/kubepods-besteffort.slice/
+/// kubepods-besteffort-pod1.slice`), then the unit `<prefix>-<name>.scope` (or `name` itself
+/// when it is a slice). Janus drives cgroupfs itself: the container gets the directory
+/// systemd would have made for the scope.
+fn systemd_path(path: &str) -> Result<String> {
+    let bad = |why: &str| {
+        Err(Error::InvalidSpec(format!(
+            "linux.cgroupsPath {path:?}: systemd form slice:prefix:name: {why}"
+        )))
+    };
+    let mut parts = path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return bad("three fields separated by ':'");
+    };
+    if name.is_empty() || name.contains('/') || prefix.contains('/') {
+        return bad("the name must be a non-empty unit name without '/'");
+    }
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let Some(stem) = slice.strip_suffix(".slice") else {
+        return bad("the slice must end in .slice");
+    };
+    let mut dirs = Vec::new();
+    // "-.slice" is the root slice: no directory of its own.
+    if stem != "-" {
+        if stem.is_empty() || stem.contains('/') || stem.split('-').any(|p| p.is_empty()) {
+            return bad("not a valid slice name");
+        }
+        let mut acc = String::new();
+        for p in stem.split('-') {
+            if !acc.is_empty() {
+                acc.push('-');
+            }
+            acc.push_str(p);
+            dirs.push(format!("{acc}.slice"));
+        }
+    }
+    dirs.push(match (name.ends_with(".slice"), prefix.is_empty()) {
+        (true, _) => name.to_string(),
+        (false, true) => format!("{name}.scope"),
+        (false, false) => format!("{prefix}-{name}.scope"),
+    });
+    Ok(dirs.join("/"))
 }
 
 /// A container's cgroup.
@@ -1060,7 +1110,35 @@ mod tests {
         );
         assert_eq!(normalize_path("", "abc").unwrap(), "janus/abc");
         assert!(normalize_path("/a/../b", "x").is_err());
-        assert!(normalize_path("system.slice:cri:abc", "x").is_err());
+        // The systemd driver's form, expanded as systemd names the scope's directory.
+        assert_eq!(
+            normalize_path("kubepods-besteffort-pod12ab.slice:cri-containerd:c1", "c1").unwrap(),
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12ab.slice/\
+             cri-containerd-c1.scope"
+        );
+        assert_eq!(
+            normalize_path("system.slice:docker:abc", "x").unwrap(),
+            "system.slice/docker-abc.scope"
+        );
+        assert_eq!(
+            normalize_path(":cri:abc", "x").unwrap(),
+            "system.slice/cri-abc.scope"
+        );
+        assert_eq!(normalize_path("-.slice::abc", "x").unwrap(), "abc.scope");
+        assert_eq!(
+            normalize_path("a-b.slice:p:c.slice", "x").unwrap(),
+            "a.slice/a-b.slice/c.slice"
+        );
+        for bad in [
+            "kubepods.slice:cri",
+            "kubepods:cri:abc",
+            "a--b.slice:cri:abc",
+            "a.slice:cri:",
+            "a.slice:cri:x/y",
+            "a.slice:c:d:e",
+        ] {
+            assert!(normalize_path(bad, "x").is_err(), "{bad} accepted");
+        }
         assert!(normalize_path("/", "x").is_err());
     }
 

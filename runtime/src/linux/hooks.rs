@@ -15,6 +15,18 @@ use oci_spec::runtime::Hook;
 
 use super::error::{Error, Result};
 
+/// The OCI hook phases Janus runs: the runtime-namespace ones by its callers through the
+/// zygote (the shim's `hooks::Phase`), createContainer and startContainer by the container
+/// process (`init`).
+pub const PHASES: [&str; 6] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+];
+
 /// The state document hooks receive on stdin (runtime-spec "state").
 pub fn state_json(
     id: &str,

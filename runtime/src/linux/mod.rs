@@ -10,6 +10,7 @@
 pub mod caps;
 pub mod cgroups;
 mod error;
+pub mod features;
 pub mod hooks;
 mod init;
 pub mod lifecycle;

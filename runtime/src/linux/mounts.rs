@@ -31,6 +31,16 @@ impl Default for MountOptions {
     }
 }
 
+/// OCI mount options this parser recognises but does not implement (they are dropped).
+const NOT_IMPLEMENTED: &[&str] = &["tmpcopyup", "idmap", "ridmap"];
+
+/// Whether `option` is one this runtime implements: the parser turns it into flags or a bind
+/// (not filesystem data), and it is not one it only drops.
+pub fn implements_option(option: &str) -> bool {
+    let m = parse_options(&[option]);
+    m.data.is_empty() && !NOT_IMPLEMENTED.contains(&option)
+}
+
 /// Splits an options list into mount flags, propagation flags and data, as mount(8) does.
 pub fn parse_options<S: AsRef<str>>(opts: &[S]) -> MountOptions {
     let mut m = MountOptions::default();
@@ -84,8 +94,9 @@ pub fn parse_options<S: AsRef<str>>(opts: &[S]) -> MountOptions {
                 m.propagation.push(f);
                 continue;
             }
-            // containerd/runc extensions that are not kernel options.
-            "tmpcopyup" | "idmap" | "ridmap" => continue,
+            // containerd/runc extensions that are not kernel options (not implemented; see
+            // `implements_option`).
+            o if NOT_IMPLEMENTED.contains(&o) => continue,
             other => {
                 data.push(other.to_string());
                 continue;

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use libseccomp::{
     ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
 };
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction};
+use oci_spec::runtime::{Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator};
 
 use super::error::{Error, Result};
 
@@ -32,6 +32,71 @@ fn action(a: &LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<Scm
             )))
         }
     })
+}
+
+/// The spec's seccomp actions this runtime translates (for `features`).
+pub fn implemented_actions() -> Vec<LinuxSeccompAction> {
+    use LinuxSeccompAction as A;
+    [
+        A::ScmpActKill,
+        A::ScmpActKillThread,
+        A::ScmpActKillProcess,
+        A::ScmpActTrap,
+        A::ScmpActErrno,
+        A::ScmpActNotify,
+        A::ScmpActTrace,
+        A::ScmpActLog,
+        A::ScmpActAllow,
+    ]
+    .into_iter()
+    .filter(|a| action(a, None, "features").is_ok())
+    .collect()
+}
+
+/// The spec's seccomp operators this runtime translates, by their spec names.
+pub fn implemented_operators() -> Vec<String> {
+    use LinuxSeccompOperator as O;
+    [
+        O::ScmpCmpNe,
+        O::ScmpCmpLt,
+        O::ScmpCmpLe,
+        O::ScmpCmpEq,
+        O::ScmpCmpGe,
+        O::ScmpCmpGt,
+        O::ScmpCmpMaskedEq,
+    ]
+    .iter()
+    .map(name)
+    .filter(|o| compare_op(o, 0, None, "features").is_ok())
+    .collect()
+}
+
+/// The spec's architectures libseccomp resolves here.
+pub fn implemented_archs() -> Vec<Arch> {
+    use Arch as A;
+    [
+        A::ScmpArchX86,
+        A::ScmpArchX86_64,
+        A::ScmpArchX32,
+        A::ScmpArchArm,
+        A::ScmpArchAarch64,
+        A::ScmpArchMips,
+        A::ScmpArchMips64,
+        A::ScmpArchMips64n32,
+        A::ScmpArchMipsel,
+        A::ScmpArchMipsel64,
+        A::ScmpArchMipsel64n32,
+        A::ScmpArchPpc,
+        A::ScmpArchPpc64,
+        A::ScmpArchPpc64le,
+        A::ScmpArchS390,
+        A::ScmpArchS390x,
+        A::ScmpArchParisc,
+        A::ScmpArchParisc64,
+    ]
+    .into_iter()
+    .filter(|a| ScmpArch::from_str(&name(a)).is_ok())
+    .collect()
 }
 
 fn compare_op(op: &str, value: u64, value_two: Option<u64>, field: &str) -> Result<ScmpCompareOp> {

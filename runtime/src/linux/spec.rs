@@ -64,6 +64,20 @@ pub fn validate(spec: &Spec) -> Result<()> {
                 m.destination()
             )));
         }
+        // An idmapped mount this runtime cannot make must fail, not run with the files'
+        // host ownership (containerd 2.x checks `features` first; 1.x does not).
+        let idmapped = m.uid_mappings().is_some()
+            || m.gid_mappings().is_some()
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "idmap" || o == "ridmap");
+        if idmapped {
+            return Err(Error::InvalidSpec(format!(
+                "mounts: {:?} asks for an idmapped mount, which Janus does not implement",
+                m.destination()
+            )));
+        }
     }
     if let Some(sc) = linux.seccomp() {
         // Compile once here so a bad profile fails Create, not the container process.
@@ -328,6 +342,12 @@ mod tests {
             r#""cwd": "/", "capabilities": {"bounding": ["CAP_NOPE"]}"#,
         );
         assert!(parse(&bad_cap).is_err());
+        let idmap = MIN.replacen(
+            "\"linux\"",
+            r#""mounts": [{"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind", "idmap"]}], "linux""#,
+            1,
+        );
+        assert!(parse(&idmap).unwrap_err().to_string().contains("idmapped"));
     }
 
     #[test]
