@@ -21,6 +21,10 @@
 #   apt_update_once       apt-get update at most once per script run
 #   host_tsc_khz          host TSC frequency in kHz (for the guest's tsc_early_khz=)
 #   janus_pause_tar       where build-image.sh caches the pause image (CRI tests)
+#   ensure_containerd SUITE
+#                         containerd from Debian's SUITE (trixie: 1.7, sid: 2.x), downloaded
+#                         with apt and a sources list of our own, extracted into a cache (never
+#                         installed over the system's); prints the extracted root
 
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
@@ -250,4 +254,38 @@ host_tsc_khz() {
 	[ -n "$mhz" ] || mhz="$(sed -n 's/^cpu MHz[[:space:]]*: *\([0-9.]*\)$/\1/p' /proc/cpuinfo | head -n1)" || true
 	[ -n "$mhz" ] || return 0
 	awk -v m="$mhz" 'BEGIN { printf "%d\n", m * 1000 + 0.5 }'
+}
+
+# ensure_containerd SUITE: print the root of Debian SUITE's containerd package, extracted under
+# $JANUS_CACHE_DIR (default /var/cache/janus: outside the clone, reused by later runs). apt runs
+# with its own sources list, lists and cache, so the system's apt state is untouched.
+ensure_containerd() {
+	local suite="$1"
+	local cache="${JANUS_CACHE_DIR:-/var/cache/janus}/containerd/$suite"
+	local apt_dir="$cache/apt" root="$cache/root"
+	if [ -x "$root/usr/bin/containerd" ] && [ -s "$cache/version" ]; then
+		echo "$root"
+		return 0
+	fi
+	mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$cache/dl"
+	# The system's Debian entry with the suite changed.
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+		>"$apt_dir/sources.list"
+	local opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=/dev/null"
+		-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+	log "containerd ($suite): apt-get update with a sources list of our own"
+	apt-get "${opts[@]}" update -q >&2 || die "apt-get update for $suite failed"
+	rm -f "$cache"/dl/*.deb
+	chmod 0755 "$cache/dl"
+	if id _apt >/dev/null 2>&1; then chown _apt "$cache/dl"; fi
+	(cd "$cache/dl" && apt-get "${opts[@]}" download -q containerd >&2) ||
+		die "apt-get download containerd ($suite) failed"
+	local deb
+	deb="$(ls "$cache"/dl/containerd_*.deb)"
+	rm -rf "$root"
+	dpkg-deb -x "$deb" "$root"
+	dpkg-deb -f "$deb" Version >"$cache/version"
+	[ -x "$root/usr/bin/containerd" ] || die "$deb has no usr/bin/containerd"
+	log "containerd ($suite): $(cat "$cache/version") in $root"
+	echo "$root"
 }

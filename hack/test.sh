@@ -1,7 +1,8 @@
 #!/bin/bash
 # Full check of the workspace, as CI runs it (root, Debian 12):
 #   deps -> release build -> fmt -> clippy -> unit tests -> images -> integration tests
-#   (ctr suite, CRI suite, deploy/ checks: all of `cargo test -p janus-tests`).
+#   (ctr suite, CRI suite, deploy/ checks: all of `cargo test -p janus-tests`), against the
+#   system's containerd 1.6, then Debian sid's 2.1 (all suites) and trixie's 1.7 (a set).
 # Every step runs (unless what it needs failed); the script ends with a summary and exits
 # non-zero if any step failed.
 #
@@ -85,6 +86,14 @@ step "test images" build_test_images && IMAGE_OK=1
 GUEST_OK=0
 step "guest image" "$HERE/build-guest.sh" && GUEST_OK=1
 
+# The containerd versions nodes run today, from Debian's later suites (downloaded with apt and
+# a sources list of our own, extracted under /var/cache/janus, never installed): 2.1 (sid) and
+# 1.7 (trixie). The system's 1.6 (Debian 12) runs the main integration step.
+CTD21="" CTD17=""
+CTD21="$(ensure_containerd sid)" || CTD21=""
+CTD17="$(ensure_containerd trixie)" || CTD17=""
+[ -n "$CTD21" ] && export JANUS_CONTAINERD2_ROOT="$CTD21"
+
 if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	export JANUS_SHIM="${JANUS_SHIM:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/containerd-shim-janus-v2}"
 	export JANUS_TEST_IMAGE_TAR="$(janus_image_tar)"
@@ -96,9 +105,27 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	# and says NOT RUN (and why) where the CPU has neither.
 	step "builtin driver (ctr)" timeout --kill-after=30 "$IT_TIMEOUT" \
 		cargo test -p janus-tests --test ctr janus_vm_builtin -- --nocapture --test-threads=1
+	# containerd 2.1: every suite (ctr, CRI, OCI, deploy, cli), both modes, runc beside.
+	if [ -n "$CTD21" ]; then
+		# shellcheck disable=SC2086
+		step "containerd 2.1" env JANUS_CONTAINERD_ROOT="$CTD21" timeout --kill-after=30 "$IT_TIMEOUT" \
+			cargo test -p janus-tests -- --test-threads="$THREADS" --skip janus_vm_builtin ${JANUS_TEST_FILTER:-}
+	else
+		skip "containerd 2.1" "could not fetch Debian sid's containerd (see the log above)"
+	fi
+	# containerd 1.7: a smaller set (each mode's ctr basics, CRI pod lifecycle, exec, logs).
+	if [ -n "$CTD17" ]; then
+		step "containerd 1.7" env JANUS_CONTAINERD_ROOT="$CTD17" timeout --kill-after=30 "$IT_TIMEOUT" \
+			cargo test -p janus-tests --test ctr --test cri -- --test-threads="$THREADS" \
+			--skip janus_vm_builtin janus::run_ janus_vm::run_ pod_lifecycle exec_sync container_logs
+	else
+		skip "containerd 1.7" "could not fetch Debian trixie's containerd (see the log above)"
+	fi
 else
 	skip "integration tests" "release build or test images failed"
 	skip "builtin driver (ctr)" "release build or test images failed"
+	skip "containerd 2.1" "release build or test images failed"
+	skip "containerd 1.7" "release build or test images failed"
 fi
 
 # Our VMM against QEMU on Debian's kernel (slow: two boots of a few minutes each under this

@@ -137,7 +137,8 @@ fn pod_lifecycle(h: &str) {
     let want = if h.starts_with(cri::JANUS_HANDLER) {
         std::fs::canonicalize(c.ctd.shim.as_ref().unwrap()).unwrap()
     } else {
-        std::path::PathBuf::from("/usr/bin/containerd-shim-runc-v2")
+        // containerd's own Go shim, of the containerd under test.
+        janus_tests::containerd_bin_dir().join("containerd-shim-runc-v2")
     };
     assert!(
         !shims.is_empty() && shims.iter().all(|s| s.1 == want),

@@ -535,7 +535,8 @@ mod janus_vm_only {
         let o = ctd.run_rm_with_config(JANUS_VM, &c, &["true"]);
         assert_ne!(o.code(), 0, "{o}");
         assert!(
-            o.stderr.contains("invalid argument") && o.stderr.contains("runs pods in VMs"),
+            janus_tests::ctr_error_has_code(&o.stderr, "invalid argument")
+                && o.stderr.contains("runs pods in VMs"),
             "{o}"
         );
         let _ = ctd.ctr(&["containers", "rm", &c]);
@@ -550,7 +551,8 @@ mod janus_vm_only {
         let o = ctd.ctr(&ctd.run_args(JANUS_VM, &["--rm", "--net-host"], &c, &["true"]));
         assert_ne!(o.code(), 0, "{o}");
         assert!(
-            o.stderr.contains("invalid argument") && o.stderr.contains("network (hostNetwork)"),
+            janus_tests::ctr_error_has_code(&o.stderr, "invalid argument")
+                && o.stderr.contains("network (hostNetwork)"),
             "{o}"
         );
         assert!(o.stderr.contains("RuntimeClass janus"), "{o}");
@@ -800,7 +802,8 @@ mod janus_vm_faults {
         let o = ctd.run_rm_with_config(JANUS, &c, &["true"]);
         assert_ne!(o.code(), 0, "{o}");
         assert!(
-            o.stderr.contains("/nonexistent/vmlinux") && o.stderr.contains("failed precondition"),
+            o.stderr.contains("/nonexistent/vmlinux")
+                && janus_tests::ctr_error_has_code(&o.stderr, "failed precondition"),
             "{o}"
         );
         assert!(o.stderr.contains("build-guest.sh"), "says what to do: {o}");
@@ -834,7 +837,8 @@ mod janus_vm_builtin {
         let o = ctd.run_rm_with_config(JANUS, &c, &["true"]);
         assert_ne!(o.code(), 0, "{o}");
         assert!(
-            o.stderr.contains("failed precondition") && o.stderr.contains("vmx nor svm"),
+            janus_tests::ctr_error_has_code(&o.stderr, "failed precondition")
+                && o.stderr.contains("vmx nor svm"),
             "{o}"
         );
         assert!(
@@ -854,7 +858,8 @@ mod janus_vm_builtin {
         let o = ctd.run_rm_with_config(JANUS, &c, &["true"]);
         assert_ne!(o.code(), 0, "{o}");
         assert!(
-            o.stderr.contains("invalid argument") && o.stderr.contains("firecracker"),
+            janus_tests::ctr_error_has_code(&o.stderr, "invalid argument")
+                && o.stderr.contains("firecracker"),
             "{o}"
         );
         let _ = ctd.ctr(&["containers", "rm", &c]);

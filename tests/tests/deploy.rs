@@ -163,6 +163,73 @@ fn containerd_dropin_defines_janus_handler() {
     );
 }
 
+/// containerd 2.x's root: `$JANUS_CONTAINERD2_ROOT`, else where `hack/lib.sh`'s
+/// `ensure_containerd sid` extracts it.
+fn containerd2() -> Option<PathBuf> {
+    let root = std::env::var_os("JANUS_CONTAINERD2_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/janus/containerd/sid/root"));
+    let bin = root.join("usr/bin/containerd");
+    bin.is_file().then_some(bin)
+}
+
+/// The v3 drop-in adds the two handlers and nothing else: 2.x merges imports key by key, so
+/// the node's own CRI settings (here a pause image and the default runtime) survive.
+#[test]
+fn containerd2_dropin_adds_only_the_handlers() {
+    let Some(containerd) = containerd2() else {
+        println!(
+            "NOT RUN: no containerd 2.x (hack/test.sh fetches Debian sid's with \
+             `ensure_containerd sid`; or set JANUS_CONTAINERD2_ROOT)"
+        );
+        return;
+    };
+    let dropin = deploy("containerd/janus-v3.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("config.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "version = 3\nimports = [\"{}\"]\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = \"example.com/pause:9\"\n\
+             [plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = \"runc\"\n",
+            dropin.display(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(&containerd);
+    cmd.arg("--config").arg(&main).args(["config", "dump"]);
+    let o = run_with_timeout(cmd, None, Duration::from_secs(30)).unwrap();
+    assert!(o.success(), "{o}");
+    let dump: toml::Value = toml::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}:\n{o}"));
+    let rt = &dump["plugins"]["io.containerd.cri.v1.runtime"]["containerd"];
+    for (h, ty, cfg) in [
+        ("janus", JANUS, "/etc/janus/config.toml"),
+        (
+            "janus-vm",
+            "io.containerd.janus-vm.v2",
+            "/etc/janus/vm.toml",
+        ),
+    ] {
+        let r = &rt["runtimes"][h];
+        assert_eq!(r["runtime_type"].as_str(), Some(ty), "{r:?}");
+        assert_eq!(r["options"]["ConfigPath"].as_str(), Some(cfg), "{r:?}");
+    }
+    // What the node's config.toml says is kept, and containerd's default runc handler too.
+    assert_eq!(rt["default_runtime_name"].as_str(), Some("runc"), "{rt:?}");
+    assert_eq!(
+        rt["runtimes"]["runc"]["runtime_type"].as_str(),
+        Some("io.containerd.runc.v2")
+    );
+    let images = &dump["plugins"]["io.containerd.cri.v1.images"];
+    assert_eq!(
+        images["pinned_images"]["sandbox"].as_str(),
+        Some("example.com/pause:9"),
+        "{images:?}"
+    );
+}
+
 #[test]
 fn janus_vm_config_is_vm_mode() {
     let p = deploy("janus/vm.toml");

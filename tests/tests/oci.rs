@@ -374,7 +374,7 @@ fn bad_config_file_names_file_and_line() {
         "{o}"
     );
     assert!(
-        o.stderr.contains("invalid argument"),
+        janus_tests::ctr_error_has_code(&o.stderr, "invalid argument"),
         "containerd should see InvalidArgument: {o}"
     );
     ctd.assert_no_leaks(&c, secs(10));
