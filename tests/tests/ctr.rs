@@ -610,10 +610,11 @@ mod janus_vm_only {
         ctd.ctr_ok(&["containers", "rm", &c]);
         ctd.assert_no_leaks(&c, secs(10));
         assert_eq!(vm_procs(), (0, 0), "qemu or virtiofsd left");
-        assert!(
-            !std::path::Path::new(&sock).exists(),
-            "virtiofsd socket left"
-        );
+        // `shim delete` removes the socket after the processes are gone: wait for that too.
+        let removed = janus_tests::poll(secs(5), || {
+            (!std::path::Path::new(&sock).exists()).then_some(())
+        });
+        assert!(removed.is_some(), "virtiofsd socket left");
         assert!(
             !std::path::Path::new(&shared).exists(),
             "share {shared} left"
@@ -692,10 +693,11 @@ mod janus_vm_faults {
             "qemu/virtiofsd still running 20 s after the shim died\n{}",
             ctd.log_tail(30)
         );
-        assert!(
-            !std::path::Path::new(&sock).exists(),
-            "virtiofsd socket left"
-        );
+        // `shim delete` removes the socket after the processes are gone: wait for that too.
+        let removed = janus_tests::poll(secs(5), || {
+            (!std::path::Path::new(&sock).exists()).then_some(())
+        });
+        assert!(removed.is_some(), "virtiofsd socket left");
         let shared = sock.replace(".vfs.sock", ".shared");
         let gone = janus_tests::poll(secs(5), || {
             (!std::path::Path::new(&shared).exists()).then_some(())
