@@ -1372,6 +1372,9 @@ oom_score = 0
 # and start time.
 disabled_plugins = [
   {cri_plugin}
+  # NRI listens on one fixed socket (/var/run/nri/nri.sock): containerd 2.x enables it, and two
+  # instances side by side collide. Janus's tests do not use it.
+  "io.containerd.nri.v1.nri",
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
