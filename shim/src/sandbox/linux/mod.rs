@@ -120,7 +120,7 @@ impl LinuxSandbox {
         bundle: &Path,
         rel: &str,
         init: &Arc<Proc>,
-        new_user: bool,
+        plan: &NsPlan,
     ) -> Result<(Spawned, Arc<ExitScope>, bool)> {
         let mounted = mount_rootfs(req, rootfs)?;
         let undo = |cg: Option<&Cgroup>| {
@@ -149,7 +149,7 @@ impl LinuxSandbox {
                 id: req.id.clone(),
                 cgroup: cg.clone(),
                 oom: self.watch_oom(&req.id, &cg),
-                own_pidns: NsPlan::from_spec(spec)?.new_pid(),
+                own_pidns: plan.new_pid(),
                 events: self.events.clone(),
             });
             let sreq = SpawnRequest {
@@ -164,7 +164,7 @@ impl LinuxSandbox {
                 terminal: init.io.terminal,
                 seccomp: linux.seccomp().clone(),
             };
-            let maps = new_user.then(|| id_maps(&linux));
+            let maps = plan.new_user().then(|| id_maps(&linux));
             let hooks = Some((spec, req.id.as_str(), bundle));
             let s = self.spawn_setup(sreq, init, scope.clone(), Some(&cg), maps, hooks)?;
             // `shim delete` kills it by this record after a crash: not having it is an error.
@@ -270,16 +270,17 @@ impl Sandbox for LinuxSandbox {
         let plan = NsPlan::from_spec(&spec)?;
         lsm_warnings(&req.id, &spec);
         let rel = cgroups::spec_path(&spec, &req.id)?;
-        let (req2, spec2, rootfs2, bundle2, init2) = (
+        let (req2, rootfs2, bundle2, init2, sandbox) = (
             req.clone(),
-            spec.clone(),
             rootfs.clone(),
             bundle.clone(),
             init.clone(),
+            this.clone(),
         );
-        let new_user = plan.new_user();
-        let (mut spawned, scope, mounted) = blocking(move || {
-            this.setup_init(&req2, &spec2, &rootfs2, &bundle2, &rel, &init2, new_user)
+        // The spec and the plan go to the blocking thread and come back: no second copy.
+        let (spec, plan, (mut spawned, scope, mounted)) = blocking(move || {
+            let made = sandbox.setup_init(&req2, &spec, &rootfs2, &bundle2, &rel, &init2, &plan)?;
+            Ok((spec, plan, made))
         })
         .await?;
         let tty = spawned.tty(&init.io)?;
@@ -294,7 +295,7 @@ impl Sandbox for LinuxSandbox {
         ));
         init.attach(process.clone())?;
         Ok(Arc::new(LinuxContainer {
-            sandbox: self.self_arc()?,
+            sandbox: this,
             scope,
             init: process,
             bundle,
