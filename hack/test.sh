@@ -113,11 +113,13 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	else
 		skip "containerd 2.1" "could not fetch Debian sid's containerd (see the log above)"
 	fi
-	# containerd 1.7: a smaller set (each mode's ctr basics, CRI pod lifecycle, exec, logs).
+	# containerd 1.7: a smaller set (each mode's ctr basics, CRI pod lifecycle, exec, logs, the
+	# version 2 drop-in of deploy/ driving both handlers).
 	if [ -n "$CTD17" ]; then
 		step "containerd 1.7" env JANUS_CONTAINERD_ROOT="$CTD17" timeout --kill-after=30 "$IT_TIMEOUT" \
 			cargo test -p janus-tests --test ctr --test cri -- --test-threads="$THREADS" \
-			--skip janus_vm_builtin janus::run_ janus_vm::run_ pod_lifecycle exec_sync container_logs
+			--skip janus_vm_builtin janus::run_ janus_vm::run_ pod_lifecycle exec_sync container_logs \
+			deploy_dropin_runs_both_handlers
 	else
 		skip "containerd 1.7" "could not fetch Debian trixie's containerd (see the log above)"
 	fi

@@ -32,8 +32,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 use crate::{
-    cmd_timeout, contains_token, poll, processes, run_with_timeout, unescape_mountinfo, unique_id,
-    Containerd, Options, IMAGE, JANUS_SHIM_NAME, PAUSE_IMAGE,
+    cmd_timeout, containerd_binary, containerd_major, contains_token, poll, processes,
+    run_with_timeout, unescape_mountinfo, unique_id, workspace_root, Containerd, Options, IMAGE,
+    JANUS_SHIM_NAME, PAUSE_IMAGE,
 };
 
 /// The containerd namespace the CRI plugin uses.
@@ -169,7 +170,22 @@ impl CriEnv {
     }
 
     /// The CRI part of the containerd config (appended to the base config).
-    pub(crate) fn containerd_config(&self, janus_config: &Path) -> String {
+    /// The CRI plugin's config (version 2); Janus's handlers only with `janus_handlers`.
+    pub(crate) fn containerd_config(&self, janus_config: &Path, janus_handlers: bool) -> String {
+        let handlers = if janus_handlers {
+            format!(
+                r#"    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus]
+      runtime_type = "io.containerd.janus.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus.options]
+        ConfigPath = "{}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus-vm]
+      runtime_type = "io.containerd.janus-vm.v2"
+"#,
+                janus_config.display()
+            )
+        } else {
+            String::new()
+        };
         format!(
             r#"
 # ---- CRI (kubelet's view of containerd) -------------------------------------------------
@@ -194,20 +210,13 @@ impl CriEnv {
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{runc_root}"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus]
-      runtime_type = "io.containerd.janus.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus.options]
-        ConfigPath = "{janus_config}"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.janus-vm]
-      runtime_type = "io.containerd.janus-vm.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{handlers}  [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
     max_conf_num = 1
 "#,
             pause = PAUSE_IMAGE,
             runc_root = self.runc_root.display(),
-            janus_config = janus_config.display(),
             cni_bin = CNI_BIN_DIR,
             cni_conf = self.cni_conf_dir.display(),
         )
@@ -236,6 +245,59 @@ impl CriEnv {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// The config of a containerd whose Janus handlers come from the deploy/ drop-in `dropin`,
+/// imported as a node imports it. `main` is the instance's config and `cri` its CRI section
+/// without Janus's handlers (both version 2). The drop-in is copied with its `/etc/janus/`
+/// ConfigPaths pointing at deploy/janus/ (the files a node installs there).
+///
+/// - containerd 2.x merges imports key by key: the main config is the instance's, migrated to
+///   version 3 by this containerd itself (a version 2 file cannot import a version 3 one), and
+///   imports the drop-in as written.
+/// - containerd 1.x replaces a whole plugin section with the imported one: as the drop-in's
+///   header tells operators, the node's CRI settings (here the instance's CNI, pause image and
+///   runc root) go into the drop-in; its Janus entries stay as written.
+pub(crate) fn import_dropin(dir: &Path, main: String, cri: &str, dropin: &Path) -> Result<String> {
+    let text = fs::read_to_string(dropin).with_context(|| format!("{}", dropin.display()))?;
+    let installed = format!("{}/", workspace_root().join("deploy/janus").display());
+    let text = text.replace("/etc/janus/", &installed);
+    let copy = dir.join("janus-dropin.toml");
+    if containerd_major() >= 2 {
+        fs::write(&copy, text)?;
+        let v2 = dir.join("config-v2.toml");
+        fs::write(&v2, format!("{main}{cri}"))?;
+        let mut cmd = Command::new(containerd_binary());
+        cmd.arg("--config").arg(&v2).args(["config", "migrate"]);
+        let o = run_with_timeout(cmd, None, Duration::from_secs(30))?;
+        if !o.success() || !o.stdout.contains("\nimports = []\n") {
+            bail!("containerd config migrate:\n{o}");
+        }
+        let imports = format!("\nimports = ['{}']\n", copy.display());
+        return Ok(o.stdout.replacen("\nimports = []\n", &imports, 1));
+    }
+    let mut node: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}", dropin.display()))?;
+    let ours: toml::Table = toml::from_str(cri).context("the instance's CRI config")?;
+    overlay(&mut node, ours);
+    fs::write(&copy, toml::to_string(&node)?)?;
+    let imports = format!("version = 2\nimports = [\"{}\"]\n", copy.display());
+    if !main.contains("\nversion = 2\n") {
+        bail!("the instance's config has no `version = 2` line:\n{main}");
+    }
+    Ok(main.replacen("version = 2\n", &imports, 1))
+}
+
+/// `top`'s keys into `base`, tables merged key by key, `top` winning elsewhere.
+fn overlay(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => overlay(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -411,16 +473,37 @@ impl Cri {
         }
     }
 
+    /// Like [`Self::start`], with Janus's handlers from the deploy/ drop-in `dropin` (see
+    /// [`import_dropin`]); `handler` can be changed between pods.
+    pub fn start_with_dropin(handler: &str, dropin: &Path) -> Cri {
+        let opts = Options {
+            require_janus: true,
+            cri: true,
+            dual_stack: false,
+            dropin: Some(dropin.to_path_buf()),
+        };
+        match Self::try_start_opts(handler, opts) {
+            Ok(c) => c,
+            Err(e) => panic!("starting a CRI containerd with {}: {e:#}", dropin.display()),
+        }
+    }
+
     pub fn try_start(handler: &str) -> Result<Cri> {
         Self::try_start_with(handler, false)
     }
 
     fn try_start_with(handler: &str, dual_stack: bool) -> Result<Cri> {
-        let ctd = Containerd::start(Options {
+        let opts = Options {
             require_janus: handler.contains("janus"),
             cri: true,
             dual_stack,
-        })?;
+            dropin: None,
+        };
+        Self::try_start_opts(handler, opts)
+    }
+
+    fn try_start_opts(handler: &str, opts: Options) -> Result<Cri> {
+        let ctd = Containerd::start(opts)?;
         if handler.starts_with(JANUS_HANDLER) && ctd.shim.is_none() {
             bail!("{JANUS_SHIM_NAME} not found");
         }

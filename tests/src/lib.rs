@@ -65,7 +65,7 @@ pub fn containerd_bin_dir() -> PathBuf {
     }
 }
 
-fn containerd_binary() -> PathBuf {
+pub(crate) fn containerd_binary() -> PathBuf {
     containerd_bin_dir().join("containerd")
 }
 
@@ -722,6 +722,9 @@ pub struct Options {
     pub cri: bool,
     /// CRI pods get an IPv6 address too (dual-stack).
     pub dual_stack: bool,
+    /// With `cri`: Janus's handlers come from this deploy/ drop-in, imported the way a node
+    /// imports it (see [`cri::import_dropin`]), instead of from the harness's own CRI config.
+    pub dropin: Option<PathBuf>,
 }
 
 impl Options {
@@ -731,6 +734,7 @@ impl Options {
             require_janus: runtime.contains("janus"),
             cri: false,
             dual_stack: false,
+            dropin: None,
         }
     }
 }
@@ -804,7 +808,13 @@ impl Containerd {
         let mut config_text = containerd_config(&dir, &root, &state, &address, opts.cri);
         let cri_env = if opts.cri {
             let env = cri::CriEnv::setup(&dir, &name, opts.dual_stack)?;
-            config_text.push_str(&env.containerd_config(&janus_config));
+            let handlers = opts.dropin.is_none();
+            let cri_text = env.containerd_config(&janus_config, handlers);
+            if let Some(dropin) = &opts.dropin {
+                config_text = cri::import_dropin(&dir, config_text, &cri_text, dropin)?;
+            } else {
+                config_text.push_str(&cri_text);
+            }
             Some(env)
         } else {
             None

@@ -1647,6 +1647,39 @@ fn systemd_cgroup_path(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), id], secs(15));
 }
 
+/// The deploy/ drop-in for this containerd (version 2 for 1.x, version 3 for 2.x), imported as
+/// a node imports it, is all that defines Janus's handlers: a pod on each runs, in its mode.
+#[test]
+fn deploy_dropin_runs_both_handlers() {
+    let dropin = if janus_tests::containerd_major() >= 2 {
+        "deploy/containerd/janus-v3.toml"
+    } else {
+        "deploy/containerd/janus.toml"
+    };
+    let mut c = Cri::start_with_dropin(
+        cri::JANUS_HANDLER,
+        &janus_tests::workspace_root().join(dropin),
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut ids = Vec::new();
+    for h in [cri::JANUS_HANDLER, cri::JANUS_VM_HANDLER] {
+        c.handler = h.to_string();
+        let p = pod(&c, &format!("dropin-{h}"));
+        let id = sleeper(&c, &p, "app");
+        let kernel = c.exec_ok(&id, &["uname", "-r"]);
+        // Namespace mode shares the host's kernel; VM mode runs the guest's.
+        let in_vm = kernel.trim() != host.trim();
+        assert_eq!(
+            in_vm,
+            h == cri::JANUS_VM_HANDLER,
+            "{h} (with {dropin}): kernel {kernel}"
+        );
+        c.stop_remove_pod(&p);
+        ids.extend([p.id.clone(), id]);
+    }
+    c.assert_no_leaks(&ids, secs(20));
+}
+
 /// One test module: each case run with CRI runtime handler `$h`.
 macro_rules! suite {
     ($m:ident, $h:ident; $($name:ident),* $(,)?) => {
