@@ -76,6 +76,9 @@ ensure_apt() {
 ensure_base_deps() {
 	ensure_apt containerd runc busybox-static umoci skopeo jq iproute2 iptables \
 		containernetworking-plugins util-linux tar coreutils gzip
+	# The systemd-managed node of the cgroup tests (tests/systemd-node.sh): systemd as a
+	# container's PID 1 with dbus (never the host's init).
+	ensure_apt systemd dbus
 }
 
 # Packages needed to build the workspace.

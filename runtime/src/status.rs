@@ -53,6 +53,12 @@ impl From<crate::linux::Error> for Status {
         match e {
             E::InvalidSpec(_) | E::ChildRejected(_) => Status::InvalidArgument(e.to_string()),
             E::NotFound(_) => Status::NotFound(e.to_string()),
+            E::Systemd(crate::linux::systemd::SystemdError::Exists { .. }) => {
+                Status::AlreadyExists(e.to_string())
+            }
+            E::Systemd(crate::linux::systemd::SystemdError::Timeout { .. }) => {
+                Status::DeadlineExceeded(e.to_string())
+            }
             _ => Status::Other(Box::new(e)),
         }
     }

@@ -481,11 +481,24 @@ impl Cri {
             cri: true,
             dual_stack: false,
             dropin: Some(dropin.to_path_buf()),
+            launcher: Vec::new(),
         };
         match Self::try_start_opts(handler, opts) {
             Ok(c) => c,
             Err(e) => panic!("starting a CRI containerd with {}: {e:#}", dropin.display()),
         }
+    }
+
+    /// Like [`Self::start`], with containerd run under `launcher` (e.g. in a systemd node).
+    pub fn start_under(handler: &str, launcher: Vec<std::ffi::OsString>) -> Result<Cri> {
+        let opts = Options {
+            require_janus: true,
+            cri: true,
+            dual_stack: false,
+            dropin: None,
+            launcher,
+        };
+        Self::try_start_opts(handler, opts)
     }
 
     pub fn try_start(handler: &str) -> Result<Cri> {
@@ -498,6 +511,7 @@ impl Cri {
             cri: true,
             dual_stack,
             dropin: None,
+            launcher: Vec::new(),
         };
         Self::try_start_opts(handler, opts)
     }

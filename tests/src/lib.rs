@@ -20,6 +20,7 @@
 //! pause image, and a gRPC CRI client (as kubelet uses it) with the streaming (Exec/Attach) client.
 
 pub mod cri;
+pub mod systemd_node;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -725,6 +726,9 @@ pub struct Options {
     /// With `cri`: Janus's handlers come from this deploy/ drop-in, imported the way a node
     /// imports it (see [`cri::import_dropin`]), instead of from the harness's own CRI config.
     pub dropin: Option<PathBuf>,
+    /// A command prefix containerd runs under (e.g. [`systemd_node::SystemdNode::launcher`]);
+    /// empty: containerd is our child.
+    pub launcher: Vec<std::ffi::OsString>,
 }
 
 impl Options {
@@ -735,6 +739,7 @@ impl Options {
             cri: false,
             dual_stack: false,
             dropin: None,
+            launcher: Vec::new(),
         }
     }
 }
@@ -822,7 +827,14 @@ impl Containerd {
         fs::write(&config, config_text)?;
 
         let log_file = fs::File::create(&log)?;
-        let mut cmd = Command::new(containerd_binary());
+        let mut cmd = match opts.launcher.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(containerd_binary());
+                c
+            }
+            None => Command::new(containerd_binary()),
+        };
         cmd.arg("--config")
             .arg(&config)
             .env(
@@ -1553,8 +1565,15 @@ fn rmdir_tree(p: &Path) {
 /// The host path of the cgroup (v1 controller `controller`, or the v2 unified hierarchy when
 /// `controller` is empty) of process `pid`.
 pub fn cgroup_dir(pid: u32, controller: &str) -> Result<PathBuf> {
-    let s = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .with_context(|| format!("reading /proc/{pid}/cgroup"))?;
+    cgroup_dir_of(&Path::new("/proc").join(pid.to_string()), controller)
+}
+
+/// [`cgroup_dir`] of the process whose /proc directory is `proc` (e.g. one seen through another
+/// pid namespace's /proc: the paths are still the host's, as this process reads them).
+pub fn cgroup_dir_of(proc: &Path, controller: &str) -> Result<PathBuf> {
+    let pid = proc.display();
+    let s =
+        fs::read_to_string(proc.join("cgroup")).with_context(|| format!("reading {pid}/cgroup"))?;
     for l in s.lines() {
         let mut f = l.splitn(3, ':');
         let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
@@ -1577,7 +1596,7 @@ pub fn cgroup_dir(pid: u32, controller: &str) -> Result<PathBuf> {
             return Ok(base.join(path.trim_start_matches('/')));
         }
     }
-    bail!("no {controller:?} cgroup for pid {pid} in:\n{s}")
+    bail!("no {controller:?} cgroup for {pid} in:\n{s}")
 }
 
 /// Is the host on cgroup v2 only (unified at /sys/fs/cgroup)?

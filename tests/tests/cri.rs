@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use janus_tests::cri::{self, profile, Cri, Pod};
+use janus_tests::systemd_node::{self, SystemdNode};
 use janus_tests::{cgroup_dir, poll};
 use k8s_cri::v1 as api;
 
@@ -1647,6 +1648,113 @@ fn systemd_cgroup_path(h: &str) {
     c.assert_no_leaks(&[p.id.clone(), id], secs(15));
 }
 
+/// Under a real systemd (a node container with systemd as PID 1 and dbus, as kind's nodes
+/// have): a pod with a `.slice` cgroup parent gets the systemd form of cgroupsPath, and Janus
+/// starts each container (VM mode: the pod's VM, QEMU and virtiofsd) in a transient scope
+/// through systemd's D-Bus API, its memory limit a unit property as well as the cgroup's;
+/// removing the pod stops the scopes (systemd no longer knows them) and removes their groups.
+fn systemd_node_scopes(h: &str) {
+    if let Err(why) = systemd_node::available() {
+        println!("NOT RUN: systemd_node_scopes ({h}): {why}");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("janus-node-")
+        .tempdir()
+        .unwrap();
+    let node = SystemdNode::boot(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let launcher = node.launcher(&format!("jt-containerd-{}", std::process::id()));
+    let c = Cri::start_under(h, launcher)
+        .unwrap_or_else(|e| panic!("containerd in the node: {e:#}\n{}", node.logs()));
+    let top = janus_tests::unique_id("sd").replace('-', "");
+    let mut base = String::new();
+    let p = pod_with(&c, "sdnode", |cfg| {
+        let uid = cfg.metadata.as_ref().unwrap().uid.clone();
+        base = format!("/{top}.slice/{top}-burstable.slice/{top}-burstable-pod{uid}.slice");
+        cfg.linux.as_mut().unwrap().cgroup_parent = base.clone();
+    });
+    let limit: i64 = 96 << 20;
+    let id = ctr_with(&c, &p, "app", &["sleep", "100000"], |cfg| {
+        let r = cfg
+            .linux
+            .as_mut()
+            .unwrap()
+            .resources
+            .get_or_insert_with(Default::default);
+        r.memory_limit_in_bytes = limit;
+    });
+    c.wait_running(&id);
+    let scope = |cid: &str| format!("cri-containerd-{cid}.scope");
+    let show = |unit: &str| {
+        node.show(
+            unit,
+            &["LoadState", "ActiveState", "ControlGroup", "MemoryLimit"],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    // (unit, /proc directories of the processes that must be in it)
+    let mut held = Vec::new();
+    if h == cri::JANUS_VM_HANDLER {
+        let sock = pod_vm_socket(&c, &p);
+        let procs: Vec<std::path::PathBuf> = janus_tests::processes()
+            .iter()
+            .filter(|x| x.cmdline.contains(&sock) || x.cmdline.contains(&p.id))
+            .filter(|x| x.cmdline.contains("qemu-system") || x.cmdline.contains("virtiofsd"))
+            .map(|x| std::path::PathBuf::from(format!("/proc/{}", x.pid)))
+            .collect();
+        assert!(
+            procs.len() >= 2,
+            "QEMU and virtiofsd of pod {}: {procs:?}",
+            p.id
+        );
+        held.push((scope(&p.id), procs));
+    } else {
+        // containerd reports the pid in the node's pid namespace.
+        held.push((scope(&id), vec![node.proc_dir(c.container_pid(&id))]));
+        // The limit: the unit's property and the cgroup's file agree.
+        let props = show(&scope(&id));
+        assert!(props.contains(&format!("MemoryLimit={limit}")), "{props}");
+    }
+    for (unit, procs) in &held {
+        let props = show(unit);
+        let group = format!("{base}/{unit}");
+        assert!(
+            props.contains("ActiveState=active")
+                && props.contains(&format!("ControlGroup={group}")),
+            "{unit} in the node's systemd:\n{props}"
+        );
+        // Every controller, systemd's and those it leaves alone (devices, freezer...).
+        for ctrl in ["memory", "pids", "devices", "freezer"] {
+            for proc in procs {
+                let d = janus_tests::cgroup_dir_of(proc, ctrl).unwrap();
+                assert!(
+                    d.ends_with(format!("{}{group}", node.cgroup)),
+                    "{} in {ctrl} cgroup {}, not {group} of the node",
+                    proc.display(),
+                    d.display()
+                );
+            }
+        }
+        if h != cri::JANUS_VM_HANDLER {
+            let d = janus_tests::cgroup_dir_of(&procs[0], "memory").unwrap();
+            let got = std::fs::read_to_string(d.join("memory.limit_in_bytes")).unwrap();
+            assert_eq!(got.trim(), limit.to_string(), "{}", d.display());
+        }
+    }
+    c.stop_remove_pod(&p);
+    for (unit, _) in &held {
+        let props = show(unit);
+        assert!(
+            props.contains("LoadState=not-found"),
+            "{unit} after the pod's removal:\n{props}"
+        );
+        let d = format!("/sys/fs/cgroup/memory/{}{base}/{unit}", node.cgroup);
+        assert!(!std::path::Path::new(&d).exists(), "{d} left behind");
+    }
+    drop(c);
+    drop(node);
+}
+
 /// The deploy/ drop-in for this containerd (version 2 for 1.x, version 3 for 2.x), imported as
 /// a node imports it, is all that defines Janus's handlers: a pod on each runs, in its mode.
 #[test]
@@ -1757,6 +1865,7 @@ cases!(
     propagation_host_to_container,
     vm_pod_charged_to_pod_cgroup,
     systemd_cgroup_path,
+    systemd_node_scopes,
 );
 // The systemd driver's cgroup paths (runc's Go shim here runs the cgroupfs driver).
-suite!(janus_systemd, JANUS_HANDLER; systemd_cgroup_path);
+suite!(janus_systemd, JANUS_HANDLER; systemd_cgroup_path, systemd_node_scopes);

@@ -144,9 +144,10 @@ impl Containers {
             containers: self,
             proc,
         };
+        // Resources are applied before the spawn here (no systemd in the guest).
         let place = Placement {
             cgroup: cg,
-            id_maps: None,
+            ..Placement::default()
         };
         let spawned = spawn::spawn(z, sreq, &raw, place, SETUP_TIMEOUT, &mut steps)?;
         let wiring = prepared.wiring(spawned.pty_master.as_ref())?;

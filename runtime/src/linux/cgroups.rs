@@ -1,7 +1,8 @@
 //! cgroups v1 and v2: create, apply resources, add processes, freeze, stats, OOM, destroy.
 //!
 //! The host here is v1 (hybrid, cgroupfs, no systemd); v2 runs in the VM guest. Both share
-//! one interface so callers do not care which one the host has.
+//! one interface so callers do not care which one the host has. Where systemd runs the host, a
+//! systemd-form cgroupsPath is a transient scope ([`super::systemd`]) at the same directory.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
 
 use super::error::{Error, Result};
+use super::systemd::{self, Unit};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -49,17 +51,6 @@ pub fn host_mode() -> Mode {
     }
 }
 
-/// A container's cgroup relative to the hierarchy root, from its spec's `cgroupsPath`.
-pub fn spec_path(spec: &oci_spec::runtime::Spec, id: &str) -> Result<String> {
-    let path = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-        .map(|p| p.to_string_lossy().to_string())
-        .unwrap_or_default();
-    normalize_path(&path, id)
-}
-
 /// Validates an OCI `cgroupsPath` and returns it relative to the hierarchy root.
 pub fn normalize_path(path: &str, id: &str) -> Result<String> {
     if path.is_empty() {
@@ -80,6 +71,20 @@ pub fn normalize_path(path: &str, id: &str) -> Result<String> {
         ));
     }
     Ok(rel.to_string())
+}
+
+/// A container's cgroup from its spec's `cgroupsPath`: a systemd scope where systemd runs the
+/// host and the path has the systemd form, else a cgroupfs directory (the same one).
+pub fn spec_cgroup(spec: &oci_spec::runtime::Spec, id: &str) -> Result<Cgroup> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let rel = normalize_path(&path, id)?;
+    let unit = Unit::from_cgroups_path(&path).filter(|_| systemd::booted());
+    Ok(Cgroup::new(&rel)?.owned_by(unit))
 }
 
 /// The cgroupfs path systemd gives a `slice:prefix:name` cgroupsPath (the systemd cgroup
@@ -142,10 +147,13 @@ pub enum Cgroup {
         rel: String,
         /// controller -> directory of this cgroup in that controller's hierarchy
         dirs: BTreeMap<String, PathBuf>,
+        /// The systemd scope that owns it, where systemd runs the host.
+        unit: Option<Unit>,
     },
     V2 {
         rel: String,
         dir: PathBuf,
+        unit: Option<Unit>,
     },
 }
 
@@ -296,6 +304,7 @@ impl Cgroup {
             Mode::V2 => Ok(Cgroup::V2 {
                 rel: rel.to_string(),
                 dir: Path::new(ROOT).join(rel),
+                unit: None,
             }),
             Mode::V1 => {
                 let mi = fs::read_to_string("/proc/self/mountinfo")
@@ -310,9 +319,31 @@ impl Cgroup {
                 Ok(Cgroup::V1 {
                     rel: rel.to_string(),
                     dirs,
+                    unit: None,
                 })
             }
         }
+    }
+
+    /// This cgroup, as the systemd scope `unit` (if any).
+    pub fn owned_by(mut self, owner: Option<Unit>) -> Cgroup {
+        match &mut self {
+            Cgroup::V1 { unit, .. } | Cgroup::V2 { unit, .. } => *unit = owner,
+        }
+        self
+    }
+
+    /// The systemd scope that owns this cgroup, if any.
+    pub fn unit(&self) -> Option<&Unit> {
+        match self {
+            Cgroup::V1 { unit, .. } | Cgroup::V2 { unit, .. } => unit.as_ref(),
+        }
+    }
+
+    /// A systemd scope that has not started yet: its directory comes with its first process
+    /// ([`Cgroup::enter`]).
+    fn scope_pending(&self) -> bool {
+        self.unit().is_some() && !self.exists()
     }
 
     pub fn rel(&self) -> &str {
@@ -360,8 +391,16 @@ impl Cgroup {
         self.main_dir().exists()
     }
 
-    /// Creates the cgroup directories (and parents).
+    /// Creates the cgroup directories (and parents). A systemd scope is made by systemd with
+    /// its first process instead ([`Cgroup::enter`]).
     pub fn create(&self) -> Result<()> {
+        if self.unit().is_some() {
+            return Ok(());
+        }
+        self.mkdirs()
+    }
+
+    fn mkdirs(&self) -> Result<()> {
         match self {
             Cgroup::V1 { dirs, .. } => {
                 for (ctrl, dir) in dirs {
@@ -374,7 +413,7 @@ impl Cgroup {
                 }
                 Ok(())
             }
-            Cgroup::V2 { dir, rel } => {
+            Cgroup::V2 { dir, rel, .. } => {
                 // Enable every available controller down the path so limits can be set.
                 let mut cur = PathBuf::from(ROOT);
                 for comp in Path::new(rel).components() {
@@ -396,6 +435,23 @@ impl Cgroup {
         }
     }
 
+    /// Puts `pid` in this cgroup. A systemd scope that has not started starts now, with `pid`
+    /// as its first process and `res` as its unit properties; on v1 the controllers systemd
+    /// leaves alone (cpuset, devices, freezer...) then get their directories as on cgroupfs.
+    pub fn enter(&self, pid: i32, res: Option<&LinuxResources>) -> Result<()> {
+        if let (true, Some(unit)) = (self.scope_pending(), self.unit()) {
+            let v2 = self.mode() == Mode::V2;
+            let props = res
+                .map(|r| systemd::resource_props(r, v2))
+                .unwrap_or_default();
+            systemd::start_scope(unit, pid as u32, &props, v2)?;
+            if !v2 {
+                self.mkdirs()?;
+            }
+        }
+        self.add_proc(pid)
+    }
+
     pub fn add_proc(&self, pid: i32) -> Result<()> {
         match self {
             Cgroup::V1 { dirs, .. } => {
@@ -410,10 +466,14 @@ impl Cgroup {
 
     /// Makes the process `cmd` starts begin its life in this cgroup (it writes itself into
     /// each `cgroup.procs` between fork and exec), so all it allocates is charged here from its
-    /// first page. The cgroup must exist.
+    /// first page. The cgroup must exist, except a systemd scope not started yet: then nothing
+    /// happens here and the caller's [`Cgroup::enter`] with the new pid starts it.
     pub fn place_child(&self, cmd: &mut std::process::Command) -> Result<()> {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
+        if self.scope_pending() {
+            return Ok(());
+        }
         let files = self
             .dirs()
             .into_iter()
@@ -450,6 +510,10 @@ impl Cgroup {
 
     /// Applies resource limits. `update` skips what may only be set at creation (devices).
     pub fn apply(&self, res: &LinuxResources, update: bool) -> Result<()> {
+        if let (true, Some(unit)) = (update, self.unit()) {
+            // What systemd re-applies from its own properties must be the new values too.
+            systemd::set_properties(unit, &systemd::resource_props(res, self.mode() == Mode::V2))?;
+        }
         match self {
             Cgroup::V1 { .. } => self.apply_v1(res, update),
             Cgroup::V2 { dir, .. } => apply_v2(dir, res),
@@ -673,8 +737,19 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Kills what is left and removes the directories. Idempotent.
+    /// Kills what is left and removes the directories (and the systemd scope). Idempotent.
     pub fn destroy(&self) -> Result<()> {
+        let r = self.remove();
+        if let Some(unit) = self.unit() {
+            // Empty, the scope stops by itself; this makes it certain (and forgets a failed one).
+            if let Err(e) = systemd::stop(unit) {
+                log::warn!("cgroup {}: {e}", self.rel());
+            }
+        }
+        r
+    }
+
+    fn remove(&self) -> Result<()> {
         if !self.exists() {
             // Still clean other controllers' directories below.
             self.rmdirs();
@@ -1270,6 +1345,7 @@ mod tests {
         let cg = Cgroup::V2 {
             rel: "x".into(),
             dir: d.to_path_buf(),
+            unit: None,
         };
         let s = cg.stats().unwrap();
         assert_eq!(s.memory_usage, 4096);

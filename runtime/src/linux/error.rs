@@ -22,6 +22,9 @@ pub enum Error {
     /// A cgroup operation failed.
     #[error("cgroup: {0}")]
     Cgroup(String),
+    /// systemd refused or failed a scope's start, change or stop.
+    #[error("cgroup: {0}")]
+    Systemd(#[from] super::systemd::SystemdError),
     /// Something that does not exist (a process, a cgroup).
     #[error("not found: {0}")]
     NotFound(String),

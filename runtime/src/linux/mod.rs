@@ -20,6 +20,7 @@ pub mod seccomp;
 pub mod spawn;
 pub mod spec;
 pub mod sync;
+pub mod systemd;
 pub mod zygote;
 
 pub use error::{Error, Result};

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use oci_spec::runtime::LinuxResources;
 
 use super::cgroups::Cgroup;
 use super::error::{Error, Result};
@@ -33,6 +34,9 @@ pub trait SetupHooks {
 #[derive(Default)]
 pub struct Placement<'a> {
     pub cgroup: Option<&'a Cgroup>,
+    /// Resources to apply to `cgroup` once the process is in it: a systemd scope's cgroup
+    /// only exists from then on (and takes them as unit properties too).
+    pub resources: Option<&'a LinuxResources>,
     /// uid_map and gid_map contents for a new user namespace.
     pub id_maps: Option<(String, String)>,
 }
@@ -103,7 +107,10 @@ fn handshake(
     hooks: &mut dyn SetupHooks,
 ) -> Result<Option<OwnedFd>> {
     if let Some(cg) = place.cgroup {
-        cg.add_proc(pid)?;
+        cg.enter(pid, place.resources)?;
+        if let Some(res) = place.resources {
+            cg.apply(res, false)?;
+        }
     }
     if let Some((uid, gid)) = place.id_maps {
         std::fs::write(format!("/proc/{pid}/uid_map"), uid)

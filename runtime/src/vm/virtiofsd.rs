@@ -110,6 +110,10 @@ impl Virtiofsd {
             child: Some(child),
             socket: cfg.socket.clone(),
         };
+        if let Some(cg) = &cfg.cgroup {
+            // (On error `vfs` is dropped, which kills it.)
+            super::vmm_process::enter_cgroup(cg, vfs.pid).await?;
+        }
         let t = Instant::now();
         while !cfg.socket.exists() {
             if t.elapsed() > SOCKET_WAIT {

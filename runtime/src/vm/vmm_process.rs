@@ -24,6 +24,7 @@ use super::workdir::{prepare_work_dir, VmmFiles, WorkDir};
 use super::{
     agent, tail_lines, Accel, AgentConnection, Error, Result, Vm, VmConfig, VmExit, GUEST_HINT,
 };
+use crate::linux::cgroups::Cgroup;
 
 /// How long a VMM may take to create its sockets after spawn.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
@@ -98,6 +99,20 @@ pub(super) fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &[String
     }
     p.extend(extra.iter().cloned());
     p.join(" ")
+}
+
+/// Keeps a process spawned into `cg` there: a systemd scope starts with it (its
+/// [`Cgroup::place_child`] had no directory to write into); on cgroupfs it is there already.
+/// The D-Bus calls run off the async threads.
+pub(crate) async fn enter_cgroup(cg: &Cgroup, pid: u32) -> Result<()> {
+    if cg.unit().is_none() {
+        return Ok(());
+    }
+    let cg = cg.clone();
+    tokio::task::spawn_blocking(move || cg.enter(pid as i32, None))
+        .await
+        .map_err(|e| Error::io("cgroup task", std::io::Error::other(e)))?
+        .map_err(Error::Cgroup)
 }
 
 /// Spawns the VMM with its output into the work directory's log, in `cfg.netns` if set.
@@ -200,6 +215,10 @@ impl ProcessVm {
         let args = args(&wd);
         let started = Instant::now();
         let proc = spawn_vmm(l.binary, &args, &wd, cfg)?;
+        if let Some(cg) = &cfg.cgroup {
+            // (On error `proc` is dropped, which kills the VMM.)
+            enter_cgroup(cg, proc.pid()).await?;
+        }
         log::info!(
             "vm: {} pid {} accel={} ({}), {} vCPU, {} MiB, kernel {}, work dir {}",
             l.vmm,

@@ -3,7 +3,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +31,8 @@ use crate::stdio::{self, Tty};
 pub struct ExitScope {
     pub id: String,
     pub cgroup: Cgroup,
-    pub oom: Option<OomMonitor>,
+    /// Started once the cgroup exists (after the init's spawn).
+    pub oom: OnceLock<OomMonitor>,
     pub own_pidns: bool,
     pub events: Events,
 }
@@ -41,7 +42,7 @@ impl ExitScope {
         let is_init = p.exec_id.is_empty();
         // An OOM kill the watcher thread has not reported yet must still reach containerd,
         // and before the exit.
-        let oom = is_init && self.oom.as_ref().is_some_and(|m| m.claim_unreported());
+        let oom = is_init && self.oom.get().is_some_and(|m| m.claim_unreported());
         if is_init && !self.own_pidns {
             // Without its own pid namespace nothing reaps the container's other processes
             // when init dies: do what the kernel would.
@@ -183,7 +184,11 @@ impl ContainerOps for LinuxContainer {
             p.clone(),
         );
         let mut spawned = blocking(move || {
-            let s = sb.spawn_setup(req, &p2, scope, Some(&cg), None, None)?;
+            let place = spawn::Placement {
+                cgroup: Some(&cg),
+                ..spawn::Placement::default()
+            };
+            let s = sb.spawn_setup(req, &p2, scope, place, None)?;
             if let Err(e) = spawn::release(&s.sync) {
                 sb.exits.unregister(s.pid);
                 let _ = signal_pid(s.pid, libc::SIGKILL as u32);

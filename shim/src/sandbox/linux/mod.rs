@@ -5,7 +5,7 @@ mod container;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -118,7 +118,7 @@ impl LinuxSandbox {
         spec: &Spec,
         rootfs: &Path,
         bundle: &Path,
-        rel: &str,
+        cg: Cgroup,
         init: &Arc<Proc>,
         plan: &NsPlan,
     ) -> Result<(Spawned, Arc<ExitScope>, bool)> {
@@ -133,22 +133,13 @@ impl LinuxSandbox {
                 let _ = mounts::unmount_all(rootfs);
             }
         };
-        let cg = match Cgroup::new(rel) {
-            Ok(cg) => cg,
-            Err(e) => {
-                undo(None);
-                return Err(e.into());
-            }
-        };
         let linux = spec.linux().clone().unwrap_or_default();
         let made = (|| -> Result<(Spawned, Arc<ExitScope>)> {
             cg.create()?;
-            let none = LinuxResources::default();
-            cg.apply(linux.resources().as_ref().unwrap_or(&none), false)?;
             let scope = Arc::new(ExitScope {
                 id: req.id.clone(),
                 cgroup: cg.clone(),
-                oom: self.watch_oom(&req.id, &cg),
+                oom: OnceLock::new(),
                 own_pidns: plan.new_pid(),
                 events: self.events.clone(),
             });
@@ -164,9 +155,20 @@ impl LinuxSandbox {
                 terminal: init.io.terminal,
                 seccomp: linux.seccomp().clone(),
             };
-            let maps = plan.new_user().then(|| id_maps(&linux));
+            let none = LinuxResources::default();
+            let place = spawn::Placement {
+                cgroup: Some(&cg),
+                // Applied once the init is in the cgroup: a systemd scope starts with it.
+                resources: Some(linux.resources().as_ref().unwrap_or(&none)),
+                id_maps: plan.new_user().then(|| id_maps(&linux)),
+            };
             let hooks = Some((spec, req.id.as_str(), bundle));
-            let s = self.spawn_setup(sreq, init, scope.clone(), Some(&cg), maps, hooks)?;
+            let s = self.spawn_setup(sreq, init, scope.clone(), place, hooks)?;
+            // The cgroup exists now (a systemd scope from the spawn on); the init runs no
+            // code of the container's before Start.
+            if let Some(m) = self.watch_oom(&req.id, &cg) {
+                let _ = scope.oom.set(m);
+            }
             // `shim delete` kills it by this record after a crash: not having it is an error.
             if let Err(e) = std::fs::write(bundle.join(INIT_PID), s.pid.to_string()) {
                 self.exits.unregister(s.pid);
@@ -198,8 +200,7 @@ impl LinuxSandbox {
         req: SpawnRequest,
         p: &Arc<Proc>,
         scope: Arc<ExitScope>,
-        cgroup: Option<&Cgroup>,
-        id_maps: Option<(String, String)>,
+        place: spawn::Placement<'_>,
         hooks: Option<(&Spec, &str, &Path)>,
     ) -> Result<Spawned> {
         let zygote = hooks::zygote()?;
@@ -213,7 +214,6 @@ impl LinuxSandbox {
             },
             hooks,
         };
-        let place = spawn::Placement { cgroup, id_maps };
         let s = spawn::spawn(zygote, &req, &fds, place, SETUP_TIMEOUT, &mut steps)?;
         drop(prepared.child);
         Ok(Spawned {
@@ -269,7 +269,7 @@ impl Sandbox for LinuxSandbox {
         let rootfs = rootfs_path(&spec, &bundle);
         let plan = NsPlan::from_spec(&spec)?;
         lsm_warnings(&req.id, &spec);
-        let rel = cgroups::spec_path(&spec, &req.id)?;
+        let cg = cgroups::spec_cgroup(&spec, &req.id)?;
         let (req2, rootfs2, bundle2, init2, sandbox) = (
             req.clone(),
             rootfs.clone(),
@@ -279,7 +279,7 @@ impl Sandbox for LinuxSandbox {
         );
         // The spec and the plan go to the blocking thread and come back: no second copy.
         let (spec, plan, (mut spawned, scope, mounted)) = blocking(move || {
-            let made = sandbox.setup_init(&req2, &spec, &rootfs2, &bundle2, &rel, &init2, &plan)?;
+            let made = sandbox.setup_init(&req2, &spec, &rootfs2, &bundle2, cg, &init2, &plan)?;
             Ok((spec, plan, made))
         })
         .await?;
@@ -349,7 +349,7 @@ pub fn cleanup_bundle(bundle: &Path, id: &str) -> (u32, u32) {
     }
     let rootfs = match rtspec::load(bundle) {
         Ok(spec) => {
-            if let Ok(cg) = cgroups::spec_path(&spec, id).and_then(|rel| Cgroup::new(&rel)) {
+            if let Ok(cg) = cgroups::spec_cgroup(&spec, id) {
                 if cg.exists() {
                     if let Err(e) = cg.destroy() {
                         log::warn!("cgroup {}: {e}", cg.rel());

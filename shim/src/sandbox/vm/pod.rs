@@ -392,9 +392,10 @@ impl VmPod {
 /// The host cgroup for a VM: the booting container's `cgroupsPath` (for a CRI pod, the sandbox
 /// container's, under kubelet's pod cgroup), created here. Its limits stay the pod's (kubelet
 /// sizes the pod cgroup with the RuntimeClass overhead); this only makes the VM count there.
-/// `shim delete` removes it after a crash like any container cgroup.
+/// `shim delete` removes it after a crash like any container cgroup. Where systemd runs the
+/// host and the path has its form, this is the sandbox's scope, which starts with virtiofsd.
 pub fn vm_cgroup(spec: &oci_spec::runtime::Spec, id: &str) -> Result<Cgroup> {
-    let cg = Cgroup::new(&runtime::linux::cgroups::spec_path(spec, id)?)?;
+    let cg = runtime::linux::cgroups::spec_cgroup(spec, id)?;
     cg.create()?;
     Ok(cg)
 }
