@@ -198,6 +198,34 @@ fn check(address: &str, config: &Path, shim: Option<PathBuf>, guest_dir: &Path) 
             }
         }
     }
+    // The cgroup driver the shim uses for systemd-form cgroupsPaths (kubelet's systemd driver).
+    if runtime::linux::systemd::host_runs_systemd() {
+        let bus = runtime::linux::systemd::SYSTEM_BUS_SOCKET;
+        if Path::new(bus).exists() {
+            r.line(
+                Level::Ok,
+                "cgroup driver",
+                "systemd: containers with a slice:prefix:name cgroupsPath run in transient \
+                 scopes (D-Bus)",
+            );
+        } else {
+            r.line(
+                Level::Fail,
+                "cgroup driver",
+                format!(
+                    "systemd runs this host but {bus} is missing: the shim cannot start \
+                     scopes (install and start dbus)"
+                ),
+            );
+        }
+    } else {
+        r.line(
+            Level::Ok,
+            "cgroup driver",
+            "cgroupfs (no systemd): slice:prefix:name cgroupsPaths get the directories \
+             systemd would make",
+        );
+    }
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     r.line(
         if fs.contains("overlay") {

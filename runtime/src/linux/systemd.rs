@@ -55,9 +55,17 @@ impl Unit {
 }
 
 /// Whether systemd is the init system here (`sd_booted(3)`: it made `/run/systemd/system`).
-pub fn booted() -> bool {
-    cfg!(feature = "systemd") && std::path::Path::new("/run/systemd/system").is_dir()
+pub fn host_runs_systemd() -> bool {
+    std::path::Path::new("/run/systemd/system").is_dir()
 }
+
+/// Whether containers go into systemd scopes: systemd runs the host and this build can ask it.
+pub fn booted() -> bool {
+    cfg!(feature = "systemd") && host_runs_systemd()
+}
+
+/// The system bus socket the scopes are asked for on (the default address zbus uses).
+pub const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
 
 /// Why systemd did not do what was asked.
 #[derive(Debug, thiserror::Error)]
