@@ -10,6 +10,7 @@ mod node;
 mod options;
 mod process;
 mod sandbox;
+mod sandboxer;
 mod stdio;
 mod task;
 
@@ -23,6 +24,7 @@ use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::sandbox_async::create_sandbox;
 use containerd_shim_protos::shim_async::create_task;
 use containerd_shim_protos::ttrpc::r#async::Server;
 
@@ -139,10 +141,15 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     if let Some(v3) = create_task(Arc::new(service.clone())).remove("containerd.task.v3.Task") {
         services.insert("containerd.task.v2.Task".to_string(), v3);
     }
+    let sandbox_api = sandboxer::SandboxApi {
+        tasks: service.clone(),
+        exit: exit.clone(),
+    };
     let mut server = Server::new()
         .bind(&format!("unix://{path}"))
         .with_context(|| format!("listen on {path}"))?
-        .register_service(services);
+        .register_service(services)
+        .register_service(create_sandbox(Arc::new(sandbox_api)));
     server.start().await.context("start ttrpc server")?;
     // Tell `start` we listen: its pipe on our stdout closes.
     // SAFETY: dup2 onto our own stdout.

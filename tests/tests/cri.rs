@@ -1788,6 +1788,47 @@ fn deploy_dropin_runs_both_handlers() {
     c.assert_no_leaks(&ids, secs(20));
 }
 
+/// containerd 2.x can hand a pod's sandbox to the shim (`sandboxer = "shim"`: the
+/// `containerd.runtime.sandbox.v1.Sandbox` ttrpc service, no pause container). Janus does not
+/// implement it (docs/architecture.md, "containerd's sandbox API", says why and what it
+/// takes): a handler configured so must fail RunPodSandbox as Unimplemented with the fix, and
+/// leave no shim behind (containerd's cleanup sends ShutdownSandbox, never a Task Shutdown);
+/// the default sandboxer (`podsandbox`, a pause container) is what every other `janus-vm`
+/// test runs.
+#[test]
+fn vm_sandboxer_shim_is_refused_cleanly() {
+    if janus_tests::containerd_major() < 2 {
+        println!(
+            "NOT RUN: vm_sandboxer_shim_is_refused_cleanly: the sandbox API needs containerd 2.x"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let deployed = janus_tests::workspace_root().join("deploy/containerd/janus-v3.toml");
+    let text = std::fs::read_to_string(&deployed).unwrap();
+    let vm_type = "runtime_type = \"io.containerd.janus-vm.v2\"";
+    assert!(text.contains(vm_type), "{}", deployed.display());
+    let dropin = dir.path().join("janus-sandboxer.toml");
+    let with = format!("{vm_type}\n  sandboxer = \"shim\"");
+    std::fs::write(&dropin, text.replace(vm_type, &with)).unwrap();
+    let c = Cri::start_with_dropin(cri::JANUS_VM_HANDLER, &dropin);
+    let err = match c.try_run_pod(c.pod_config("sandboxer")) {
+        Ok(p) => c.fail(format!("pod {} ran with sandboxer = shim", p.id)),
+        Err(e) => format!("{e:#}"),
+    };
+    // The code and the fix reach the CRI client.
+    assert!(
+        err.contains("Unimplemented")
+            && err.contains("Janus does not implement containerd's sandbox API")
+            && err.contains("remove `sandboxer`"),
+        "{err}"
+    );
+    assert!(c.list_pods().is_empty(), "{:?}", c.list_pods());
+    // containerd shut the shim down and ran its `delete`: no shim is left.
+    let ok = poll(secs(10), || c.shim_processes().is_empty().then_some(()));
+    assert!(ok.is_some(), "shims left: {:?}", c.shim_processes());
+}
+
 /// One test module: each case run with CRI runtime handler `$h`.
 macro_rules! suite {
     ($m:ident, $h:ident; $($name:ident),* $(,)?) => {
