@@ -6,9 +6,4 @@
 pub type ShimError = runtime::Status;
 
 pub type Result<T> = std::result::Result<T, ShimError>;
-
-impl From<crate::config::ConfigError> for ShimError {
-    fn from(e: crate::config::ConfigError) -> Self {
-        ShimError::InvalidArgument(e.to_string())
-    }
-}
+// (A bad config file is InvalidArgument: `janus_config` maps its errors to `Status`.)

@@ -1,7 +1,8 @@
 //! containerd-shim-janus-v2: one containerd shim v2 binary for namespace and VM pods.
 
 mod command;
-mod config;
+// The config file's parser and rules, shared with `janus check`.
+use janus_config as config;
 mod error;
 mod events;
 mod hooks;

@@ -269,6 +269,9 @@ impl fmt::Display for VmExit {
 /// The driver the configuration names when it names none.
 pub const DEFAULT_DRIVER: &str = "qemu";
 
+/// The names [`driver`] knows (the config's `vm.hypervisor` values).
+pub const DRIVERS: &[&str] = &["qemu", "builtin"];
+
 /// The hypervisor driver called `name`: "qemu" or "builtin" (janus-vmm). The builtin driver
 /// needs hardware virtualization: without vmx/svm a Linux guest cannot boot under it, so it is
 /// refused here ([`Error::Config`]) instead of hanging in boot. An unknown name is

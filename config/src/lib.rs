@@ -1,5 +1,6 @@
 //! The Janus config file (TOML): which mode a pod runs in, and VM settings, and how the mode
-//! is decided (`resolve`).
+//! is decided (`resolve`). The shim and `janus check` both read configs through this crate, so
+//! the check fails exactly where the shim would.
 //!
 //! The mode comes from, in this order:
 //! 1. the file containerd names (`ConfigPath` in the runtime options): its `mode`, if it has one;
@@ -105,6 +106,48 @@ pub struct VmConfig {
     pub allow_host_namespaces: bool,
 }
 
+impl VmConfig {
+    /// The values the types let through but a VM cannot have.
+    fn check(&self) -> Result<(), String> {
+        if let Some(h) = &self.hypervisor {
+            if !runtime::vm::DRIVERS.contains(&h.as_str()) {
+                return Err(format!(
+                    "vm.hypervisor = {h:?}: not a hypervisor driver (one of {})",
+                    runtime::vm::DRIVERS.join(", ")
+                ));
+            }
+        }
+        match self.vcpus {
+            Some(n) if n == 0 || n > MAX_VCPUS => {
+                return Err(format!("vm.vcpus = {n}: must be 1 to {MAX_VCPUS}"))
+            }
+            _ => {}
+        }
+        match self.memory_mib {
+            Some(m) if m < MIN_MEMORY_MIB => {
+                return Err(format!(
+                    "vm.memory_mib = {m}: must be at least {MIN_MEMORY_MIB} (the guest kernel \
+                     and agent need it)"
+                ))
+            }
+            _ => {}
+        }
+        if self.agent_timeout_ms == Some(0) {
+            return Err("vm.agent_timeout_ms = 0: every agent call would time out".into());
+        }
+        for (key, p) in [("vm.kernel", &self.kernel), ("vm.initrd", &self.initrd)] {
+            if let Some(p) = p.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "{key} = {:?}: must be an absolute path (the shim's working directory is \
+                     containerd's bundle)",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {message}")]
@@ -127,13 +170,30 @@ pub enum ConfigError {
     },
 }
 
+/// The smallest VM the guest kernel and agent boot in.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most vCPUs a VM may have (QEMU's microvm and janus-vmm both stay far below).
+pub const MAX_VCPUS: u32 = 64;
+
+/// A bad config reaches containerd as InvalidArgument, with the file and the fix.
+impl From<ConfigError> for runtime::Status {
+    fn from(e: ConfigError) -> Self {
+        runtime::Status::InvalidArgument(e.to_string())
+    }
+}
+
 impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let invalid = |message: String| ConfigError::Invalid {
             path: path.display().to_string(),
+            message,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| {
             // toml's message already says "TOML parse error at line N, column M".
-            message: e.to_string().trim_end().replace('\n', " "),
-        })
+            invalid(e.to_string().trim_end().replace('\n', " "))
+        })?;
+        config.vm.check().map_err(invalid)?;
+        Ok(config)
     }
 
     /// Loads the config: an explicit path must exist; the default path may be absent, which
@@ -223,6 +283,28 @@ mod tests {
         assert!(e.contains("line 1"), "{e}");
         let e = Config::parse("mode = ", p).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn vm_values_a_vm_cannot_have() {
+        let p = Path::new("/etc/janus/vm.toml");
+        let bad = |t: &str, want: &str| {
+            let e = Config::parse(t, p).unwrap_err().to_string();
+            assert!(
+                e.contains("/etc/janus/vm.toml") && e.contains(want),
+                "{t}: {e}"
+            );
+        };
+        bad("[vm]\nvcpus = 0\n", "vm.vcpus = 0");
+        bad("[vm]\nvcpus = 1000\n", "vm.vcpus = 1000");
+        bad("[vm]\nmemory_mib = 0\n", "vm.memory_mib = 0");
+        bad("[vm]\nhypervisor = \"kvm\"\n", "qemu, builtin");
+        bad("[vm]\nagent_timeout_ms = 0\n", "agent_timeout_ms");
+        bad("[vm]\nkernel = \"vmlinux\"\n", "absolute");
+        // A misspelt key is refused by name.
+        bad("[vm]\nhypervisr = \"qemu\"\n", "hypervisr");
+        let ok = "[vm]\nvcpus = 2\nmemory_mib = 64\nhypervisor = \"builtin\"\nkernel = \"/k\"\n";
+        assert!(Config::parse(ok, p).is_ok());
     }
 
     #[test]
