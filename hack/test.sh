@@ -119,7 +119,7 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 		step "containerd 1.7" env JANUS_CONTAINERD_ROOT="$CTD17" timeout --kill-after=30 "$IT_TIMEOUT" \
 			cargo test -p janus-tests --test ctr --test cri -- --test-threads="$THREADS" \
 			--skip janus_vm_builtin janus::run_ janus_vm::run_ pod_lifecycle exec_sync container_logs \
-			deploy_dropin_runs_both_handlers
+			deploy_dropin_runs_both_handlers installer_round_trip
 	else
 		skip "containerd 1.7" "could not fetch Debian trixie's containerd (see the log above)"
 	fi

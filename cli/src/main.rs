@@ -1,6 +1,7 @@
 //! `janus`: operator commands. `janus check` tells what is wrong on a node.
 
 mod check;
+mod install;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,12 @@ use check::{check, default_guest_dir, DEFAULT_ADDRESS, DEFAULT_CONFIG};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: janus check [--address CONTAINERD_SOCKET] [--config FILE] [--shim PATH] [--guest-dir DIR]\n\
-         \n  check   report what this node needs for Janus and whether it is there"
+         \n       janus install [--host-root DIR] [--node-root DIR] [--from DIR] [--containerd-config FILE]\n\
+         \x20                    [--containerd-major N] [--restart CMD|none] [--node NAME]\n\
+         \n       janus uninstall (the same options)\n\
+         \n  check      report what this node needs for Janus and whether it is there\
+         \n  install    put Janus on this node (binaries, guest image, containerd handlers)\
+         \n  uninstall  take it off again, restoring every file it changed"
     );
     ExitCode::from(2)
 }
@@ -38,10 +44,56 @@ fn main() -> ExitCode {
             }
             check(&address, &config, shim, &guest_dir)
         }
+        "install" | "uninstall" => match install_target(&args[1..]) {
+            Some((t, payload)) => {
+                let r = if cmd == "install" {
+                    install::install(&t, &payload)
+                } else {
+                    install::uninstall(&t)
+                };
+                match r {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("janus {cmd}: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            None => usage(),
+        },
         "-v" | "--version" | "version" => {
             println!("janus {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => usage(),
     }
+}
+
+/// `janus install/uninstall` options (defaults: this host is the node, its containerd is a
+/// systemd service, the payload is the installer image's /opt/janus, `$NODE_NAME` is labelled).
+fn install_target(args: &[String]) -> Option<(install::Target, PathBuf)> {
+    let mut t = install::Target {
+        host_root: PathBuf::from("/"),
+        node_root: PathBuf::from("/"),
+        containerd_config: PathBuf::from("/etc/containerd/config.toml"),
+        containerd_major: None,
+        restart: Some("systemctl restart containerd".into()),
+        node: std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()),
+    };
+    let mut payload = PathBuf::from("/opt/janus");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next()?;
+        match a.as_str() {
+            "--host-root" => t.host_root = PathBuf::from(v),
+            "--node-root" => t.node_root = PathBuf::from(v),
+            "--from" => payload = PathBuf::from(v),
+            "--containerd-config" => t.containerd_config = PathBuf::from(v),
+            "--containerd-major" => t.containerd_major = Some(v.parse().ok()?),
+            "--restart" => t.restart = (v != "none").then(|| v.clone()),
+            "--node" => t.node = (!v.is_empty()).then(|| v.clone()),
+            _ => return None,
+        }
+    }
+    Some((t, payload))
 }

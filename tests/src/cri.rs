@@ -266,16 +266,9 @@ pub(crate) fn import_dropin(dir: &Path, main: String, cri: &str, dropin: &Path) 
     let copy = dir.join("janus-dropin.toml");
     if containerd_major() >= 2 {
         fs::write(&copy, text)?;
-        let v2 = dir.join("config-v2.toml");
-        fs::write(&v2, format!("{main}{cri}"))?;
-        let mut cmd = Command::new(containerd_binary());
-        cmd.arg("--config").arg(&v2).args(["config", "migrate"]);
-        let o = run_with_timeout(cmd, None, Duration::from_secs(30))?;
-        if !o.success() || !o.stdout.contains("\nimports = []\n") {
-            bail!("containerd config migrate:\n{o}");
-        }
+        let v3 = migrate_v3(dir, &format!("{main}{cri}"))?;
         let imports = format!("\nimports = ['{}']\n", copy.display());
-        return Ok(o.stdout.replacen("\nimports = []\n", &imports, 1));
+        return Ok(v3.replacen("\nimports = []\n", &imports, 1));
     }
     let mut node: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}", dropin.display()))?;
@@ -287,6 +280,20 @@ pub(crate) fn import_dropin(dir: &Path, main: String, cri: &str, dropin: &Path) 
         bail!("the instance's config has no `version = 2` line:\n{main}");
     }
     Ok(main.replacen("version = 2\n", &imports, 1))
+}
+
+/// A version 2 config as containerd 2.x migrates it to version 3 (containerd itself does it:
+/// `config migrate`), with an empty `imports = []` line.
+pub(crate) fn migrate_v3(dir: &Path, v2_text: &str) -> Result<String> {
+    let v2 = dir.join("config-v2.toml");
+    fs::write(&v2, v2_text)?;
+    let mut cmd = Command::new(containerd_binary());
+    cmd.arg("--config").arg(&v2).args(["config", "migrate"]);
+    let o = run_with_timeout(cmd, None, Duration::from_secs(30))?;
+    if !o.success() || !o.stdout.contains("\nimports = []\n") {
+        bail!("containerd config migrate:\n{o}");
+    }
+    Ok(o.stdout)
 }
 
 /// `top`'s keys into `base`, tables merged key by key, `top` winning elsewhere.
@@ -481,7 +488,7 @@ impl Cri {
             cri: true,
             dual_stack: false,
             dropin: Some(dropin.to_path_buf()),
-            launcher: Vec::new(),
+            ..Options::default()
         };
         match Self::try_start_opts(handler, opts) {
             Ok(c) => c,
@@ -495,8 +502,20 @@ impl Cri {
             require_janus: true,
             cri: true,
             dual_stack: false,
-            dropin: None,
             launcher,
+            ..Options::default()
+        };
+        Self::try_start_opts(handler, opts)
+    }
+
+    /// Like [`Self::start`], on a node root prepared by `prepare` (see [`Options::node_root`]).
+    pub fn start_on_node(handler: &str, root: &Path, prepare: crate::Prepare) -> Result<Cri> {
+        let opts = Options {
+            require_janus: true,
+            cri: true,
+            node_root: Some(root.to_path_buf()),
+            prepare: Some(prepare),
+            ..Options::default()
         };
         Self::try_start_opts(handler, opts)
     }
@@ -510,8 +529,7 @@ impl Cri {
             require_janus: handler.contains("janus"),
             cri: true,
             dual_stack,
-            dropin: None,
-            launcher: Vec::new(),
+            ..Options::default()
         };
         Self::try_start_opts(handler, opts)
     }

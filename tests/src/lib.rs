@@ -729,6 +729,25 @@ pub struct Options {
     /// A command prefix containerd runs under (e.g. [`systemd_node::SystemdNode::launcher`]);
     /// empty: containerd is our child.
     pub launcher: Vec<std::ffi::OsString>,
+    /// With `cri`: a node's root (a directory standing for `/`). containerd reads its config
+    /// from `<root>/etc/containerd/config.toml`, which the harness writes without Janus's
+    /// handlers (version 3 for containerd 2.x) and then hands to `prepare` (e.g. `janus
+    /// install`); the shim comes from `<root>/usr/local/bin` on containerd's PATH.
+    pub node_root: Option<PathBuf>,
+    pub prepare: Option<Prepare>,
+}
+
+/// A step run on a node root before containerd starts ([`Options::prepare`]).
+#[derive(Clone)]
+pub struct Prepare(pub std::sync::Arc<PrepareFn>);
+
+/// What [`Prepare`] runs, given the node root.
+pub type PrepareFn = dyn Fn(&Path) -> Result<()> + Send + Sync;
+
+impl std::fmt::Debug for Prepare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepare(..)")
+    }
 }
 
 impl Options {
@@ -740,6 +759,8 @@ impl Options {
             dual_stack: false,
             dropin: None,
             launcher: Vec::new(),
+            node_root: None,
+            prepare: None,
         }
     }
 }
@@ -803,20 +824,25 @@ impl Containerd {
         for d in [&root, &state, &bin] {
             fs::create_dir_all(d)?;
         }
-        if let Some(shim) = &shim {
+        if let (Some(shim), None) = (&shim, &opts.node_root) {
             symlink(shim, bin.join(JANUS_SHIM_NAME))?;
             symlink(shim, bin.join(JANUS_VM_SHIM_NAME))?;
         }
         let janus_config = dir.join("janus.toml");
         fs::write(&janus_config, "mode = \"namespace\"\n")?;
-        let config = dir.join("config.toml");
+        let config = match &opts.node_root {
+            Some(r) => r.join("etc/containerd/config.toml"),
+            None => dir.join("config.toml"),
+        };
         let mut config_text = containerd_config(&dir, &root, &state, &address, opts.cri);
         let cri_env = if opts.cri {
             let env = cri::CriEnv::setup(&dir, &name, opts.dual_stack)?;
-            let handlers = opts.dropin.is_none();
+            let handlers = opts.dropin.is_none() && opts.node_root.is_none();
             let cri_text = env.containerd_config(&janus_config, handlers);
             if let Some(dropin) = &opts.dropin {
                 config_text = cri::import_dropin(&dir, config_text, &cri_text, dropin)?;
+            } else if opts.node_root.is_some() && containerd_major() >= 2 {
+                config_text = cri::migrate_v3(&dir, &format!("{config_text}{cri_text}"))?;
             } else {
                 config_text.push_str(&cri_text);
             }
@@ -824,7 +850,18 @@ impl Containerd {
         } else {
             None
         };
+        if let Some(parent) = config.parent() {
+            fs::create_dir_all(parent)?;
+        }
         fs::write(&config, config_text)?;
+        if let (Some(r), Some(prepare)) = (&opts.node_root, &opts.prepare) {
+            (prepare.0)(r)?;
+        }
+        let node_bin = opts
+            .node_root
+            .as_ref()
+            .map(|r| format!("{}:", r.join("usr/local/bin").display()))
+            .unwrap_or_default();
 
         let log_file = fs::File::create(&log)?;
         let mut cmd = match opts.launcher.split_first() {
@@ -840,7 +877,7 @@ impl Containerd {
             .env(
                 "PATH",
                 format!(
-                    "{}:{}:{SYS_PATH}",
+                    "{node_bin}{}:{}:{SYS_PATH}",
                     bin.display(),
                     containerd_bin_dir().display()
                 ),

@@ -1755,6 +1755,146 @@ fn systemd_node_scopes(h: &str) {
     drop(node);
 }
 
+/// The installer's payload as the installer image holds it (hack/build-installer.sh): the
+/// release binaries, the guest image, deploy/janus's configs.
+fn installer_payload(dir: &std::path::Path) -> std::path::PathBuf {
+    let shim = janus_tests::shim_binary().unwrap();
+    let bins = shim.parent().unwrap();
+    for (d, files) in [
+        ("bin", vec![shim.clone(), bins.join("janus")]),
+        (
+            "guest",
+            vec![
+                janus_tests::guest_dir().join("vmlinux"),
+                janus_tests::guest_dir().join("initramfs.cpio"),
+            ],
+        ),
+        (
+            "etc",
+            vec![
+                janus_tests::workspace_root().join("deploy/janus/config.toml"),
+                janus_tests::workspace_root().join("deploy/janus/vm.toml"),
+            ],
+        ),
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+        for f in files {
+            let to = dir.join(d).join(f.file_name().unwrap());
+            std::fs::copy(&f, &to).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// Every path under `root` with its bytes (links as their target), to compare a node before
+/// and after.
+fn tree(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            let bytes = if ft.is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .display()
+                    .to_string()
+                    .into_bytes()
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                Vec::new()
+            } else {
+                std::fs::read(&p).unwrap()
+            };
+            out.push((rel, bytes));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `janus install` on a node (a directory standing for its root; the containerd under test
+/// reads its config from it): twice in a row (the same result), both handlers run pods through
+/// CRI with what it installed (namespace mode on the host's kernel, VM mode on the guest's),
+/// and `janus uninstall` leaves the node byte for byte as it was (containerd 1.x: handlers in
+/// config.toml; 2.x: a drop-in and an `imports` entry).
+#[test]
+fn installer_round_trip() {
+    let node = tempfile::Builder::new()
+        .prefix("janus-node-root-")
+        .tempdir()
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let payload = installer_payload(work.path());
+    let janus = janus_tests::shim_binary().unwrap().with_file_name("janus");
+    let run = {
+        let janus = janus.clone();
+        move |cmd: &str, root: &std::path::Path| {
+            let o = std::process::Command::new(&janus)
+                .arg(cmd)
+                .arg("--host-root")
+                .arg(root)
+                .arg("--node-root")
+                .arg(root)
+                .arg("--from")
+                .arg(&payload)
+                .args(["--restart", "none", "--node", ""])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "janus {cmd}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    let before = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let prepare = {
+        let (before, run) = (before.clone(), run.clone());
+        janus_tests::Prepare(std::sync::Arc::new(move |root: &std::path::Path| {
+            *before.lock().unwrap() = tree(root);
+            run("install", root);
+            let once = tree(root);
+            run("install", root);
+            assert_eq!(tree(root), once, "a second install changed the node");
+            assert_ne!(once, *before.lock().unwrap(), "install changed nothing");
+            Ok(())
+        }))
+    };
+    let mut c = Cri::start_on_node(cri::JANUS_HANDLER, node.path(), prepare)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut ids = Vec::new();
+    for h in [cri::JANUS_HANDLER, cri::JANUS_VM_HANDLER] {
+        c.handler = h.to_string();
+        let p = pod(&c, &format!("installed-{h}"));
+        let id = sleeper(&c, &p, "app");
+        // The installed shim ran it (containerd's PATH has no other).
+        let shims: Vec<_> = c.shim_processes().into_iter().map(|s| s.2).collect();
+        assert!(
+            shims
+                .iter()
+                .any(|s| s.starts_with(node.path().join("usr/local/bin").to_str().unwrap())),
+            "{shims:?}"
+        );
+        let kernel = c.exec_ok(&id, &["uname", "-r"]);
+        let in_vm = kernel.trim() != host.trim();
+        assert_eq!(in_vm, h == cri::JANUS_VM_HANDLER, "{h}: kernel {kernel}");
+        c.stop_remove_pod(&p);
+        ids.extend([p.id.clone(), id]);
+    }
+    c.assert_no_leaks(&ids, secs(20));
+    drop(c);
+    run("uninstall", node.path());
+    assert_eq!(
+        tree(node.path()),
+        *before.lock().unwrap(),
+        "uninstall left the node changed"
+    );
+}
+
 /// The deploy/ drop-in for this containerd (version 2 for 1.x, version 3 for 2.x), imported as
 /// a node imports it, is all that defines Janus's handlers: a pod on each runs, in its mode.
 #[test]
