@@ -100,6 +100,72 @@ pub fn containerd_major() -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tests that cannot run here
+
+/// A prerequisite a test can lack on some hosts. `JANUS_REQUIRE` (comma-separated names, or
+/// `all`) turns its absence into a failure on hosts that should have it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prereq {
+    /// vmx/svm (hardware virtualization).
+    Vmx,
+    /// A CPU without vmx/svm (what the refusal of the builtin driver needs).
+    NoVmx,
+    /// An openable /dev/kvm.
+    Kvm,
+    /// containerd 2.x (Debian sid's, fetched by hack/test.sh).
+    Containerd2,
+    /// systemd and dbus for the systemd node container.
+    Systemd,
+    /// virtiofsd.
+    Virtiofsd,
+    /// The host runs cgroup v1 (some checks read v1 files).
+    CgroupV1,
+    /// The host runs cgroup v2.
+    CgroupV2,
+}
+
+impl Prereq {
+    fn name(self) -> &'static str {
+        match self {
+            Prereq::Vmx => "vmx",
+            Prereq::NoVmx => "no-vmx",
+            Prereq::Kvm => "kvm",
+            Prereq::Containerd2 => "containerd2",
+            Prereq::Systemd => "systemd",
+            Prereq::Virtiofsd => "virtiofsd",
+            Prereq::CgroupV1 => "cgroup-v1",
+            Prereq::CgroupV2 => "cgroup-v2",
+        }
+    }
+}
+
+/// Reports that `test` (or a part of it, `part` = true) does not run here for lack of `what`:
+/// on stderr, and as a line in `$JANUS_NOT_RUN_LOG`, which hack/test.sh counts in its summary
+/// (`N passed, N failed, N not run`). Panics instead when `JANUS_REQUIRE` names `what`.
+pub fn not_run(test: &str, what: Prereq, reason: &str, part: bool) {
+    let required = std::env::var("JANUS_REQUIRE").unwrap_or_default();
+    if required
+        .split(',')
+        .any(|r| r.trim() == what.name() || r.trim() == "all")
+    {
+        panic!(
+            "{test}: JANUS_REQUIRE={required} requires {}: {reason}",
+            what.name()
+        );
+    }
+    let kind = if part { "PART NOT RUN" } else { "NOT RUN" };
+    let line = format!("{kind}: {test}: {reason} (needs {})", what.name());
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("JANUS_NOT_RUN_LOG") {
+        use std::io::Write;
+        // One append of one line: lines of parallel tests do not interleave.
+        if let Ok(mut f) = fs::OpenOptions::new().append(true).create(true).open(log) {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Paths, knobs
 
 /// The workspace root (parent of this crate).

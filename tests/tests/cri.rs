@@ -609,7 +609,12 @@ fn privileged(h: &str) {
         let l = std::fs::read_to_string(&list).unwrap_or_default();
         assert_eq!(l.trim(), "a *:* rwm", "{}", list.display());
     } else {
-        eprintln!("NOT RUN: privileged devices.list check (cgroup v2 host: no devices controller file; device access is an eBPF program)");
+        janus_tests::not_run(
+            &format!("privileged ({h}): devices.list check"),
+            janus_tests::Prereq::CgroupV1,
+            "cgroup v2 host: no devices controller file; device access is an eBPF program",
+            true,
+        );
     }
     // Not masked: /proc/kcore is readable-sized (masked paths are bind-mounted /dev/null).
     let r = c.exec_ok(
@@ -795,7 +800,12 @@ fn update_container_resources(h: &str) {
         let d = cgroup_dir(pid, "").unwrap();
         let got = std::fs::read_to_string(d.join("memory.max")).unwrap_or_default();
         assert_eq!(got.trim(), limit.to_string(), "{}", d.display());
-        eprintln!("NOT RUN: cpu quota/shares checks of update_container_resources (v1 files; cgroup v2 host)");
+        janus_tests::not_run(
+            &format!("update_container_resources ({h}): cpu quota/shares checks"),
+            janus_tests::Prereq::CgroupV1,
+            "they read v1 files; this is a cgroup v2 host",
+            true,
+        );
         return;
     }
     let mem = cgroup_dir(pid, "memory").unwrap();
@@ -1655,7 +1665,8 @@ fn systemd_cgroup_path(h: &str) {
 /// removing the pod stops the scopes (systemd no longer knows them) and removes their groups.
 fn systemd_node_scopes(h: &str) {
     if let Err(why) = systemd_node::available() {
-        println!("NOT RUN: systemd_node_scopes ({h}): {why}");
+        let test = format!("systemd_node_scopes ({h})");
+        janus_tests::not_run(&test, janus_tests::Prereq::Systemd, &why, false);
         return;
     }
     let dir = tempfile::Builder::new()
@@ -1938,8 +1949,11 @@ fn deploy_dropin_runs_both_handlers() {
 #[test]
 fn vm_sandboxer_shim_is_refused_cleanly() {
     if janus_tests::containerd_major() < 2 {
-        println!(
-            "NOT RUN: vm_sandboxer_shim_is_refused_cleanly: the sandbox API needs containerd 2.x"
+        janus_tests::not_run(
+            "vm_sandboxer_shim_is_refused_cleanly",
+            janus_tests::Prereq::Containerd2,
+            "the sandbox API needs containerd 2.x (hack/test.sh runs this suite on 2.1 too)",
+            false,
         );
         return;
     }

@@ -826,9 +826,11 @@ mod janus_vm_builtin {
     #[test]
     fn builtin_without_hardware_virtualization_is_a_failed_precondition() {
         if let Some(f) = hw_virt() {
-            eprintln!(
-                "builtin_without_hardware_virtualization_is_a_failed_precondition: NOT RUN: \
-                 the CPU has {f} (builtin_runs_a_container covers this host)"
+            janus_tests::not_run(
+                "builtin_without_hardware_virtualization_is_a_failed_precondition",
+                janus_tests::Prereq::NoVmx,
+                &format!("the CPU has {f} (builtin_runs_a_container covers this host)"),
+                false,
             );
             return;
         }
@@ -873,10 +875,13 @@ mod janus_vm_builtin {
     #[test]
     fn builtin_runs_a_container() {
         let Some(f) = hw_virt() else {
-            eprintln!(
-                "builtin_runs_a_container: NOT RUN: the CPU shows neither vmx nor svm, so no \
-                 Linux guest can boot under KVM here (builtin_without_hardware_virtualization_\
-                 is_a_failed_precondition ran instead; vmm's test guests cover the devices)"
+            janus_tests::not_run(
+                "builtin_runs_a_container",
+                janus_tests::Prereq::Vmx,
+                "the CPU shows neither vmx nor svm, so no Linux guest can boot under KVM here \
+                 (builtin_without_hardware_virtualization_is_a_failed_precondition ran \
+                 instead; vmm's test guests cover the devices)",
+                false,
             );
             return;
         };

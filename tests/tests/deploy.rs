@@ -178,9 +178,12 @@ fn containerd2() -> Option<PathBuf> {
 #[test]
 fn containerd2_dropin_adds_only_the_handlers() {
     let Some(containerd) = containerd2() else {
-        println!(
-            "NOT RUN: no containerd 2.x (hack/test.sh fetches Debian sid's with \
-             `ensure_containerd sid`; or set JANUS_CONTAINERD2_ROOT)"
+        janus_tests::not_run(
+            "containerd2_dropin_adds_only_the_handlers",
+            janus_tests::Prereq::Containerd2,
+            "no containerd 2.x (hack/test.sh fetches Debian sid's with `ensure_containerd sid`; \
+             or set JANUS_CONTAINERD2_ROOT)",
+            false,
         );
         return;
     };

@@ -98,7 +98,12 @@ fn linux_early_boot_parity_with_qemu() {
         .open("/dev/kvm")
         .is_err()
     {
-        eprintln!("linux_early_boot_parity_with_qemu: NOT RUN: /dev/kvm cannot be opened");
+        janus_tests::not_run(
+            "linux_early_boot_parity_with_qemu",
+            janus_tests::Prereq::Kvm,
+            "/dev/kvm cannot be opened",
+            false,
+        );
         return;
     }
     let kernel = guest_dir().join("vmlinux");
@@ -194,9 +199,11 @@ fn tail(s: &str) -> String {
 #[test]
 fn linux_boots_to_init_with_hardware_virtualization() {
     if runtime::vm::hardware_virtualization().is_none() {
-        eprintln!(
-            "linux_boots_to_init_with_hardware_virtualization: NOT RUN: the CPU shows no vmx/svm \
-             (a software KVM cannot run a Linux guest to the end)"
+        janus_tests::not_run(
+            "linux_boots_to_init_with_hardware_virtualization",
+            janus_tests::Prereq::Vmx,
+            "the CPU shows no vmx/svm (a software KVM cannot run a Linux guest to the end)",
+            false,
         );
         return;
     }

@@ -417,7 +417,12 @@ fn virtio_fs_round_trip_through_virtiofsd() {
         return;
     }
     if let Err(e) = runtime::vm::virtiofsd::find() {
-        eprintln!("virtio_fs_round_trip_through_virtiofsd: NOT RUN: {e}");
+        janus_tests::not_run(
+            "virtio_fs_round_trip_through_virtiofsd",
+            janus_tests::Prereq::Virtiofsd,
+            &e.to_string(),
+            false,
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -94,7 +94,12 @@ pub fn kvm_or_say(test: &str) -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        eprintln!("{test}: NOT RUN: /dev/kvm cannot be opened on this machine");
+        janus_tests::not_run(
+            test,
+            janus_tests::Prereq::Kvm,
+            "/dev/kvm cannot be opened on this machine",
+            false,
+        );
     }
     ok
 }
