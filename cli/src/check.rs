@@ -67,7 +67,7 @@ fn vm_checks(r: &mut Report, guest_dir: &Path, required: bool, builtin: bool) ->
             return false;
         }
     }
-    match runtime::vm::virtiofsd::find() {
+    match runtime::vm::virtiofsd::find(None) {
         Ok(vfs) => r.line(Level::Ok, "virtiofsd", vfs.display().to_string()),
         Err(e) => {
             r.line(bad, "virtiofsd", e.to_string());

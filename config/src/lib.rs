@@ -93,6 +93,10 @@ pub struct VmConfig {
     pub hypervisor: Option<String>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    /// QEMU's binary (`hypervisor = "qemu"`); default: `qemu-system-x86_64` on PATH.
+    pub qemu: Option<PathBuf>,
+    /// virtiofsd's binary; default: the distributions' places, then PATH.
+    pub virtiofsd: Option<PathBuf>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
     #[serde(default)]
@@ -135,7 +139,12 @@ impl VmConfig {
         if self.agent_timeout_ms == Some(0) {
             return Err("vm.agent_timeout_ms = 0: every agent call would time out".into());
         }
-        for (key, p) in [("vm.kernel", &self.kernel), ("vm.initrd", &self.initrd)] {
+        for (key, p) in [
+            ("vm.kernel", &self.kernel),
+            ("vm.initrd", &self.initrd),
+            ("vm.qemu", &self.qemu),
+            ("vm.virtiofsd", &self.virtiofsd),
+        ] {
             if let Some(p) = p.as_ref().filter(|p| !p.is_absolute()) {
                 return Err(format!(
                     "{key} = {:?}: must be an absolute path (the shim's working directory is \
@@ -301,6 +310,7 @@ mod tests {
         bad("[vm]\nhypervisor = \"kvm\"\n", "qemu, builtin");
         bad("[vm]\nagent_timeout_ms = 0\n", "agent_timeout_ms");
         bad("[vm]\nkernel = \"vmlinux\"\n", "absolute");
+        bad("[vm]\nvirtiofsd = \"virtiofsd\"\n", "vm.virtiofsd");
         // A misspelt key is refused by name.
         bad("[vm]\nhypervisr = \"qemu\"\n", "hypervisr");
         let ok = "[vm]\nvcpus = 2\nmemory_mib = 64\nhypervisor = \"builtin\"\nkernel = \"/k\"\n";

@@ -35,6 +35,27 @@ pub enum Status {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl Status {
+    /// The same failure (same code, same cause) with `note` added to its message.
+    pub fn with_note(self, note: &str) -> Status {
+        match self {
+            Status::NotFound(m) => Status::NotFound(format!("{m} {note}")),
+            Status::AlreadyExists(m) => Status::AlreadyExists(format!("{m} {note}")),
+            Status::InvalidArgument(m) => Status::InvalidArgument(format!("{m} {note}")),
+            Status::FailedPrecondition(m) => Status::FailedPrecondition(format!("{m} {note}")),
+            Status::Unimplemented(m) => Status::Unimplemented(format!("{m} {note}")),
+            Status::DeadlineExceeded(m) => Status::DeadlineExceeded(format!("{m} {note}")),
+            Status::Internal(m) => Status::Internal(format!("{m} {note}")),
+            Status::Failed { context, source } => Status::Failed {
+                context: format!("{context} {note}"),
+                source,
+            },
+            Status::Other(source) => Status::Failed {
+                context: note.to_string(),
+                source,
+            },
+        }
+    }
+
     /// An internal failure of `context` (what was being done), keeping `source`.
     pub fn failed(
         context: impl Into<String>,
@@ -146,6 +167,16 @@ mod tests {
             assert_eq!(code_of(back), c);
             assert_eq!(code_of(s), c);
         }
+    }
+
+    #[test]
+    fn a_note_keeps_the_code() {
+        let s = Status::DeadlineExceeded("agent silent".into()).with_note("(log: /x)");
+        assert!(matches!(&s, Status::DeadlineExceeded(m) if m == "agent silent (log: /x)"));
+        let io = std::io::Error::from_raw_os_error(libc::EIO);
+        let s = Status::failed("boot", io).with_note("(log: /x)");
+        assert!(s.to_string().contains("boot (log: /x)"), "{s}");
+        assert!(std::error::Error::source(&s).is_some());
     }
 
     #[test]

@@ -812,6 +812,30 @@ mod janus_vm_faults {
         let _ = ctd.ctr(&["containers", "rm", &c]);
         ctd.assert_no_leaks(&c, secs(10));
     }
+
+    /// A guest that dies before its agent answers (here: no init, a kernel panic) fails
+    /// Create, and its whole console log outlives the VM's directory where the error says.
+    #[test]
+    fn failed_boot_keeps_console_log() {
+        let ctd = Containerd::for_runtime(JANUS);
+        ctd.write_janus_config("mode = \"vm\"\n[vm]\nkernel_params = [\"rdinit=/nonexistent\"]\n");
+        let c = ctd.container("noinit");
+        let kept = std::path::Path::new("/var/log/janus/failed-boots")
+            .join(format!("{}.console.log", c.id()));
+        let _ = std::fs::remove_file(&kept);
+        let o = ctd.run_rm_with_config(JANUS, &c, &["true"]);
+        assert_ne!(o.code(), 0, "{o}");
+        assert!(
+            o.stderr
+                .contains(&format!("guest console log: {}", kept.display())),
+            "{o}"
+        );
+        let log = std::fs::read_to_string(&kept).unwrap_or_default();
+        assert!(log.contains("Kernel panic"), "{}:\n{log}", kept.display());
+        let _ = std::fs::remove_file(&kept);
+        let _ = ctd.ctr(&["containers", "rm", &c]);
+        ctd.assert_no_leaks(&c, secs(10));
+    }
 }
 
 /// The builtin hypervisor driver (janus-vmm) through containerd. It boots Linux only with

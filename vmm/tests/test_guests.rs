@@ -416,7 +416,7 @@ fn virtio_fs_round_trip_through_virtiofsd() {
     if !kvm_or_say("virtio_fs_round_trip_through_virtiofsd") {
         return;
     }
-    if let Err(e) = runtime::vm::virtiofsd::find() {
+    if let Err(e) = runtime::vm::virtiofsd::find(None) {
         janus_tests::not_run(
             "virtio_fs_round_trip_through_virtiofsd",
             janus_tests::Prereq::Virtiofsd,

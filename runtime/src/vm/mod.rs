@@ -56,8 +56,9 @@ pub const AGENT_PORT: &str = "janus.agent";
 pub const STDIO_PORT: &str = "janus.stdio";
 
 /// Hint given whenever the guest kernel or initramfs is missing.
-pub const GUEST_HINT: &str =
-    "run hack/build-guest.sh (JANUS_GUEST_INIT=<path to vm-agent> hack/build-guest.sh for the agent initramfs)";
+pub const GUEST_HINT: &str = "install the guest image in /usr/share/janus/guest (the installer \
+     DaemonSet and `janus install` do; from a source checkout: hack/build-guest.sh), or name \
+     it with vm.kernel and vm.initrd in the Janus config";
 
 /// Which accelerator the VMM should use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -398,7 +399,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = VmConfig::from_guest_dir(d.path()).unwrap_err();
         assert!(matches!(e, Error::MissingAsset { .. }));
-        assert!(e.to_string().contains("hack/build-guest.sh"), "{e}");
+        assert!(
+            e.to_string().contains("janus install") && e.to_string().contains("vm.kernel"),
+            "{e}"
+        );
         std::fs::write(d.path().join("vmlinuz"), b"x").unwrap();
         let e = VmConfig::from_guest_dir(d.path()).unwrap_err();
         assert!(e.to_string().contains("initramfs.cpio"), "{e}");

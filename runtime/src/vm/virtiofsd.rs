@@ -9,23 +9,48 @@ use super::error::IoContext;
 use super::{Error, Result};
 use crate::linux::cgroups::Cgroup;
 
-/// Debian ships virtiofsd with QEMU.
-pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+/// Where distributions put virtiofsd, in the order they are tried: the Rust virtiofsd's
+/// package (Debian 13+, Fedora, Ubuntu 24.04+), QEMU's former C daemon (Debian 12's QEMU 7.2
+/// ships it), `cargo install virtiofsd`'s usual places.
+pub const SEARCH: &[&str] = &[
+    "/usr/libexec/virtiofsd",
+    "/usr/lib/qemu/virtiofsd",
+    "/usr/local/bin/virtiofsd",
+    "/root/.cargo/bin/virtiofsd",
+];
 /// How long virtiofsd may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
-/// virtiofsd's binary, or [`Error::MissingAsset`] saying how to get it.
-pub fn find() -> Result<PathBuf> {
-    let p = PathBuf::from(VIRTIOFSD);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(Error::MissingAsset {
-            what: "virtiofsd".into(),
-            path: p,
-            hint: "apt-get install qemu-system-x86 (Debian ships it with QEMU)".into(),
-        })
+/// virtiofsd's binary: `configured` (the Janus config's `vm.virtiofsd`), else the first of
+/// [`SEARCH`], else `virtiofsd` on PATH; or [`Error::MissingAsset`] saying how to get it.
+pub fn find(configured: Option<&Path>) -> Result<PathBuf> {
+    let hint = "apt-get install virtiofsd (Debian 13+) or qemu-system-x86 (Debian 12's QEMU \
+                ships /usr/lib/qemu/virtiofsd), or `cargo install virtiofsd`; or name it with \
+                vm.virtiofsd in the Janus config";
+    let missing = |path: PathBuf| Error::MissingAsset {
+        what: "virtiofsd".into(),
+        path,
+        hint: hint.into(),
+    };
+    if let Some(p) = configured {
+        return p
+            .is_file()
+            .then(|| p.to_path_buf())
+            .ok_or_else(|| missing(p.into()));
     }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("virtiofsd"))
+                .collect()
+        })
+        .unwrap_or_else(Vec::new);
+    SEARCH
+        .iter()
+        .map(PathBuf::from)
+        .chain(on_path)
+        .find(|p| p.is_file())
+        .ok_or_else(|| missing(PathBuf::from(SEARCH[0])))
 }
 
 /// What to share and where.
@@ -41,6 +66,8 @@ pub struct VirtiofsdConfig {
     pub cgroup: Option<Cgroup>,
     /// Log every FUSE request (tests read the log to see what the guest asked for).
     pub debug_log: bool,
+    /// The binary (`None`: [`find`]'s search).
+    pub binary: Option<PathBuf>,
 }
 
 impl VirtiofsdConfig {
@@ -55,6 +82,7 @@ impl VirtiofsdConfig {
             log: log.into(),
             cgroup: None,
             debug_log: false,
+            binary: None,
         }
     }
 
@@ -93,7 +121,7 @@ impl Virtiofsd {
     /// Starts virtiofsd and returns once its socket exists. A virtiofsd that makes no socket
     /// within 10 s is killed and reported with its log's path.
     pub async fn start(cfg: &VirtiofsdConfig) -> Result<Virtiofsd> {
-        let bin = find()?;
+        let bin = find(cfg.binary.as_deref())?;
         let log =
             std::fs::File::create(&cfg.log).ctx(|| format!("create {}", cfg.log.display()))?;
         let mut cmd = Command::new(&bin);

@@ -55,8 +55,13 @@ struct Virtiofsd {
 impl Virtiofsd {
     /// Starts it (`runtime::vm::virtiofsd`, as the tests do) on a fresh, empty `shared`
     /// directory next to the VM's work dir, in the pod's cgroup.
-    async fn start(work_dir: &Path, bundle: &Path, cgroup: Option<&Cgroup>) -> Result<Virtiofsd> {
-        virtiofsd::find().map_err(vm_err)?;
+    async fn start(
+        work_dir: &Path,
+        bundle: &Path,
+        cgroup: Option<&Cgroup>,
+        binary: Option<&Path>,
+    ) -> Result<Virtiofsd> {
+        virtiofsd::find(binary).map_err(vm_err)?;
         // Next to the work dir, which the VMM driver owns (and recreates).
         let sock = work_dir.with_extension("vfs.sock");
         let _ = std::fs::remove_file(&sock);
@@ -65,6 +70,7 @@ impl Virtiofsd {
         mkdir(&shared)?;
         let mut cfg = VirtiofsdConfig::new(&shared, &sock, bundle.join("virtiofsd.log"));
         cfg.cgroup = cgroup.cloned();
+        cfg.binary = binary.map(Path::to_path_buf);
         match runtime::vm::virtiofsd::Virtiofsd::start(&cfg).await {
             // The shim's reaper collects it.
             Ok(v) => Ok(Virtiofsd {
@@ -141,7 +147,7 @@ fn vm_config(
     ] {
         if !p.is_file() {
             return Err(ShimError::FailedPrecondition(format!(
-                "{what} not found at {}: {} (or set vm.kernel / vm.initrd in the Janus config)",
+                "{what} not found at {}: {}",
                 p.display(),
                 runtime::vm::GUEST_HINT
             )));
@@ -156,7 +162,43 @@ fn vm_config(
     cfg.memory_mib = memory_mib;
     cfg.kernel_params = config.vm.kernel_params.clone();
     cfg.shared_memory = true;
+    // `vm.qemu` names QEMU only: the builtin driver finds janus-vmm next to the shim.
+    if config
+        .vm
+        .hypervisor
+        .as_deref()
+        .unwrap_or(runtime::vm::DEFAULT_DRIVER)
+        == "qemu"
+    {
+        cfg.vmm_binary = config.vm.qemu.clone();
+    }
     Ok(cfg)
+}
+
+/// Where the console logs of VMs that did not come up are kept, the newest
+/// [`KEPT_CONSOLE_LOGS`] of them.
+pub const FAILED_BOOT_LOGS: &str = "/var/log/janus/failed-boots";
+const KEPT_CONSOLE_LOGS: usize = 16;
+
+/// Copies a failed VM's console log to [`FAILED_BOOT_LOGS`] (oldest beyond the limit removed).
+fn keep_console_log(log: &Path, id: &str) -> Option<PathBuf> {
+    let dir = Path::new(FAILED_BOOT_LOGS);
+    std::fs::create_dir_all(dir).ok()?;
+    let to = dir.join(format!("{id}.console.log"));
+    std::fs::copy(log, &to)
+        .map_err(|e| log::warn!("container {id}: keep console log {}: {e}", log.display()))
+        .ok()?;
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    logs.sort();
+    let excess = logs.len().saturating_sub(KEPT_CONSOLE_LOGS);
+    for (_, old) in logs.into_iter().take(excess) {
+        let _ = std::fs::remove_file(old);
+    }
+    Some(to)
 }
 
 /// What a boot has made so far, undone if a later step fails.
@@ -261,7 +303,13 @@ impl VmPod {
             .map_err(|e| ShimError::failed(format!("{}", parent.display()), e))?;
         cfg.work_dir = Some(work_dir.clone());
         let mut parts = Parts {
-            virtiofsd: Virtiofsd::start(&work_dir, r.bundle, r.cgroup.as_ref()).await?,
+            virtiofsd: Virtiofsd::start(
+                &work_dir,
+                r.bundle,
+                r.cgroup.as_ref(),
+                r.config.vm.virtiofsd.as_deref(),
+            )
+            .await?,
             net: None,
             state_file: r.bundle.join(STATE_FILE),
         };
@@ -299,6 +347,11 @@ impl VmPod {
         let (plane, agent) = match up.await {
             Ok(v) => v,
             Err(e) => {
+                // The work directory goes with the VM: keep what its console said.
+                let e = match keep_console_log(vm.console_log(), r.id) {
+                    Some(p) => e.with_note(&format!("(guest console log: {})", p.display())),
+                    None => e,
+                };
                 let _ = vm.kill();
                 let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await;
                 parts.undo();
