@@ -6,18 +6,41 @@ mod install;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use check::{check, default_guest_dir, DEFAULT_ADDRESS, DEFAULT_CONFIG};
+const USAGE: &str = "\
+usage: janus check [--config FILE] [--containerd-config FILE] [--containerd BIN]
+                   [--address CONTAINERD_SOCKET] [--shim PATH] [--guest-dir DIR] [--json]
+       janus install [--host-root DIR] [--node-root DIR] [--from DIR] [--containerd-config FILE]
+                     [--containerd-major N] [--restart CMD|none] [--node NAME]
+       janus uninstall (the same options)
+       janus version
+       janus help
 
+  install    put Janus on this node: binaries, guest image, Janus configs, containerd's
+             janus and janus-vm handlers, containerd restart, node label (DaemonSet: --host-root
+             /host); every file it makes or replaces is recorded
+  uninstall  take it off again: the node byte for byte as before install
+  check   report what this node needs for Janus and whether it is there: one line per
+          check ([ok  ], [warn], [FAIL] with the fix); exit code 1 when a check fails
+    --config FILE             node default Janus config (default /etc/janus/config.toml),
+                              read as the shim reads it
+    --containerd-config FILE  containerd's config (default /etc/containerd/config.toml): the
+                              janus and janus-vm handlers in it, and their ConfigPath files
+    --containerd BIN          the containerd that reads it (default: containerd on PATH)
+    --address SOCKET          containerd's socket (default /run/containerd/containerd.sock)
+    --shim PATH               the shim binary (default: containerd-shim-janus-v2 on PATH)
+    --guest-dir DIR           VM guest image when the config names no vm.kernel/vm.initrd
+    --json                    one JSON document: ok, namespace_ready, vm_ready, checks
+";
+
+/// `--help`: usage on stdout, success.
+fn help() -> ExitCode {
+    print!("{USAGE}");
+    ExitCode::SUCCESS
+}
+
+/// A command line we do not understand: usage on stderr, exit code 2.
 fn usage() -> ExitCode {
-    eprintln!(
-        "usage: janus check [--address CONTAINERD_SOCKET] [--config FILE] [--shim PATH] [--guest-dir DIR]\n\
-         \n       janus install [--host-root DIR] [--node-root DIR] [--from DIR] [--containerd-config FILE]\n\
-         \x20                    [--containerd-major N] [--restart CMD|none] [--node NAME]\n\
-         \n       janus uninstall (the same options)\n\
-         \n  check      report what this node needs for Janus and whether it is there\
-         \n  install    put Janus on this node (binaries, guest image, containerd handlers)\
-         \n  uninstall  take it off again, restoring every file it changed"
-    );
+    eprint!("{USAGE}");
     ExitCode::from(2)
 }
 
@@ -27,22 +50,31 @@ fn main() -> ExitCode {
         return usage();
     };
     match cmd.as_str() {
+        "-h" | "--help" | "help" => help(),
         "check" => {
-            let mut address = DEFAULT_ADDRESS.to_string();
-            let mut config = PathBuf::from(DEFAULT_CONFIG);
-            let mut shim = None;
-            let mut guest_dir = default_guest_dir();
+            let mut o = check::Options::default();
             let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                match (a.as_str(), it.next()) {
-                    ("--address", Some(v)) => address = v.clone(),
-                    ("--config", Some(v)) => config = PathBuf::from(v),
-                    ("--shim", Some(v)) => shim = Some(PathBuf::from(v)),
-                    ("--guest-dir", Some(v)) => guest_dir = PathBuf::from(v),
-                    _ => return usage(),
+            while let Some(flag) = it.next() {
+                match flag.as_str() {
+                    "-h" | "--help" => return help(),
+                    "--json" => o.json = true,
+                    _ => {
+                        let Some(v) = it.next() else {
+                            return usage();
+                        };
+                        match flag.as_str() {
+                            "--address" => o.address = v.clone(),
+                            "--config" => o.config = PathBuf::from(v),
+                            "--shim" => o.shim = Some(PathBuf::from(v)),
+                            "--guest-dir" => o.guest_dir = PathBuf::from(v),
+                            "--containerd-config" => o.containerd_config = PathBuf::from(v),
+                            "--containerd" => o.containerd = v.clone(),
+                            _ => return usage(),
+                        }
+                    }
                 }
             }
-            check(&address, &config, shim, &guest_dir)
+            check::check(&o)
         }
         "install" | "uninstall" => match install_target(&args[1..]) {
             Some((t, payload)) => {

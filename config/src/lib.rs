@@ -208,15 +208,24 @@ impl Config {
     /// Loads the config: an explicit path must exist; the default path may be absent, which
     /// means the defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        let (path, required) = match explicit {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_PATH), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Config::parse(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                Ok(Config::default())
+        match explicit {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source: e,
+                })?;
+                Config::parse(&text, path)
             }
+            None => Ok(Config::load_optional(Path::new(DEFAULT_PATH))?.unwrap_or_default()),
+        }
+    }
+
+    /// Loads a file that may be absent, as the node default is (`None`: absent, which the shim
+    /// takes as the defaults). `janus check` reads a node default at another path with it.
+    pub fn load_optional(path: &Path) -> Result<Option<Config>, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ConfigError::Read {
                 path: path.display().to_string(),
                 source: e,
@@ -319,7 +328,23 @@ mod tests {
 
     #[test]
     fn missing_default_is_fine_missing_explicit_is_not() {
-        assert!(Config::load(Some(Path::new("/nonexistent/janus.toml"))).is_err());
+        let missing = Path::new("/nonexistent/janus.toml");
+        let e = Config::load(Some(missing)).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Read { path, .. } if path == "/nonexistent/janus.toml"),
+            "{e}"
+        );
+        // The OS's words, as the shim has always said them.
+        assert!(e.to_string().contains("No such file"), "{e}");
+        assert_eq!(Config::load_optional(missing).unwrap(), None);
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("config.toml");
+        std::fs::write(&f, "mode = \"vm\"\n").unwrap();
+        let c = Config::load_optional(&f).unwrap().unwrap();
+        assert_eq!(c.mode, Some(Mode::Vm));
+        std::fs::write(&f, "mode = \"kvm\"\n").unwrap();
+        let e = Config::load_optional(&f).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e}");
     }
 
     #[test]

@@ -272,8 +272,37 @@ fn runtime_info() -> containerd_shim_protos::types::introspection::RuntimeInfo {
     }
 }
 
+/// `--help`: containerd_shim's flag parser knows no such flag ("flag provided but not
+/// defined"), so it is answered before that parser sees the arguments.
+fn help() {
+    println!(
+        "containerd-shim-janus-v2 {}: the Janus containerd shim v2, one binary for namespace-mode \
+         and VM-mode pods.\n\
+         containerd runs it (runtime {RUNTIME_ID}, or io.containerd.janus-vm.v2 as the alias \
+         containerd-shim-janus-vm-v2, which always runs VMs); it is not meant to be run by hand.\n\
+         \n\
+         usage:\n  \
+           containerd-shim-janus-v2 -v      print the version\n  \
+           containerd-shim-janus-v2 -info   print the runtime info containerd 2.x asks for \
+         (a RuntimeInfo protobuf)\n  \
+           containerd-shim-janus-v2 -h      this help\n\
+         \n\
+         Whether a node is ready for it: janus check.",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // containerd never passes these: ids and namespaces cannot start with '-'.
+    if args
+        .iter()
+        .skip(1)
+        .any(|a| a == "-h" || a == "--help" || a == "-help")
+    {
+        help();
+        return;
+    }
     if args
         .iter()
         .any(|a| a == "-v" || a == "-version" || a == "--version")

@@ -44,7 +44,7 @@ pub fn find(configured: Option<&Path>) -> Result<PathBuf> {
                 .map(|d| d.join("virtiofsd"))
                 .collect()
         })
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     SEARCH
         .iter()
         .map(PathBuf::from)
