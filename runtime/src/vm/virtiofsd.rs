@@ -38,7 +38,7 @@ pub fn find(configured: Option<&Path>) -> Result<PathBuf> {
             .then(|| p.to_path_buf())
             .ok_or_else(|| missing(p.into()));
     }
-    let on_path = std::env::var_os("PATH")
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("virtiofsd"))
