@@ -21,6 +21,9 @@
 #   apt_update_once       apt-get update at most once per script run
 #   host_tsc_khz          host TSC frequency in kHz (for the guest's tsc_early_khz=)
 #   janus_pause_tar       where build-image.sh caches the pause image (CRI tests)
+#   busybox_rootfs ROOT   the busybox-static rootfs of build-image.sh in ROOT
+#   oci_image_tar WORK ROOT CONFIG_JSON IMAGE_NAME CREATED_BY OUT [full-name]
+#                         pack ROOT as the one layer of an OCI image (layout packed as a tar)
 #   ensure_containerd SUITE
 #                         containerd from Debian's SUITE (trixie: 1.7, sid: 2.x), downloaded
 #                         with apt and a sources list of our own, extracted into a cache (never
@@ -164,7 +167,7 @@ EOF
 
 # containerd_start DIR SHIM_BIN: start containerd in the background, wait for its socket.
 containerd_start() {
-	local dir="$1" shim="$2" i
+	local dir="$1" shim="$2"
 	containerd_write_config "$dir"
 	ln -sfn "$shim" "$dir/bin/containerd-shim-janus-v2"
 	ln -sfn "$shim" "$dir/bin/containerd-shim-janus-vm-v2"
@@ -177,7 +180,7 @@ containerd_start() {
 		setsid /usr/bin/containerd --config "$dir/config.toml" \
 		>"$dir/containerd.log" 2>&1 </dev/null &
 	echo $! >"$dir/containerd.pid"
-	for i in $(seq 1 200); do
+	for _ in $(seq 1 200); do
 		if ctr --address "$dir/containerd.sock" version >/dev/null 2>&1; then
 			return 0
 		fi
@@ -204,12 +207,12 @@ _kill_private_shims() {
 }
 
 containerd_stop() {
-	local dir="$1" pid i
+	local dir="$1" pid
 	if [ -f "$dir/containerd.pid" ]; then
 		pid="$(cat "$dir/containerd.pid")"
 		if kill -0 "$pid" 2>/dev/null; then
 			kill -TERM "$pid" 2>/dev/null || true
-			for i in $(seq 1 100); do
+			for _ in $(seq 1 100); do
 				kill -0 "$pid" 2>/dev/null || break
 				sleep 0.05
 			done
@@ -291,4 +294,124 @@ ensure_containerd() {
 	[ -x "$root/usr/bin/containerd" ] || die "$deb has no usr/bin/containerd"
 	log "containerd ($suite): $(cat "$cache/version") in $root"
 	echo "$root"
+}
+
+# busybox_rootfs ROOT: Debian's busybox-static in ROOT (build-image.sh describes the result):
+# /bin/busybox plus every applet as a HARD link at the path `busybox --list-full` gives,
+# /etc/passwd and /etc/group (root, user 1000, nobody 65534), /tmp (1777), /root, /home/user.
+busybox_rootfs() {
+	local root="$1" busybox=/bin/busybox d applet found a
+	ensure_apt busybox-static
+	[ -x "$busybox" ] || die "$busybox missing after installing busybox-static"
+	"$busybox" --list-full >/dev/null || die "$busybox --list-full failed"
+	for d in bin sbin usr/bin usr/sbin etc dev proc sys run var var/tmp home; do
+		install -d -m 0755 "$root/$d"
+	done
+	install -d -m 1777 "$root/tmp"
+	chmod 1777 "$root/var/tmp"
+	install -d -m 0700 "$root/root"
+	install -d -m 0755 -o 1000 -g 1000 "$root/home/user"
+
+	install -m 0755 "$busybox" "$root/bin/busybox"
+	while read -r applet; do
+		case "$applet" in
+		bin/busybox | "") continue ;;
+		*/*) ;;
+		*) continue ;; # e.g. "linuxrc" at the top level: not wanted
+		esac
+		mkdir -p "$root/$(dirname "$applet")"
+		ln -f "$root/bin/busybox" "$root/$applet"
+	done < <("$busybox" --list-full)
+	# Sanity: hard links, not symlinks.
+	[ "$(stat -c %h "$root/bin/busybox")" -gt 100 ] || die "applet hard links were not created"
+	[ -z "$(find "$root" -type l)" ] || die "unexpected symlinks in rootfs"
+	for a in sh cat echo sleep head tr kill tty id uname dd ls; do
+		found=0
+		for d in bin sbin usr/bin usr/sbin; do [ -e "$root/$d/$a" ] && found=1; done
+		[ "$found" = 1 ] || die "applet $a missing from busybox --list-full"
+	done
+
+	cat >"$root/etc/passwd" <<'PASSWD'
+root:x:0:0:root:/root:/bin/sh
+user:x:1000:1000:user:/home/user:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+PASSWD
+	cat >"$root/etc/group" <<'GROUP'
+root:x:0:
+user:x:1000:
+nogroup:x:65534:
+GROUP
+	chmod 0644 "$root/etc/passwd" "$root/etc/group"
+}
+
+# oci_image_tar WORK ROOT CONFIG_JSON IMAGE_NAME CREATED_BY OUT [full-name]: ROOT as the only layer of an
+# OCI image (linux/amd64, image config CONFIG_JSON, history CREATED_BY), written as an OCI
+# image layout packed as a tar at OUT (replaced atomically). Its one manifest is annotated
+# org.opencontainers.image.ref.name=<IMAGE_NAME's tag>; build-image.sh says how ctr imports it.
+# With "full-name" it is also annotated io.containerd.image.name=IMAGE_NAME: a plain
+# `ctr images import` (as `kind load image-archive` runs it) then names the image IMAGE_NAME
+# (and --base-name is not needed; never combine it with an --index-name of the same name).
+# Deterministic: the same ROOT and config give the same bytes. WORK is a scratch directory.
+oci_image_tar() {
+	local work="$1" root="$2" cfg="$3" name="$4" created_by="$5" dest="$6" full="${7:-}"
+	# shellcheck disable=SC2016 # jq's $name, not the shell's
+	local annotations='{ "org.opencontainers.image.ref.name": ($name | sub("^.*:"; "")) }'
+	if [ "$full" = full-name ]; then
+		annotations="$annotations + { \"io.containerd.image.name\": \$name }"
+	fi
+	local layout="$work/layout" diff_id
+	local layer_digest layer_size config_digest config_size manifest_digest manifest_size
+	mkdir -p "$layout/blobs/sha256"
+	# Sorted, fixed mtime, numeric owners; GNU tar keeps hard links as links.
+	tar --sort=name --mtime=@0 --numeric-owner --format=posix \
+		--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
+		-C "$root" -cf "$work/layer.tar" .
+	diff_id="sha256:$(sha256sum "$work/layer.tar" | cut -d' ' -f1)"
+	gzip -n -9 -c "$work/layer.tar" >"$work/layer.tar.gz"
+	read -r layer_digest layer_size < <(_oci_blob "$layout" "$work/layer.tar.gz")
+
+	jq -n -c --arg diff "$diff_id" --argjson cfg "$cfg" --arg by "$created_by" '{
+	created: "1970-01-01T00:00:00Z",
+	architecture: "amd64",
+	os: "linux",
+	config: $cfg,
+	rootfs: { type: "layers", diff_ids: [$diff] },
+	history: [{ created: "1970-01-01T00:00:00Z", created_by: $by }]
+}' >"$work/config.json"
+	read -r config_digest config_size < <(_oci_blob "$layout" "$work/config.json")
+
+	jq -n -c \
+		--arg cd "$config_digest" --argjson cs "$config_size" \
+		--arg ld "$layer_digest" --argjson ls "$layer_size" '{
+	schemaVersion: 2,
+	mediaType: "application/vnd.oci.image.manifest.v1+json",
+	config: { mediaType: "application/vnd.oci.image.config.v1+json", digest: $cd, size: $cs },
+	layers: [{ mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $ld, size: $ls }]
+}' >"$work/manifest.json"
+	read -r manifest_digest manifest_size < <(_oci_blob "$layout" "$work/manifest.json")
+
+	jq -n -c --arg md "$manifest_digest" --argjson ms "$manifest_size" --arg name "$name" '{
+	schemaVersion: 2,
+	manifests: [{
+		mediaType: "application/vnd.oci.image.manifest.v1+json",
+		digest: $md,
+		size: $ms,
+		platform: { architecture: "amd64", os: "linux" },
+		annotations: ('"$annotations"')
+	}]
+}' >"$layout/index.json"
+	echo '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
+
+	tar --sort=name --mtime=@0 --numeric-owner -C "$layout" -cf "$work/image.tar" oci-layout index.json blobs
+	mv -f "$work/image.tar" "$dest"
+	log "built $dest ($name, manifest $manifest_digest)"
+}
+
+# _oci_blob LAYOUT FILE: store FILE as a blob of LAYOUT; prints "sha256:<hex> <size>".
+_oci_blob() {
+	local layout="$1" f="$2" h s
+	h="$(sha256sum "$f" | cut -d' ' -f1)"
+	s="$(stat -c %s "$f")"
+	cp "$f" "$layout/blobs/sha256/$h"
+	echo "sha256:$h $s"
 }

@@ -162,15 +162,18 @@ pub fn install(t: &Target, payload: &Path) -> Result<()> {
     label(t, true)
 }
 
-/// `janus uninstall`.
+/// `janus uninstall`. The label goes first (no new Janus pods are scheduled here meanwhile, and
+/// the installer pod's credentials may not outlive its deletion for long); the files are
+/// restored even when that fails, whose error is returned after.
 pub fn uninstall(t: &Target) -> Result<()> {
-    if !t.host(&format!("{STATE}/manifest.json")).exists() {
+    let unlabel = label(t, false);
+    if t.host(&format!("{STATE}/manifest.json")).exists() {
+        undo(t)?;
+        restart(t)?;
+    } else {
         eprintln!("janus uninstall: nothing installed here (no {STATE}/manifest.json)");
-        return label(t, false);
     }
-    undo(t)?;
-    restart(t)?;
-    label(t, false)
+    unlabel
 }
 
 fn save(c: &Changes) -> Result<()> {

@@ -2,6 +2,7 @@
 
 mod check;
 mod install;
+mod stay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,14 +11,15 @@ const USAGE: &str = "\
 usage: janus check [--config FILE] [--containerd-config FILE] [--containerd BIN]
                    [--address CONTAINERD_SOCKET] [--shim PATH] [--guest-dir DIR] [--json]
        janus install [--host-root DIR] [--node-root DIR] [--from DIR] [--containerd-config FILE]
-                     [--containerd-major N] [--restart CMD|none] [--node NAME]
-       janus uninstall (the same options)
+                     [--containerd-major N] [--restart CMD|none] [--node NAME] [--stay]
+       janus uninstall (the same options but --stay)
        janus version
        janus help
 
   install    put Janus on this node: binaries, guest image, Janus configs, containerd's
              janus and janus-vm handlers, containerd restart, node label (DaemonSet: --host-root
              /host); every file it makes or replaces is recorded
+             --stay: then wait for SIGTERM or SIGINT and uninstall (the DaemonSet's way)
   uninstall  take it off again: the node byte for byte as before install
   check   report what this node needs for Janus and whether it is there: one line per
           check ([ok  ], [warn], [FAIL] with the fix); exit code 1 when a check fails
@@ -76,21 +78,9 @@ fn main() -> ExitCode {
             }
             check::check(&o)
         }
-        "install" | "uninstall" => match install_target(&args[1..]) {
-            Some((t, payload)) => {
-                let r = if cmd == "install" {
-                    install::install(&t, &payload)
-                } else {
-                    install::uninstall(&t)
-                };
-                match r {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("janus {cmd}: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
-            }
+        "install" | "uninstall" => match install_opts(&args[1..]) {
+            Some(o) if o.stay && cmd == "uninstall" => usage(),
+            Some(o) => report(cmd, run_install(cmd, &o)),
             None => usage(),
         },
         "-v" | "--version" | "version" => {
@@ -101,9 +91,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// `janus install/uninstall` options (defaults: this host is the node, its containerd is a
-/// systemd service, the payload is the installer image's /opt/janus, `$NODE_NAME` is labelled).
-fn install_target(args: &[String]) -> Option<(install::Target, PathBuf)> {
+/// `janus install/uninstall` options.
+struct InstallOpts {
+    target: install::Target,
+    payload: PathBuf,
+    /// `install --stay`: wait for SIGTERM/SIGINT after installing, then uninstall.
+    stay: bool,
+}
+
+fn run_install(cmd: &str, o: &InstallOpts) -> anyhow::Result<()> {
+    match (cmd, o.stay) {
+        ("install", true) => {
+            // Caught before installing: a signal during the install is not lost.
+            let signals = stay::StopSignals::catch()?;
+            stay::install_and_stay(&o.target, &o.payload, || signals.wait())
+        }
+        ("install", false) => install::install(&o.target, &o.payload),
+        _ => install::uninstall(&o.target),
+    }
+}
+
+fn report(cmd: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("janus {cmd}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Parses them (defaults: this host is the node, its containerd is a systemd service, the
+/// payload is the installer image's /opt/janus, `$NODE_NAME` is labelled).
+fn install_opts(args: &[String]) -> Option<InstallOpts> {
     let mut t = install::Target {
         host_root: PathBuf::from("/"),
         node_root: PathBuf::from("/"),
@@ -112,9 +132,13 @@ fn install_target(args: &[String]) -> Option<(install::Target, PathBuf)> {
         restart: Some("systemctl restart containerd".into()),
         node: std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()),
     };
-    let mut payload = PathBuf::from("/opt/janus");
+    let (mut payload, mut stay) = (PathBuf::from("/opt/janus"), false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--stay" {
+            stay = true;
+            continue;
+        }
         let v = it.next()?;
         match a.as_str() {
             "--host-root" => t.host_root = PathBuf::from(v),
@@ -127,5 +151,35 @@ fn install_target(args: &[String]) -> Option<(install::Target, PathBuf)> {
             _ => return None,
         }
     }
-    Some((t, payload))
+    Some(InstallOpts {
+        target: t,
+        payload,
+        stay,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Option<InstallOpts> {
+        install_opts(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn stay_is_a_flag_anywhere() {
+        let o = parse(&["--stay", "--host-root", "/host", "--restart", "none"]).unwrap();
+        assert!(o.stay && o.target.restart.is_none());
+        assert_eq!(o.target.host_root, PathBuf::from("/host"));
+        let o = parse(&["--host-root", "/host", "--stay"]).unwrap();
+        assert!(o.stay);
+        assert!(!parse(&["--host-root", "/host"]).unwrap().stay);
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        assert!(parse(&["--host-root"]).is_none());
+        assert!(parse(&["--bogus", "x"]).is_none());
+        assert!(parse(&["--containerd-major", "two"]).is_none());
+    }
 }

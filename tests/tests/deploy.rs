@@ -279,3 +279,443 @@ fn shim_accepts_default_config() {
         ctd.log_tail(20)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The installer DaemonSet (deploy/installer/), the kind e2e (deploy/kind/, hack/kind-e2e.sh)
+
+fn seq<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a Vec<serde_yaml::Value> {
+    let mut cur = v;
+    for k in path {
+        cur = cur.get(k).unwrap_or_else(|| panic!("no {k} in {path:?}"));
+    }
+    cur.as_sequence()
+        .unwrap_or_else(|| panic!("{path:?} is not a list"))
+}
+
+/// Every YAML document of every file under `deploy/<dir>`.
+fn docs_under(dir: &str) -> Vec<serde_yaml::Value> {
+    let mut files: Vec<_> = std::fs::read_dir(deploy(dir))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no YAML under deploy/{dir}");
+    files.iter().flat_map(|p| yaml_docs(p)).collect()
+}
+
+fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    docs.iter()
+        .filter(|d| s(d, &["kind"]) == Some(kind))
+        .collect()
+}
+
+fn one<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    let v = of_kind(docs, kind);
+    assert_eq!(v.len(), 1, "one {kind} expected");
+    v[0]
+}
+
+/// The node label `janus install` sets (cli/src/install.rs's `LABEL`).
+fn installer_label() -> String {
+    let src = read(&workspace_root().join("cli/src/install.rs"));
+    let line = src
+        .lines()
+        .find(|l| l.starts_with("pub const LABEL: &str = "))
+        .expect("LABEL in cli/src/install.rs");
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+/// A Kubernetes memory quantity in MiB (the forms used here: Mi, Gi).
+fn mib(q: &str) -> u64 {
+    if let Some(n) = q.strip_suffix("Mi") {
+        n.parse().unwrap()
+    } else if let Some(n) = q.strip_suffix("Gi") {
+        n.parse::<u64>().unwrap() * 1024
+    } else {
+        panic!("memory quantity {q}: use Mi or Gi")
+    }
+}
+
+#[test]
+fn installer_rbac_is_nodes_get_patch_only() {
+    let docs = docs_under("installer");
+    let ns = s(one(&docs, "Namespace"), &["metadata", "name"]).unwrap();
+    assert_eq!(ns, "janus-system");
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(s(sa, &["metadata", "namespace"]), Some(ns));
+    let role = one(&docs, "ClusterRole");
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str("[{apiGroups: [\"\"], resources: [nodes], verbs: [get, patch]}]")
+            .unwrap();
+    assert_eq!(role.get("rules"), Some(&rules), "ClusterRole rules");
+    let b = one(&docs, "ClusterRoleBinding");
+    assert_eq!(s(b, &["roleRef", "kind"]), Some("ClusterRole"));
+    assert_eq!(s(b, &["roleRef", "name"]), s(role, &["metadata", "name"]));
+    let subj = seq(b, &["subjects"]);
+    assert_eq!(subj.len(), 1);
+    assert_eq!(s(&subj[0], &["kind"]), Some("ServiceAccount"));
+    assert_eq!(s(&subj[0], &["name"]), s(sa, &["metadata", "name"]));
+    assert_eq!(s(&subj[0], &["namespace"]), Some(ns));
+    // Nothing else gets a role.
+    assert!(of_kind(&docs, "Role").is_empty() && of_kind(&docs, "RoleBinding").is_empty());
+}
+
+#[test]
+fn installer_daemonset() {
+    let docs = docs_under("installer");
+    let ds = one(&docs, "DaemonSet");
+    assert_eq!(s(ds, &["apiVersion"]), Some("apps/v1"));
+    assert_eq!(s(ds, &["metadata", "namespace"]), Some("janus-system"));
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"].as_bool(), Some(true), "hostPID");
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(
+        s(pod, &["serviceAccountName"]),
+        s(sa, &["metadata", "name"])
+    );
+    assert!(
+        pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .is_some_and(|g| g >= 60),
+        "terminationGracePeriodSeconds: time for the uninstall"
+    );
+    // The selector matches the template.
+    let sel = ds["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    let labels = ds["spec"]["template"]["metadata"]["labels"]
+        .as_mapping()
+        .unwrap();
+    assert!(sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    // The host's / at /host.
+    let vols = seq(pod, &["volumes"]);
+    let host = vols
+        .iter()
+        .find(|v| s(v, &["hostPath", "path"]) == Some("/"))
+        .expect("a hostPath / volume");
+    let c = seq(pod, &["containers"]);
+    assert_eq!(c.len(), 1);
+    let c = &c[0];
+    let mount = seq(c, &["volumeMounts"])
+        .iter()
+        .find(|m| m["name"] == host["name"])
+        .expect("the hostPath / volume mounted");
+    assert_eq!(s(mount, &["mountPath"]), Some("/host"));
+    assert_eq!(
+        c["securityContext"]["privileged"].as_bool(),
+        Some(true),
+        "privileged"
+    );
+    let env = seq(c, &["env"]);
+    let node = env
+        .iter()
+        .find(|e| s(e, &["name"]) == Some("NODE_NAME"))
+        .expect("env NODE_NAME");
+    assert_eq!(
+        s(node, &["valueFrom", "fieldRef", "fieldPath"]),
+        Some("spec.nodeName")
+    );
+    // The locally built image, never pulled from a registry that does not have it.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        s(c, &["image"]),
+        Some(format!("janus.dev/janus-installer:{version}").as_str())
+    );
+    assert!(matches!(
+        s(c, &["imagePullPolicy"]),
+        Some("Never" | "IfNotPresent")
+    ));
+    // Entrypoint (the image's, unless the DaemonSet sets a command) + args.
+    let words = |k: &str| -> Vec<String> {
+        c.get(k)
+            .and_then(|v| v.as_sequence())
+            .map(|v| v.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let mut argv = words("command");
+    if argv.is_empty() {
+        argv = image_entrypoint();
+    }
+    argv.extend(words("args"));
+    let line = argv.join(" ");
+    assert!(line.contains("install --stay"), "{line}");
+    assert!(line.contains("--host-root /host"), "{line}");
+    let i = argv
+        .iter()
+        .position(|a| a == "--restart")
+        .expect("--restart");
+    let restart = &argv[i + 1];
+    assert!(
+        restart.starts_with("nsenter --target 1 --mount --uts --ipc --net --pid -- ")
+            && restart.ends_with("systemctl restart containerd"),
+        "{restart}"
+    );
+}
+
+/// hack/build-installer.sh's ENTRYPOINT.
+fn image_entrypoint() -> Vec<String> {
+    let script = read(&workspace_root().join("hack/build-installer.sh"));
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT='"))
+        .expect("ENTRYPOINT= in hack/build-installer.sh");
+    serde_json::from_str(line.trim_end_matches('\'')).unwrap()
+}
+
+#[test]
+fn installer_runtimeclasses() {
+    let docs = docs_under("installer");
+    let label = installer_label();
+    let rcs = of_kind(&docs, "RuntimeClass");
+    let handlers: Vec<_> = rcs.iter().map(|d| s(d, &["handler"]).unwrap()).collect();
+    assert_eq!(handlers, ["janus", "janus-vm"]);
+    for rc in &rcs {
+        let h = s(rc, &["handler"]).unwrap();
+        assert_eq!(s(rc, &["metadata", "name"]), Some(h));
+        let sel = rc["scheduling"]["nodeSelector"].as_mapping().unwrap();
+        assert_eq!(sel.len(), 1, "{h}: nodeSelector {sel:?}");
+        assert_eq!(
+            sel.get(label.as_str()).and_then(|v| v.as_str()),
+            Some("true"),
+            "{h}: nodeSelector on {label}"
+        );
+        let fixed = &rc["overhead"]["podFixed"];
+        let (mem, cpu) = (s(fixed, &["memory"]), s(fixed, &["cpu"]));
+        assert!(mem.is_some() && cpu.is_some(), "{h}: overhead.podFixed");
+        // At least what hack/bench.sh measured (README.md): shim + zygote 5.6 MiB, a VM pod
+        // 268 MiB.
+        let measured = if h == "janus" { 6 } else { 268 };
+        assert!(mib(mem.unwrap()) >= measured, "{h}: overhead {mem:?}");
+    }
+    // deploy/runtimeclass.yaml (nodes set up by hand) has the same objects.
+    let manual = yaml_docs(&deploy("runtimeclass.yaml"));
+    let same: Vec<_> = rcs.into_iter().cloned().collect();
+    assert_eq!(
+        manual, same,
+        "deploy/runtimeclass.yaml and the installer's differ"
+    );
+}
+
+#[test]
+fn kind_cluster_config() {
+    let docs = docs_under("kind");
+    let c = one(&docs, "Cluster");
+    assert_eq!(s(c, &["apiVersion"]), Some("kind.x-k8s.io/v1alpha4"));
+    assert!(!seq(c, &["nodes"]).is_empty());
+    // The installer configures containerd, not kind.
+    assert!(c.get("containerdConfigPatches").is_none());
+}
+
+fn kind_e2e() -> PathBuf {
+    workspace_root().join("hack/kind-e2e.sh")
+}
+
+#[test]
+fn kind_e2e_script_parses() {
+    let o = Command::new("bash")
+        .arg("-n")
+        .arg(kind_e2e())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Without kind it says so and succeeds, unless kind is required.
+#[test]
+fn kind_e2e_without_kind_is_not_run() {
+    let run = |require: &str| {
+        let mut cmd = Command::new(kind_e2e());
+        cmd.env("JANUS_KIND", "/nonexistent/kind")
+            .env("JANUS_REQUIRE", require);
+        run_with_timeout(cmd, None, Duration::from_secs(30)).unwrap()
+    };
+    let o = run("");
+    assert!(o.success() && o.stdout.starts_with("NOT RUN: "), "{o}");
+    let o = run("kind");
+    assert!(!o.success() && o.stdout.starts_with("NOT RUN: "), "{o}");
+}
+
+/// Every path under `root` with its bytes (a symlink: its target; a directory: empty).
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            let bytes = if ft.is_symlink() {
+                {
+                    use std::os::unix::ffi::OsStringExt;
+                    std::fs::read_link(&p).unwrap().into_os_string().into_vec()
+                }
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                Vec::new()
+            } else {
+                std::fs::read(&p).unwrap()
+            };
+            out.push((rel, bytes));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A fake node: a root with a containerd 1.x config of its own.
+fn fake_node() -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix("janus-fake-node-")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir_all(root.path().join("etc/containerd")).unwrap();
+    std::fs::write(
+        root.path().join("etc/containerd/config.toml"),
+        "version = 2\n# the node's own\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"example.com/pause:9\"\n",
+    )
+    .unwrap();
+    root
+}
+
+/// `janus install --stay` installs, waits, and on SIGTERM uninstalls and exits 0.
+#[test]
+fn install_stay_uninstalls_on_sigterm() {
+    let janus = janus_tests::shim_binary().unwrap().with_file_name("janus");
+    let node = fake_node();
+    let payload = tempfile::tempdir().unwrap();
+    for (p, src) in [
+        ("bin/containerd-shim-janus-v2", janus.as_path()),
+        ("bin/janus", janus.as_path()),
+        ("guest/vmlinux", janus.as_path()),
+        ("guest/initramfs.cpio", janus.as_path()),
+        ("etc/config.toml", &deploy("janus/config.toml")),
+        ("etc/vm.toml", &deploy("janus/vm.toml")),
+    ] {
+        let to = payload.path().join(p);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(src, to).unwrap();
+    }
+    let before = tree(node.path());
+    let mut cmd = Command::new(&janus);
+    cmd.args(["install", "--stay", "--host-root"])
+        .arg(node.path())
+        .arg("--node-root")
+        .arg(node.path())
+        .arg("--from")
+        .arg(payload.path())
+        .args(["--restart", "none", "--node", ""]);
+    let mut bg = janus_tests::Background::spawn(cmd).unwrap();
+    let stays = janus_tests::poll(Duration::from_secs(30), || {
+        let l = bg.stderr_lines();
+        l.iter()
+            .any(|l| l.contains("uninstalling on SIGTERM"))
+            .then_some(())
+    });
+    assert!(stays.is_some(), "{:?}", bg.stderr_lines());
+    assert!(node
+        .path()
+        .join("usr/local/bin/containerd-shim-janus-v2")
+        .is_file());
+    assert!(bg.try_status().is_none(), "it did not stay");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bg.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let o = bg.wait(Duration::from_secs(30)).unwrap();
+    assert!(o.success(), "{o}");
+    assert_eq!(tree(node.path()), before, "the node is not as it was");
+}
+
+/// The installer image (hack/build-installer.sh), imported into a private containerd by its
+/// own name and run with `ctr run` against a fake node root bind-mounted at /host: `janus
+/// install` lands the payload, `janus uninstall` puts the root back as it was.
+#[test]
+fn installer_image_installs_and_uninstalls() {
+    let guest = janus_tests::guest_dir();
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .any(|k| guest.join(k).is_file());
+    if !kernel || !guest.join("initramfs.cpio").is_file() {
+        println!(
+            "NOT RUN: no guest image in {} (hack/build-guest.sh, or set JANUS_GUEST_DIR)",
+            guest.display()
+        );
+        return;
+    }
+    let shim = janus_tests::shim_binary().unwrap();
+    let target = shim.parent().unwrap().parent().unwrap();
+    let tar = janus_tests::image_tar_path().with_file_name("janus-installer.tar");
+    let mut cmd = Command::new(workspace_root().join("hack/build-installer.sh"));
+    cmd.arg(&tar)
+        .env("CARGO_TARGET_DIR", target)
+        .env("JANUS_GUEST_DIR", &guest);
+    let o = run_with_timeout(cmd, None, Duration::from_secs(600)).unwrap();
+    assert!(o.success(), "{o}");
+    let image = o.stdout.trim().lines().last().unwrap().to_string();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(image, format!("janus.dev/janus-installer:{version}"));
+
+    let ctd = Containerd::for_runtime(RUNC);
+    // No --base-name: the image names itself (as `kind load image-archive` imports it).
+    let o = ctd.ctr(&["images", "import", tar.to_str().unwrap()]);
+    assert!(o.success(), "{o}");
+    let ls = ctd.ctr_ok(&["images", "ls", "-q"]);
+    assert!(ls.lines().any(|l| l.trim() == image), "{ls}");
+
+    let node = fake_node();
+    let before = tree(node.path());
+    let root = node.path().to_str().unwrap();
+    let mount = format!("type=bind,src={root},dst=/host,options=rbind:rw");
+    let run = |cmd: &str, id: &str| {
+        let c = ctd.container(id);
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            RUNC,
+            "--mount",
+            &mount,
+            &image,
+            &c,
+            "/opt/janus/bin/janus",
+            cmd,
+            "--host-root",
+            "/host",
+            "--node-root",
+            root,
+            "--restart",
+            "none",
+            "--node",
+            "",
+        ];
+        let o = ctd.ctr_timeout(&args, Duration::from_secs(120));
+        assert!(
+            o.success(),
+            "janus {cmd} in the installer image: {o}\n{}",
+            ctd.log_tail(20)
+        );
+    };
+    run("install", "inst");
+    for p in [
+        "usr/local/bin/containerd-shim-janus-v2",
+        "usr/local/bin/janus",
+        "usr/share/janus/guest/initramfs.cpio",
+        "etc/janus/vm.toml",
+        "var/lib/janus/install/manifest.json",
+    ] {
+        assert!(node.path().join(p).exists(), "{p} not installed");
+    }
+    let cfg = read(&node.path().join("etc/containerd/config.toml"));
+    assert!(
+        cfg.contains("janus-vm") && cfg.contains("example.com/pause:9"),
+        "{cfg}"
+    );
+    // The image carries the shim as built.
+    let installed = node.path().join("usr/local/bin/containerd-shim-janus-v2");
+    assert!(std::fs::read(installed).unwrap() == std::fs::read(&shim).unwrap());
+    run("uninstall", "uninst");
+    assert_eq!(tree(node.path()), before, "the node is not as it was");
+}
+
+const RUNC: &str = "io.containerd.runc.v2";
