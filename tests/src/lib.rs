@@ -99,6 +99,42 @@ pub fn containerd_major() -> u32 {
     })
 }
 
+/// containerd 2.x's binary for tests that need one next to the system's 1.6:
+/// `$JANUS_CONTAINERD2_ROOT`, else where `hack/lib.sh`'s `ensure_containerd sid` extracts it.
+pub fn containerd2_binary() -> Option<PathBuf> {
+    let root = std::env::var_os("JANUS_CONTAINERD2_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/janus/containerd/sid/root"));
+    let bin = root.join("usr/bin/containerd");
+    bin.is_file().then_some(bin)
+}
+
+/// Every path under `root` with its bytes (a link: its target; a directory: nothing), sorted:
+/// compare a node before and after.
+pub fn file_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            let bytes = if ft.is_symlink() {
+                fs::read_link(&p).unwrap().into_os_string().into_vec()
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                Vec::new()
+            } else {
+                fs::read(&p).unwrap()
+            };
+            out.push((rel, bytes));
+        }
+    }
+    out.sort();
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests that cannot run here
 
@@ -114,6 +150,12 @@ pub enum Prereq {
     Kvm,
     /// containerd 2.x (Debian sid's, fetched by hack/test.sh).
     Containerd2,
+    /// containerd 1.x as the system's (Debian 12's).
+    Containerd1,
+    /// The VM guest image (hack/build-guest.sh).
+    GuestImage,
+    /// kind and a container engine (the live e2e cluster).
+    Kind,
     /// systemd and dbus for the systemd node container.
     Systemd,
     /// virtiofsd.
@@ -131,6 +173,9 @@ impl Prereq {
             Prereq::NoVmx => "no-vmx",
             Prereq::Kvm => "kvm",
             Prereq::Containerd2 => "containerd2",
+            Prereq::Containerd1 => "containerd1",
+            Prereq::GuestImage => "guest-image",
+            Prereq::Kind => "kind",
             Prereq::Systemd => "systemd",
             Prereq::Virtiofsd => "virtiofsd",
             Prereq::CgroupV1 => "cgroup-v1",

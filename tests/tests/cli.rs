@@ -329,7 +329,12 @@ fn check_reads_containerd_handlers_1_6() {
     let version = Command::new(containerd).arg("--version").output();
     let version = version.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     if !version.as_deref().is_ok_and(|v| v.contains(" 1.")) {
-        println!("NOT RUN: check_reads_containerd_handlers_1_6: /usr/bin/containerd is not 1.x: {version:?}");
+        janus_tests::not_run(
+            "check_reads_containerd_handlers_1_6",
+            janus_tests::Prereq::Containerd1,
+            &format!("/usr/bin/containerd is not 1.x: {version:?}"),
+            false,
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -385,24 +390,17 @@ fn check_reads_containerd_handlers_1_6() {
     );
 }
 
-/// containerd 2.x's binary: `$JANUS_CONTAINERD2_ROOT`, else where `hack/lib.sh`'s
-/// `ensure_containerd sid` extracts it.
-fn containerd2() -> Option<PathBuf> {
-    let root = std::env::var_os("JANUS_CONTAINERD2_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/janus/containerd/sid/root"));
-    let bin = root.join("usr/bin/containerd");
-    bin.is_file().then_some(bin)
-}
-
 /// containerd 2.1 reading a config that imports deploy/containerd/janus-v3.toml: both handlers
 /// ok; without it both fail, the fix naming the v3 drop-in; `sandboxer = "shim"` fails.
 #[test]
 fn check_reads_containerd_handlers_2_1() {
-    let Some(containerd) = containerd2() else {
-        println!(
-            "NOT RUN: check_reads_containerd_handlers_2_1: no containerd 2.x (hack/test.sh \
-             fetches Debian sid's with `ensure_containerd sid`; or set JANUS_CONTAINERD2_ROOT)"
+    let Some(containerd) = janus_tests::containerd2_binary() else {
+        janus_tests::not_run(
+            "check_reads_containerd_handlers_2_1",
+            janus_tests::Prereq::Containerd2,
+            "no containerd 2.x (hack/test.sh fetches Debian sid's with `ensure_containerd sid`; \
+             or set JANUS_CONTAINERD2_ROOT)",
+            false,
         );
         return;
     };
@@ -482,9 +480,11 @@ fn check_uses_the_configs_guest_image() {
     );
     let guest = workspace_root().join("target/guest");
     if !guest.join("initramfs.cpio").is_file() {
-        println!(
-            "NOT RUN: check_uses_the_configs_guest_image, the image found: no {}",
-            guest.display()
+        janus_tests::not_run(
+            "check_uses_the_configs_guest_image",
+            janus_tests::Prereq::GuestImage,
+            &format!("its second half (the image found): no {}", guest.display()),
+            true,
         );
         return;
     }

@@ -1797,35 +1797,6 @@ fn installer_payload(dir: &std::path::Path) -> std::path::PathBuf {
     dir.to_path_buf()
 }
 
-/// Every path under `root` with its bytes (links as their target), to compare a node before
-/// and after.
-fn tree(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            let ft = e.file_type().unwrap();
-            let bytes = if ft.is_symlink() {
-                std::fs::read_link(&p)
-                    .unwrap()
-                    .display()
-                    .to_string()
-                    .into_bytes()
-            } else if ft.is_dir() {
-                stack.push(p.clone());
-                Vec::new()
-            } else {
-                std::fs::read(&p).unwrap()
-            };
-            out.push((rel, bytes));
-        }
-    }
-    out.sort();
-    out
-}
-
 /// `janus install` on a node (a directory standing for its root; the containerd under test
 /// reads its config from it): twice in a row (the same result), both handlers run pods through
 /// CRI with what it installed (namespace mode on the host's kernel, VM mode on the guest's),
@@ -1865,11 +1836,15 @@ fn installer_round_trip() {
     let prepare = {
         let (before, run) = (before.clone(), run.clone());
         janus_tests::Prepare(std::sync::Arc::new(move |root: &std::path::Path| {
-            *before.lock().unwrap() = tree(root);
+            *before.lock().unwrap() = janus_tests::file_tree(root);
             run("install", root);
-            let once = tree(root);
+            let once = janus_tests::file_tree(root);
             run("install", root);
-            assert_eq!(tree(root), once, "a second install changed the node");
+            assert_eq!(
+                janus_tests::file_tree(root),
+                once,
+                "a second install changed the node"
+            );
             assert_ne!(once, *before.lock().unwrap(), "install changed nothing");
             Ok(())
         }))
@@ -1900,7 +1875,7 @@ fn installer_round_trip() {
     drop(c);
     run("uninstall", node.path());
     assert_eq!(
-        tree(node.path()),
+        janus_tests::file_tree(node.path()),
         *before.lock().unwrap(),
         "uninstall left the node changed"
     );

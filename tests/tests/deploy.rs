@@ -163,21 +163,11 @@ fn containerd_dropin_defines_janus_handler() {
     );
 }
 
-/// containerd 2.x's root: `$JANUS_CONTAINERD2_ROOT`, else where `hack/lib.sh`'s
-/// `ensure_containerd sid` extracts it.
-fn containerd2() -> Option<PathBuf> {
-    let root = std::env::var_os("JANUS_CONTAINERD2_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/janus/containerd/sid/root"));
-    let bin = root.join("usr/bin/containerd");
-    bin.is_file().then_some(bin)
-}
-
 /// The v3 drop-in adds the two handlers and nothing else: 2.x merges imports key by key, so
 /// the node's own CRI settings (here a pause image and the default runtime) survive.
 #[test]
 fn containerd2_dropin_adds_only_the_handlers() {
-    let Some(containerd) = containerd2() else {
+    let Some(containerd) = janus_tests::containerd2_binary() else {
         janus_tests::not_run(
             "containerd2_dropin_adds_only_the_handlers",
             janus_tests::Prereq::Containerd2,
@@ -535,31 +525,23 @@ fn kind_e2e_without_kind_is_not_run() {
     assert!(!o.success() && o.stdout.starts_with("NOT RUN: "), "{o}");
 }
 
-/// Every path under `root` with its bytes (a symlink: its target; a directory: empty).
-fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            let ft = e.file_type().unwrap();
-            let bytes = if ft.is_symlink() {
-                {
-                    use std::os::unix::ffi::OsStringExt;
-                    std::fs::read_link(&p).unwrap().into_os_string().into_vec()
-                }
-            } else if ft.is_dir() {
-                stack.push(p.clone());
-                Vec::new()
-            } else {
-                std::fs::read(&p).unwrap()
-            };
-            out.push((rel, bytes));
-        }
+/// The live kind cluster: hack/kind-e2e.sh end to end where kind and a container engine are
+/// there; elsewhere (this CI machine) counted as not run, by name.
+#[test]
+fn kind_e2e_live() {
+    let mut cmd = Command::new(kind_e2e());
+    cmd.env_remove("JANUS_REQUIRE");
+    let o = run_with_timeout(cmd, None, Duration::from_secs(1800)).unwrap();
+    if let Some(reason) = o.stdout.strip_prefix("NOT RUN: ") {
+        janus_tests::not_run(
+            "kind_e2e_live",
+            janus_tests::Prereq::Kind,
+            reason.trim(),
+            false,
+        );
+        return;
     }
-    out.sort();
-    out
+    assert!(o.success(), "{o}");
 }
 
 /// A fake node: a root with a containerd 1.x config of its own.
@@ -595,7 +577,7 @@ fn install_stay_uninstalls_on_sigterm() {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(src, to).unwrap();
     }
-    let before = tree(node.path());
+    let before = janus_tests::file_tree(node.path());
     let mut cmd = Command::new(&janus);
     cmd.args(["install", "--stay", "--host-root"])
         .arg(node.path())
@@ -624,7 +606,11 @@ fn install_stay_uninstalls_on_sigterm() {
     .unwrap();
     let o = bg.wait(Duration::from_secs(30)).unwrap();
     assert!(o.success(), "{o}");
-    assert_eq!(tree(node.path()), before, "the node is not as it was");
+    assert_eq!(
+        janus_tests::file_tree(node.path()),
+        before,
+        "the node is not as it was"
+    );
 }
 
 /// The installer image (hack/build-installer.sh), imported into a private containerd by its
@@ -637,9 +623,14 @@ fn installer_image_installs_and_uninstalls() {
         .iter()
         .any(|k| guest.join(k).is_file());
     if !kernel || !guest.join("initramfs.cpio").is_file() {
-        println!(
-            "NOT RUN: no guest image in {} (hack/build-guest.sh, or set JANUS_GUEST_DIR)",
-            guest.display()
+        janus_tests::not_run(
+            "installer_image_installs_and_uninstalls",
+            janus_tests::Prereq::GuestImage,
+            &format!(
+                "no guest image in {} (hack/build-guest.sh, or set JANUS_GUEST_DIR)",
+                guest.display()
+            ),
+            false,
         );
         return;
     }
@@ -664,7 +655,7 @@ fn installer_image_installs_and_uninstalls() {
     assert!(ls.lines().any(|l| l.trim() == image), "{ls}");
 
     let node = fake_node();
-    let before = tree(node.path());
+    let before = janus_tests::file_tree(node.path());
     let root = node.path().to_str().unwrap();
     let mount = format!("type=bind,src={root},dst=/host,options=rbind:rw");
     let run = |cmd: &str, id: &str| {
@@ -715,7 +706,11 @@ fn installer_image_installs_and_uninstalls() {
     let installed = node.path().join("usr/local/bin/containerd-shim-janus-v2");
     assert!(std::fs::read(installed).unwrap() == std::fs::read(&shim).unwrap());
     run("uninstall", "uninst");
-    assert_eq!(tree(node.path()), before, "the node is not as it was");
+    assert_eq!(
+        janus_tests::file_tree(node.path()),
+        before,
+        "the node is not as it was"
+    );
 }
 
 const RUNC: &str = "io.containerd.runc.v2";
