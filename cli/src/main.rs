@@ -3,6 +3,7 @@
 mod check;
 mod install;
 mod stay;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +14,8 @@ usage: janus check [--config FILE] [--containerd-config FILE] [--containerd BIN]
        janus install [--host-root DIR] [--node-root DIR] [--from DIR] [--containerd-config FILE]
                      [--containerd-major N] [--restart CMD|none] [--node NAME] [--stay]
        janus uninstall (the same options but --stay)
+       janus vm list [--run-dir DIR]
+       janus vm console VM [--tail N] [--run-dir DIR]
        janus version
        janus help
 
@@ -21,6 +24,8 @@ usage: janus check [--config FILE] [--containerd-config FILE] [--containerd BIN]
              /host); every file it makes or replaces is recorded
              --stay: then wait for SIGTERM or SIGINT and uninstall (the DaemonSet's way)
   uninstall  take it off again: the node byte for byte as before install
+  vm list    the VMs the shim runs here (name = the container that booted it, VMM pid, console)
+  vm console what a VM's guest printed (kernel, agent); VM = its name or work directory
   check   report what this node needs for Janus and whether it is there: one line per
           check ([ok  ], [warn], [FAIL] with the fix); exit code 1 when a check fails
     --config FILE             node default Janus config (default /etc/janus/config.toml),
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
             Some(o) => report(cmd, run_install(cmd, &o)),
             None => usage(),
         },
+        "vm" => vm_command(&args[1..]),
         "-v" | "--version" | "version" => {
             println!("janus {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -156,6 +162,33 @@ fn install_opts(args: &[String]) -> Option<InstallOpts> {
         payload,
         stay,
     })
+}
+
+/// `janus vm list|console ...`.
+fn vm_command(args: &[String]) -> ExitCode {
+    let (mut which, mut tail, mut run_dir) = (None, None, None);
+    let Some(sub) = args.first() else {
+        return usage();
+    };
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), which.is_none()) {
+            ("--tail", _) => match it.next().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => tail = Some(n),
+                None => return usage(),
+            },
+            ("--run-dir", _) => run_dir = it.next(),
+            ("-h" | "--help", _) => return help(),
+            (v, true) if !v.starts_with('-') => which = Some(v.to_string()),
+            _ => return usage(),
+        }
+    }
+    let base = vm::run_dir(run_dir);
+    match (sub.as_str(), which) {
+        ("list", None) => vm::list(&base),
+        ("console", Some(w)) => vm::console(&base, &w, tail),
+        _ => usage(),
+    }
 }
 
 #[cfg(test)]

@@ -489,6 +489,44 @@ cases!(janus_vm, JANUS_VM;);
 mod janus_vm_only {
     use super::*;
 
+    /// `janus vm list` shows a running VM under the container's name with its console log;
+    /// `janus vm console NAME --tail N` prints that log's last lines (what the guest printed).
+    #[test]
+    fn janus_vm_list_and_console() {
+        let ctd = Containerd::for_runtime(JANUS_VM);
+        let c = ctd.container("vmlist");
+        ctd.run_detached(JANUS_VM, &[], &c, &["sleep", "1000"]);
+        ctd.wait_status(&c, "RUNNING", secs(60));
+        let janus = janus_tests::shim_binary().unwrap().with_file_name("janus");
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(&janus)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "janus {args:?}: {o:?}");
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let list = run(&["vm", "list"]);
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(&format!("{}  running (VMM pid ", c.id())))
+            .unwrap_or_else(|| panic!("{} not listed as running:\n{list}", c.id()));
+        let log = line.rsplit("console: ").next().unwrap();
+        let text = std::fs::read_to_string(log).unwrap();
+        let want: Vec<&str> = text.lines().collect();
+        assert!(!want.is_empty(), "{log} is empty");
+        let n = want.len().min(5);
+        let got = run(&["vm", "console", c.id(), "--tail", &n.to_string()]);
+        assert_eq!(
+            got.lines().collect::<Vec<_>>(),
+            want[want.len() - n..],
+            "{log}"
+        );
+        ctd.force_remove(&c);
+        let after = run(&["vm", "list"]);
+        assert!(!after.contains(&format!("{}  running", c.id())), "{after}");
+    }
+
     /// The container runs on the guest kernel, not the host's.
     #[test]
     fn uname_is_the_guest_kernel() {

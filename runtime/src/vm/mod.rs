@@ -47,7 +47,7 @@ pub use process::record_reaped;
 pub use protocols::AgentClient;
 pub use stdio::StdioPlane;
 pub use vmm_process::ProcessVm;
-pub use workdir::{cleanup_work_dir, VmmFiles, WorkDir};
+pub use workdir::{cleanup_work_dir, find_vms, FoundVm, VmmFiles, WorkDir, RUN_DIR};
 
 /// Name of the guest's virtio-serial port that carries the agent's ttrpc API.
 pub const AGENT_PORT: &str = "janus.agent";

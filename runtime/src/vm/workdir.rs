@@ -93,20 +93,79 @@ pub fn cleanup_work_dir(dir: &Path) -> Result<bool> {
     Ok(killed)
 }
 
-/// SIGKILLs the process recorded in `pidfile` if its command line names the pidfile.
-fn kill_recorded(pidfile: &Path) -> bool {
-    let Some(pid) = fs::read_to_string(pidfile)
+/// The running process `pidfile` records, if its command line names the pidfile (a recycled
+/// pid does not), with that command line's arguments.
+fn recorded(pidfile: &Path) -> Option<(i32, Vec<String>)> {
+    let pid = fs::read_to_string(pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|p| *p > 0)
-    else {
-        return false;
-    };
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        .filter(|p| *p > 0)?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let needle = pidfile.as_os_str().as_bytes();
     if !cmdline.windows(needle.len()).any(|w| w == needle) {
-        return false;
+        return None;
     }
+    let args = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some((pid, args))
+}
+
+/// Where the shim keeps its VMs' work directories (`janus vm` reads them).
+pub const RUN_DIR: &str = "/run/janus/vm";
+
+/// A VM's work directory as found on the host.
+#[derive(Debug, Clone)]
+pub struct FoundVm {
+    pub dir: PathBuf,
+    /// The VMM's pid, if it still runs.
+    pub vmm_pid: Option<i32>,
+    /// The name on its command line (the container that booted it).
+    pub name: Option<String>,
+    pub console_log: PathBuf,
+}
+
+/// The VM work directories under `base` ([`RUN_DIR`] for the shim's), sorted by path.
+pub fn find_vms(base: &Path) -> Vec<FoundVm> {
+    let mut found: Vec<FoundVm> = fs::read_dir(base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| {
+            let dir = e.path();
+            let running = fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|f| {
+                    f.file_name()
+                        .as_bytes()
+                        .ends_with(PIDFILE_SUFFIX.as_bytes())
+                })
+                .find_map(|f| recorded(&f.path()));
+            let name = running.as_ref().and_then(|(_, args)| {
+                let i = args.iter().position(|a| a == "-name" || a == "--name")?;
+                args.get(i + 1).cloned()
+            });
+            FoundVm {
+                console_log: dir.join(CONSOLE_LOG),
+                vmm_pid: running.map(|(pid, _)| pid),
+                name,
+                dir,
+            }
+        })
+        .collect();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    found
+}
+
+/// SIGKILLs the process recorded in `pidfile` if its command line names the pidfile.
+fn kill_recorded(pidfile: &Path) -> bool {
+    let Some((pid, _)) = recorded(pidfile) else {
+        return false;
+    };
     log::warn!("vm: killing leftover VMM {pid} of {}", pidfile.display());
     match kill(Pid::from_raw(pid), Signal::SIGKILL) {
         Ok(()) => {}
@@ -225,6 +284,21 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         child
+    }
+
+    #[test]
+    fn find_vms_reads_work_dirs() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("k8s.io_abc");
+        std::fs::create_dir(&dir).unwrap();
+        // A pidfile whose process is not a VMM naming it: not running.
+        std::fs::write(dir.join("qemu.pid"), std::process::id().to_string()).unwrap();
+        let found = find_vms(base.path());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].dir, dir);
+        assert_eq!(found[0].vmm_pid, None);
+        assert_eq!(found[0].console_log, dir.join(CONSOLE_LOG));
+        assert!(find_vms(&base.path().join("none")).is_empty());
     }
 
     #[test]

@@ -495,7 +495,7 @@ pub fn cleanup_leftovers(bundle: &Path) {
 /// `/run/janus/vm/<namespace>_<id>`, or a hash of the bundle path for names that are long
 /// or unusual.
 pub fn vm_work_dir(ns: &str, id: &str, bundle: &Path) -> PathBuf {
-    let base = Path::new("/run/janus/vm");
+    let base = Path::new(runtime::vm::RUN_DIR);
     let name = format!("{ns}_{id}");
     let plain = name
         .chars()
