@@ -142,6 +142,10 @@ else
 	skip "vmm linux parity" "guest image build failed"
 fi
 
+# Fuzzing smoke: every target in fuzz/ for a few seconds from its checked-in corpus (a crash
+# fails the step; hack/fuzz.sh SECONDS runs them longer).
+step "fuzz (smoke)" bash hack/fuzz.sh "${JANUS_FUZZ_SECONDS:-10}"
+
 # VM mode: the QEMU driver tests, booting the guest for real (TCG here, KVM where the CPU has
 # vmx/svm).
 if [ "$GUEST_OK" = 1 ]; then
