@@ -2,7 +2,8 @@
 # Full check of the workspace, as CI runs it (root, Debian 12):
 #   deps -> release build -> fmt -> clippy -> unit tests -> images -> integration tests
 #   (ctr suite, CRI suite, deploy/ checks: all of `cargo test -p janus-tests`), against the
-#   system's containerd 1.6, then Debian sid's 2.1 (all suites) and trixie's 1.7 (a set).
+#   system's containerd 1.6, then Debian sid's 2.1 (all suites) and trixie's 1.7 (a set)
+#   -> soak (short: hack/soak.sh --short).
 # Every step runs (unless what it needs failed); the script ends with a summary and exits
 # non-zero if any step failed.
 #
@@ -132,6 +133,16 @@ else
 	skip "builtin driver (ctr)" "release build or test images failed"
 	skip "containerd 2.1" "release build or test images failed"
 	skip "containerd 1.7" "release build or test images failed"
+fi
+
+# Soak (short): 50 namespace-mode and 3 VM-mode create/run/delete cycles through a private
+# containerd, 4 at once, then an inventory (processes, mounts, cgroups, netns, taps, /run/janus,
+# containerd's fds) that must not have changed, and a long-lived shim's PSS (hack/soak.sh; the
+# full run is `hack/soak.sh` without --short).
+if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ] && [ "$GUEST_OK" = 1 ]; then
+	step "soak (short)" timeout --kill-after=30 900 "$HERE/soak.sh" --short
+else
+	skip "soak (short)" "release build, test images or guest image failed"
 fi
 
 # Our VMM against QEMU on Debian's kernel (slow: two boots of a few minutes each under this

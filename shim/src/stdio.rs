@@ -114,7 +114,32 @@ fn open_null() -> Result<OwnedFd> {
 }
 
 /// Opens a FIFO for writing without blocking on a reader: O_RDWR never waits.
+/// Opens an output FIFO for the process: read-write (the process never gets EPIPE once the
+/// client has gone), but only after the client's reader has the FIFO open. A FIFO's buffer
+/// lives only while someone has it open: a process that wrote and exited (and the shim that
+/// closed its copy) before the reader's open would take its output with it (`ctr tasks exec
+/// ... echo ok` printed nothing, about 1 exec in 100 with 4 at once). Waits up to 10s for the
+/// reader (ENXIO from a non-blocking write-only open means none yet), then opens anyway.
 fn open_out_fifo(path: &str) -> Result<OwnedFd> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _reader_present = loop {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => break Some(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if std::time::Instant::now() >= deadline {
+                    log::warn!("stdio fifo {path}: no reader after 10s, opening it anyway");
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Not a FIFO or not there: the open below says why.
+            Err(_) => break None,
+        }
+    };
     Ok(OpenOptions::new()
         .read(true)
         .write(true)
