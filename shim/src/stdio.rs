@@ -113,7 +113,6 @@ fn open_null() -> Result<OwnedFd> {
         .into())
 }
 
-/// Opens a FIFO for writing without blocking on a reader: O_RDWR never waits.
 /// Opens an output FIFO for the process: read-write (the process never gets EPIPE once the
 /// client has gone), but only after the client's reader has the FIFO open. A FIFO's buffer
 /// lives only while someone has it open: a process that wrote and exited (and the shim that
