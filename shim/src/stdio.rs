@@ -113,38 +113,61 @@ fn open_null() -> Result<OwnedFd> {
         .into())
 }
 
+/// An `O_PATH` handle on a FIFO: the FIFO can be reopened through it (`/proc/self/fd/N`)
+/// with any access, even after its path was unlinked or replaced.
+fn fifo_handle(path: &str) -> std::io::Result<Arc<OwnedFd>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    Ok(Arc::new(f.into()))
+}
+
+/// Opens the FIFO behind `handle` with `flags` (no O_CLOEXEC needed: std sets it).
+fn reopen(handle: &OwnedFd, read: bool, write: bool, flags: i32) -> std::io::Result<OwnedFd> {
+    let p = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let f = OpenOptions::new()
+        .read(read)
+        .write(write)
+        .custom_flags(flags)
+        .open(p)?;
+    Ok(f.into())
+}
+
+/// Ends a blocking open of the FIFO behind `handle`, pending or about to start: while a
+/// read-write descriptor is held, both ends have a partner, so such an open returns at
+/// once. The caller holds the returned descriptor until the opener has returned.
+fn unblock(handle: &OwnedFd) -> Option<OwnedFd> {
+    // O_RDWR on a FIFO never blocks (Linux): it is a reader and a writer at once.
+    reopen(handle, true, true, 0).ok()
+}
+
 /// Opens an output FIFO for the process: read-write (the process never gets EPIPE once the
 /// client has gone), but only after the client's reader has the FIFO open. A FIFO's buffer
 /// lives only while someone has it open: a process that wrote and exited (and the shim that
 /// closed its copy) before the reader's open would take its output with it (`ctr tasks exec
-/// ... echo ok` printed nothing, about 1 exec in 100 with 4 at once). Waits up to 10s for the
-/// reader (ENXIO from a non-blocking write-only open means none yet), then opens anyway.
+/// ... echo ok` printed nothing, about 1 exec in 100 with 4 at once). A blocking write-only
+/// open waits for the reader; after 10s without one the FIFO is opened anyway.
 fn open_out_fifo(path: &str) -> Result<OwnedFd> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let _reader_present = loop {
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(f) => break Some(f),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                if std::time::Instant::now() >= deadline {
-                    log::warn!("stdio fifo {path}: no reader after 10s, opening it anyway");
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            // Not a FIFO or not there: the open below says why.
-            Err(_) => break None,
-        }
-    };
-    Ok(OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| io_err("open stdio fifo", path, e))?
-        .into())
+    let rw = |h: &OwnedFd| reopen(h, true, true, 0).map_err(|e| io_err("open stdio fifo", path, e));
+    // Not a FIFO, or not there: the open says why.
+    let handle = fifo_handle(path).map_err(|e| io_err("open stdio fifo", path, e))?;
+    // The usual case: the reader is already there (ENXIO from a non-blocking write-only
+    // open means it is not).
+    if let Ok(_reader_present) = reopen(&handle, false, true, libc::O_NONBLOCK) {
+        return rw(&handle);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = handle.clone();
+    let opener = std::thread::spawn(move || {
+        let _ = tx.send(reopen(&h, false, true, 0));
+    });
+    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        log::warn!("stdio fifo {path}: no reader after 10s, opening it anyway");
+        let _partner = unblock(&handle);
+        let _ = opener.join();
+    }
+    rw(&handle)
 }
 
 fn open_file(path: &str) -> Result<OwnedFd> {
@@ -273,41 +296,55 @@ fn open_target(t: &Target) -> Result<OwnedFd> {
 pub fn copy_stdin(path: String, pipe_w: OwnedFd) -> tokio::sync::oneshot::Sender<()> {
     let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let p = path.clone();
-        // Opening a FIFO for reading blocks until a writer appears: that is the point.
-        let mut open = tokio::task::spawn_blocking(move || {
-            OpenOptions::new().read(true).open(&p).map(OwnedFd::from)
-        });
+        let Ok(handle) = fifo_handle(&path) else {
+            return;
+        };
+        // Opening a FIFO for reading blocks until a writer appears: that is the point (the
+        // process must not see EOF before containerd's writer came and went).
+        let h = handle.clone();
+        let mut open = tokio::task::spawn_blocking(move || reopen(&h, true, false, 0));
         let reader = tokio::select! {
             r = &mut open => r,
             _ = &mut rx => {
-                // Unblock the pending open so its thread ends too.
-                let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path);
+                // The client may never open its end (it gave up, or already came and
+                // went): end the open, whether it is pending or not yet started, so no
+                // thread is left blocked in it (they used to pile up until the blocking
+                // pool was exhausted and the shim wedged).
+                let _partner = unblock(&handle);
+                let _ = open.await;
                 return;
             }
         };
         let Ok(Ok(reader)) = reader else { return };
-        let (Ok(reader), Ok(writer)) = (aio::register(reader), aio::register(pipe_w)) else {
-            return;
+        copy_until_closed(reader, pipe_w, rx).await;
+    });
+    tx
+}
+
+async fn copy_until_closed(
+    reader: OwnedFd,
+    pipe_w: OwnedFd,
+    mut rx: tokio::sync::oneshot::Receiver<()>,
+) {
+    let (Ok(reader), Ok(writer)) = (aio::register(reader), aio::register(pipe_w)) else {
+        return;
+    };
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = aio::read(&reader, &mut buf) => r,
+            _ = &mut rx => break,
         };
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let n = tokio::select! {
-                r = aio::read(&reader, &mut buf) => r,
-                _ = &mut rx => break,
-            };
-            match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    tokio::select! {
-                        r = aio::write_all(&writer, &buf[..n]) => if r.is_err() { break },
-                        _ = &mut rx => break,
-                    }
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tokio::select! {
+                    r = aio::write_all(&writer, &buf[..n]) => if r.is_err() { break },
+                    _ = &mut rx => break,
                 }
             }
         }
-    });
-    tx
+    }
 }
 
 /// A running terminal copy: the master (for resizes) and completion.
@@ -446,5 +483,45 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(s, "xyz");
+    }
+
+    /// A stdin copy ended before its open ran (the process exited, the client never
+    /// opened its end) must not leave a thread blocked in that open: with one blocking
+    /// thread, the next blocking job still runs.
+    #[test]
+    fn cancelled_stdin_copy_leaves_no_blocked_open() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let next_ran = rt.block_on(async {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("stdin");
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+            // Hold the only blocking thread so the copy's open is queued, not started.
+            let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || gate_rx.recv());
+            let (_r, w) = pipe().unwrap();
+            let close = copy_stdin(p.display().to_string(), w);
+            drop(close);
+            // Let the copy task run up to its cancellation while its open is queued.
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            gate_tx.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            let next = tokio::task::spawn_blocking(|| 42);
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), next).await,
+                Ok(Ok(42))
+            )
+        });
+        // A thread stuck in the open would also hold up a plain drop of the runtime.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        assert!(
+            next_ran,
+            "a cancelled stdin open still holds the blocking thread"
+        );
     }
 }
