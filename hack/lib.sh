@@ -82,6 +82,9 @@ ensure_base_deps() {
 	# The systemd-managed node of the cgroup tests (tests/systemd-node.sh): systemd as a
 	# container's PID 1 with dbus (never the host's init).
 	ensure_apt systemd dbus
+	# kubectl validates deploy/'s manifests offline against a fake API server
+	# (tests/tests/deploy.rs); Debian's kubectl where the machine has none of its own.
+	command -v kubectl >/dev/null || ensure_apt kubernetes-client
 }
 
 # Packages needed to build the workspace.

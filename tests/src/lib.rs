@@ -164,6 +164,8 @@ pub enum Prereq {
     CgroupV1,
     /// The host runs cgroup v2.
     CgroupV2,
+    /// kubectl (the offline validation of deploy/'s manifests).
+    Kubectl,
 }
 
 impl Prereq {
@@ -180,6 +182,7 @@ impl Prereq {
             Prereq::Virtiofsd => "virtiofsd",
             Prereq::CgroupV1 => "cgroup-v1",
             Prereq::CgroupV2 => "cgroup-v2",
+            Prereq::Kubectl => "kubectl",
         }
     }
 }
