@@ -541,22 +541,38 @@ async fn vm_container_exec_signals_stats_pause_update_oom() {
     assert_eq!(g.stats("c").await.memory_limit, 96 << 20);
 
     // Pause: the tick file (on the shared rootfs) stops; resume: it moves again.
-    let read_tick = || {
-        std::fs::read_to_string(&tick)
-            .unwrap_or_default()
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0)
+    // A missing file fails the test: it must not read as "no progress". Empty (the shell
+    // truncates, then writes) reads as None.
+    let read_tick = || -> Option<u64> {
+        let s = std::fs::read_to_string(&tick).expect("tick file");
+        s.trim().parse().ok()
     };
+    // Ticking before the pause (every 0.1 s), so a standstill below means something.
+    let t = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not ticking: {seen:?}"
+        );
+        seen.extend(read_tick());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Pause returns once the freezer reports FROZEN: nothing runs after it.
     g.c.pause(ctx(), &creq("c")).await.expect("Pause");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let a = read_tick();
+    // The observation window (15 ticks' worth), not a synchronisation.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let b = read_tick();
     assert_eq!(a, b, "ticks went on while paused");
     g.c.resume(ctx(), &creq("c")).await.expect("Resume");
     let t = Instant::now();
-    while read_tick() <= b {
+    let moved = |v: Option<u64>| match (v, b) {
+        (Some(v), Some(b)) => v > b,
+        (v, None) => v.is_some(),
+        (None, Some(_)) => false,
+    };
+    while !moved(read_tick()) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "no ticks after resume"

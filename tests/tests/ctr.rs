@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use janus_tests::{cgroup_dir, cgroup_v2_only, Containerd, JANUS, JANUS_VM, RUNC};
 
-const SEC: Duration = Duration::from_secs(1);
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -300,23 +299,27 @@ fn metrics(rt: &str) {
             "x=$(head -c 2000000 /dev/zero | tr '\\0' a); sleep 1000",
         ],
     );
-    thread_sleep(SEC / 2);
-    let table = ctd.ctr_ok(&["task", "metrics", &c]);
-    let json = ctd.ctr_ok(&["task", "metrics", "--format", "json", &c]);
-    let v: serde_json::Value =
-        serde_json::from_str(&json).unwrap_or_else(|e| panic!("metrics json: {e}:\n{json}"));
-    let num = |p: &str| v.pointer(p).and_then(|x| x.as_u64());
-    // cgroup v1 (containerd v1.Metrics) or v2 (v2.Metrics) layouts.
-    let mem = num("/memory/usage/usage").or_else(|| num("/memory/usage"));
-    let cpu = num("/cpu/usage/total").or_else(|| num("/cpu/usage_usec"));
-    assert!(
-        mem.unwrap_or(0) > 0,
-        "no memory usage in metrics:\n{json}\n{table}"
-    );
-    assert!(
-        cpu.unwrap_or(0) > 0,
-        "no cpu usage in metrics:\n{json}\n{table}"
-    );
+    // Until the 2 MB string is held and some CPU time is counted (both are read from the
+    // task's cgroup; a missing counter never passes).
+    let t = std::time::Instant::now();
+    let table = loop {
+        let table = ctd.ctr_ok(&["task", "metrics", &c]);
+        let json = ctd.ctr_ok(&["task", "metrics", "--format", "json", &c]);
+        let v: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("metrics json: {e}:\n{json}"));
+        let num = |p: &str| v.pointer(p).and_then(|x| x.as_u64());
+        // cgroup v1 (containerd v1.Metrics) or v2 (v2.Metrics) layouts.
+        let mem = num("/memory/usage/usage").or_else(|| num("/memory/usage"));
+        let cpu = num("/cpu/usage/total").or_else(|| num("/cpu/usage_usec"));
+        if mem.is_some_and(|m| m >= 2_000_000) && cpu.is_some_and(|c| c > 0) {
+            break table;
+        }
+        assert!(
+            t.elapsed() < secs(20),
+            "metrics never showed >= 2 MB memory and non-zero CPU:\n{json}\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         table.contains("memory") && (table.contains("cpuacct.usage") || table.contains("cpu.")),
         "table output:\n{table}"
@@ -432,10 +435,6 @@ fn force_delete_stopped(rt: &str) {
     assert_eq!(ctd.task_status(&c), None, "task still listed");
     ctd.ctr_ok(&["containers", "rm", &c]);
     ctd.assert_no_leaks(&c, secs(10));
-}
-
-fn thread_sleep(d: Duration) {
-    std::thread::sleep(d)
 }
 
 // ---------------------------------------------------------------------------------------------

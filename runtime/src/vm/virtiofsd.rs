@@ -1,6 +1,9 @@
 //! virtiofsd, the vhost-user backend behind the guest's virtio-fs: the one way it is started,
 //! by the shim and by the tests alike, so both run it with the same options.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -18,8 +21,8 @@ pub const SEARCH: &[&str] = &[
     "/usr/local/bin/virtiofsd",
     "/root/.cargo/bin/virtiofsd",
 ];
-/// How long virtiofsd may take to create its socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// The descriptor number virtiofsd gets its listening socket on (`--fd`).
+const LISTEN_FD: i32 = 3;
 
 /// virtiofsd's binary: `configured` (the Janus config's `vm.virtiofsd`), else the first of
 /// [`SEARCH`], else `virtiofsd` on PATH; or [`Error::MissingAsset`] saying how to get it.
@@ -51,6 +54,23 @@ pub fn find(configured: Option<&Path>) -> Result<PathBuf> {
         .chain(on_path)
         .find(|p| p.is_file())
         .ok_or_else(|| missing(PathBuf::from(SEARCH[0])))
+}
+
+/// In a forked child: makes `fd` available as `target`, without close-on-exec.
+fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
+    // SAFETY: plain descriptor syscalls on descriptors of this (child) process.
+    let r = unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            // dup2 leaves the new descriptor without FD_CLOEXEC.
+            libc::dup2(fd, target)
+        }
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What to share and where.
@@ -86,10 +106,10 @@ impl VirtiofsdConfig {
         }
     }
 
-    /// virtiofsd's arguments.
+    /// virtiofsd's arguments: it serves the listening socket it inherits on [`LISTEN_FD`].
     fn args(&self) -> Vec<String> {
         let mut a = vec![
-            format!("--socket-path={}", self.socket.display()),
+            format!("--fd={LISTEN_FD}"),
             "-o".into(),
             format!("source={}", self.source.display()),
             "-o".into(),
@@ -118,21 +138,32 @@ pub struct Virtiofsd {
 }
 
 impl Virtiofsd {
-    /// Starts virtiofsd and returns once its socket exists. A virtiofsd that makes no socket
-    /// within 10 s is killed and reported with its log's path.
+    /// Starts virtiofsd on a socket the caller's VMM can connect to at once: the socket is
+    /// bound and listening before virtiofsd starts (virtiofsd inherits it, `--fd`), so a
+    /// connection waits in its backlog until virtiofsd accepts, and nobody polls for the
+    /// socket to appear. (Both the C daemon and the Rust virtiofsd take `--fd`.)
     pub async fn start(cfg: &VirtiofsdConfig) -> Result<Virtiofsd> {
         let bin = find(cfg.binary.as_deref())?;
         let log =
             std::fs::File::create(&cfg.log).ctx(|| format!("create {}", cfg.log.display()))?;
+        let listener = UnixListener::bind(&cfg.socket)
+            .ctx(|| format!("listen on {}", cfg.socket.display()))?;
         let mut cmd = Command::new(&bin);
         cmd.args(cfg.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        let fd = listener.as_raw_fd();
+        // SAFETY: only async-signal-safe fcntl/dup2 run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || inherit_as(fd, LISTEN_FD));
+        }
         if let Some(cg) = &cfg.cgroup {
             cg.place_child(&mut cmd).map_err(Error::Cgroup)?;
         }
         let child = cmd.spawn().ctx(|| format!("start {}", bin.display()))?;
+        // virtiofsd has its own copy; ours would only keep the socket alive after it exits.
+        drop(listener);
         let vfs = Virtiofsd {
             pid: child.id(),
             child: Some(child),
@@ -141,21 +172,6 @@ impl Virtiofsd {
         if let Some(cg) = &cfg.cgroup {
             // (On error `vfs` is dropped, which kills it.)
             super::vmm_process::enter_cgroup(cg, vfs.pid).await?;
-        }
-        let t = Instant::now();
-        while !cfg.socket.exists() {
-            if t.elapsed() > SOCKET_WAIT {
-                // Dropping `vfs` kills it.
-                return Err(Error::io(
-                    format!(
-                        "virtiofsd did not create {} within {SOCKET_WAIT:?} (see {})",
-                        cfg.socket.display(),
-                        cfg.log.display()
-                    ),
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(vfs)
     }
@@ -219,7 +235,7 @@ mod tests {
         let mut cfg = VirtiofsdConfig::new("/s", "/r/vfs.sock", "/r/log");
         assert_eq!(
             cfg.args().join(" "),
-            "--socket-path=/r/vfs.sock -o source=/s -o cache=none -o sandbox=chroot"
+            "--fd=3 -o source=/s -o cache=none -o sandbox=chroot"
         );
         cfg.debug_log = true;
         assert!(cfg.args().join(" ").ends_with("-o log_level=debug"));
