@@ -14,8 +14,9 @@ same file, unchanged, as kubernetes/swagger.json.unprocessed). It writes, next t
   x-kubernetes-group-version-kind);
 - SOURCE: the second argument.
 
-tests/tests/deploy.rs serves them to kubectl from a fake API server (the OpenAPI document as the
-protobuf that kubectl downloads). Add a kind to KINDS when deploy/ starts using one.
+tests/tests/deploy.rs serves them to kubectl from a fake API server (tests/src/kube_api.rs; the
+OpenAPI document as the protobuf that kubectl downloads). Add a kind to KINDS when deploy/ starts
+using one.
 """
 
 import json

@@ -18,8 +18,12 @@
 //!
 //! [`cri`] adds the CRI variant: containerd's CRI plugin enabled, CNI bridge networking, a local
 //! pause image, and a gRPC CRI client (as kubelet uses it) with the streaming (Exec/Attach) client.
+//! [`kube_api`] and [`kind_config`] serve the offline checks of deploy/ (tests/deploy.rs):
+//! kubectl's validation against a fake API server, and kind's config types.
 
 pub mod cri;
+pub mod kind_config;
+pub mod kube_api;
 pub mod systemd_node;
 
 use std::collections::HashMap;

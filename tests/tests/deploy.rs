@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use janus_tests::{run_with_timeout, workspace_root, Containerd, JANUS, JANUS_VM};
+use janus_tests::kube_api::{kubectl, kubectl_apply_dry_run, schema_kinds, FakeApiServer};
+use janus_tests::{kind_config, run_with_timeout, workspace_root, Containerd, JANUS, JANUS_VM};
 
 fn deploy(p: &str) -> PathBuf {
     workspace_root().join("deploy").join(p)
@@ -488,138 +489,6 @@ fn installer_runtimeclasses() {
     );
 }
 
-/// kind's config API, kind.x-k8s.io/v1alpha4, as kind decodes it: strictly (an unknown field
-/// is an error), into these types. They copy the fields, JSON names and types of
-/// kubernetes-sigs/kind's pkg/apis/config/v1alpha4/types.go (Cluster, Node, Networking,
-/// PatchJSON6902, Mount, PortMapping; as of commit 00b38e3bbfdd20ec214924967fcfa7b5b0f51373).
-#[allow(dead_code)] // read by serde's checks only
-mod kind_v1alpha4 {
-    use std::collections::BTreeMap;
-
-    use serde::Deserialize;
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct Cluster {
-        pub kind: Option<String>,
-        pub api_version: Option<String>,
-        pub name: Option<String>,
-        #[serde(default)]
-        pub nodes: Vec<Node>,
-        pub networking: Option<Networking>,
-        pub feature_gates: Option<BTreeMap<String, bool>>,
-        pub runtime_config: Option<BTreeMap<String, String>>,
-        pub kubeadm_config_patches: Option<Vec<String>>,
-        #[serde(rename = "kubeadmConfigPatchesJSON6902")]
-        pub kubeadm_config_patches_json6902: Option<Vec<PatchJson6902>>,
-        pub containerd_config_patches: Option<Vec<String>>,
-        #[serde(rename = "containerdConfigPatchesJSON6902")]
-        pub containerd_config_patches_json6902: Option<Vec<String>>,
-    }
-
-    #[derive(Deserialize, Debug, PartialEq)]
-    pub enum NodeRole {
-        #[serde(rename = "control-plane")]
-        ControlPlane,
-        #[serde(rename = "worker")]
-        Worker,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct Node {
-        pub role: Option<NodeRole>,
-        pub image: Option<String>,
-        pub labels: Option<BTreeMap<String, String>>,
-        pub extra_mounts: Option<Vec<Mount>>,
-        pub extra_port_mappings: Option<Vec<PortMapping>>,
-        pub gpus: Option<String>,
-        pub kubeadm_config_patches: Option<Vec<String>>,
-        #[serde(rename = "kubeadmConfigPatchesJSON6902")]
-        pub kubeadm_config_patches_json6902: Option<Vec<PatchJson6902>>,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct Networking {
-        pub ip_family: Option<IpFamily>,
-        #[serde(rename = "apiServerPort")]
-        pub api_server_port: Option<i32>,
-        #[serde(rename = "apiServerAddress")]
-        pub api_server_address: Option<String>,
-        pub pod_subnet: Option<String>,
-        pub service_subnet: Option<String>,
-        #[serde(rename = "disableDefaultCNI")]
-        pub disable_default_cni: Option<bool>,
-        pub kube_proxy_mode: Option<ProxyMode>,
-        pub dns_search: Option<Vec<String>>,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(rename_all = "lowercase")]
-    pub enum IpFamily {
-        Ipv4,
-        Ipv6,
-        Dual,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(rename_all = "lowercase")]
-    pub enum ProxyMode {
-        Iptables,
-        Ipvs,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields)]
-    pub struct PatchJson6902 {
-        pub group: String,
-        pub version: String,
-        pub kind: String,
-        pub patch: String,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct Mount {
-        pub container_path: Option<String>,
-        pub host_path: Option<String>,
-        pub read_only: Option<bool>,
-        pub selinux_relabel: Option<bool>,
-        pub propagation: Option<MountPropagation>,
-    }
-
-    #[derive(Deserialize, Debug)]
-    pub enum MountPropagation {
-        None,
-        HostToContainer,
-        Bidirectional,
-    }
-
-    #[derive(Deserialize, Debug)]
-    #[serde(deny_unknown_fields, rename_all = "camelCase")]
-    pub struct PortMapping {
-        pub container_port: Option<i32>,
-        pub host_port: Option<i32>,
-        pub listen_address: Option<String>,
-        pub protocol: Option<Protocol>,
-    }
-
-    #[derive(Deserialize, Debug)]
-    pub enum Protocol {
-        #[serde(rename = "TCP")]
-        Tcp,
-        #[serde(rename = "UDP")]
-        Udp,
-        #[serde(rename = "SCTP")]
-        Sctp,
-    }
-
-    pub fn parse(text: &str) -> Result<Cluster, serde_yaml::Error> {
-        serde_yaml::from_str(text)
-    }
-}
-
 #[test]
 fn kind_cluster_config() {
     let docs = docs_under("kind");
@@ -630,13 +499,13 @@ fn kind_cluster_config() {
     assert!(c.get("containerdConfigPatches").is_none());
     // Decoded as kind decodes it.
     let text = read(&deploy("kind/cluster.yaml"));
-    let cluster = kind_v1alpha4::parse(&text).unwrap_or_else(|e| panic!("kind/cluster.yaml: {e}"));
+    let cluster = kind_config::parse(&text).unwrap_or_else(|e| panic!("kind/cluster.yaml: {e}"));
     assert_eq!(cluster.kind.as_deref(), Some("Cluster"));
     assert_eq!(cluster.name.as_deref(), Some("janus-e2e"));
     assert_eq!(cluster.nodes.len(), 1);
     assert_eq!(
         cluster.nodes[0].role,
-        Some(kind_v1alpha4::NodeRole::ControlPlane)
+        Some(kind_config::NodeRole::ControlPlane)
     );
     // ... which rejects what kind rejects: an unknown field, a role kind does not have, a
     // wrong type.
@@ -663,7 +532,7 @@ fn kind_cluster_config() {
         ),
     ] {
         assert!(text.contains(from), "{from:?}");
-        let e = kind_v1alpha4::parse(&text.replacen(from, to, 1))
+        let e = kind_config::parse(&text.replacen(from, to, 1))
             .expect_err(to)
             .to_string();
         assert!(e.contains(want), "{to:?}: {e}");
@@ -890,293 +759,8 @@ fn installer_image_installs_and_uninstalls() {
 const RUNC: &str = "io.containerd.runc.v2";
 
 // ---------------------------------------------------------------------------------------------
-// kubectl's own validation of every manifest, offline
-//
-// kubectl validates a manifest client-side (`apply --dry-run=client --validate=true`) against
-// the OpenAPI schema that it downloads from the API server, after mapping each object's kind
-// through the server's discovery documents. Here the server is a fake on 127.0.0.1 that serves
-// Kubernetes 1.32's own schema and discovery documents from tests/k8s-schema/ (see its README):
-// /openapi/v2 as the protobuf kubectl asks for, /api, /apis and the group-versions' resource
-// lists; every other request (the GET of each object that `apply` makes, /openapi/v3) is a 404
-// (the object does not exist yet; without OpenAPI v3 kubectl cannot see that the server would
-// check fields itself, so it checks them, against the v2 schema).
-
-fn k8s_schema(p: &str) -> PathBuf {
-    workspace_root().join("tests/k8s-schema").join(p)
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&read(p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// Protocol buffers wire format, for the gnostic `openapi_v2.Document` that kubectl decodes
-/// (github.com/google/gnostic-models, openapiv2/OpenAPIv2.proto: the field numbers below).
-mod pb {
-    use serde_json::Value;
-
-    fn varint(mut n: u64, out: &mut Vec<u8>) {
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
-    /// A length-delimited field (string, bytes, message).
-    fn field(out: &mut Vec<u8>, num: u64, data: &[u8]) {
-        varint(num << 3 | 2, out);
-        varint(data.len() as u64, out);
-        out.extend_from_slice(data);
-    }
-
-    fn string(out: &mut Vec<u8>, num: u64, s: &str) {
-        field(out, num, s.as_bytes());
-    }
-
-    /// Any { string yaml = 2 } (JSON is YAML).
-    fn any(v: &Value) -> Vec<u8> {
-        let mut o = Vec::new();
-        string(&mut o, 2, &v.to_string());
-        o
-    }
-
-    /// NamedSchema / NamedAny { string name = 1; value = 2 }.
-    fn named(name: &str, value: &[u8]) -> Vec<u8> {
-        let mut o = Vec::new();
-        string(&mut o, 1, name);
-        field(&mut o, 2, value);
-        o
-    }
-
-    fn strings(v: &Value) -> Vec<&str> {
-        match v {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(a) => a.iter().map(|s| s.as_str().expect("a string")).collect(),
-            _ => panic!("not a string or strings: {v}"),
-        }
-    }
-
-    /// Schema. Every key of the (trimmed) document is encoded or the encoder refuses: nothing
-    /// of the schema is silently left out.
-    fn schema(s: &Value) -> Vec<u8> {
-        let mut o = Vec::new();
-        let m = s.as_object().unwrap_or_else(|| panic!("schema {s}"));
-        for (k, v) in m {
-            match k.as_str() {
-                "$ref" => string(&mut o, 1, v.as_str().unwrap()),
-                "format" => string(&mut o, 2, v.as_str().unwrap()),
-                "required" => strings(v).iter().for_each(|r| string(&mut o, 19, r)),
-                "additionalProperties" => {
-                    // AdditionalPropertiesItem { oneof { Schema schema = 1; bool boolean = 2 } }
-                    let mut ap = Vec::new();
-                    match v {
-                        Value::Bool(b) => {
-                            varint(2 << 3, &mut ap);
-                            varint(*b as u64, &mut ap);
-                        }
-                        _ => field(&mut ap, 1, &schema(v)),
-                    }
-                    field(&mut o, 21, &ap);
-                }
-                "type" => {
-                    // TypeItem { repeated string value = 1 }
-                    let mut t = Vec::new();
-                    strings(v).iter().for_each(|x| string(&mut t, 1, x));
-                    field(&mut o, 22, &t);
-                }
-                "items" => {
-                    // ItemsItem { repeated Schema schema = 1 }
-                    let mut it = Vec::new();
-                    match v {
-                        Value::Array(a) => a.iter().for_each(|x| field(&mut it, 1, &schema(x))),
-                        _ => field(&mut it, 1, &schema(v)),
-                    }
-                    field(&mut o, 23, &it);
-                }
-                "properties" => {
-                    // Properties { repeated NamedSchema additional_properties = 1 }
-                    let mut p = Vec::new();
-                    for (name, s) in v.as_object().unwrap() {
-                        field(&mut p, 1, &named(name, &schema(s)));
-                    }
-                    field(&mut o, 25, &p);
-                }
-                x if x.starts_with("x-") => field(&mut o, 31, &named(x, &any(v))),
-                x => panic!("schema key {x} has no encoding here: add it"),
-            }
-        }
-        o
-    }
-
-    /// Document { swagger = 1; Info info = 2 { title = 1; version = 2 }; Definitions
-    /// definitions = 9 { repeated NamedSchema additional_properties = 1 } }.
-    pub fn document(d: &Value) -> Vec<u8> {
-        let mut o = Vec::new();
-        string(&mut o, 1, d["swagger"].as_str().unwrap());
-        let mut info = Vec::new();
-        string(&mut info, 1, d["info"]["title"].as_str().unwrap());
-        string(&mut info, 2, d["info"]["version"].as_str().unwrap());
-        field(&mut o, 2, &info);
-        let mut defs = Vec::new();
-        for (name, s) in d["definitions"].as_object().unwrap() {
-            field(&mut defs, 1, &named(name, &schema(s)));
-        }
-        field(&mut o, 9, &defs);
-        o
-    }
-}
-
-/// The fake API server: serves what tests/k8s-schema/ holds, records the paths asked for.
-struct FakeApiServer {
-    addr: std::net::SocketAddr,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl FakeApiServer {
-    fn start() -> FakeApiServer {
-        use std::collections::BTreeMap;
-        use std::io::{Read, Write};
-        // path -> (content type, body)
-        let mut routes: BTreeMap<String, (&'static str, Vec<u8>)> = BTreeMap::new();
-        let json = "application/json";
-        let openapi = read_json(&k8s_schema("swagger.json"));
-        routes.insert(
-            "/openapi/v2".into(),
-            (
-                "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
-                pb::document(&openapi),
-            ),
-        );
-        let mut groups = Vec::new();
-        let mut core = Vec::new();
-        let disc = k8s_schema("discovery");
-        for gv in [
-            "api/v1",
-            "apis/apps/v1",
-            "apis/rbac.authorization.k8s.io/v1",
-            "apis/node.k8s.io/v1",
-        ] {
-            let list = read_json(&disc.join(format!("{gv}.json")));
-            let group_version = list["groupVersion"].as_str().unwrap().to_string();
-            match group_version.split_once('/') {
-                None => core.push(group_version.clone()),
-                Some((g, v)) => {
-                    let ver = serde_json::json!({"groupVersion": group_version, "version": v});
-                    groups.push(
-                        serde_json::json!({"name": g, "versions": [ver], "preferredVersion": ver}),
-                    );
-                }
-            }
-            routes.insert(format!("/{gv}"), (json, list.to_string().into_bytes()));
-        }
-        let api = serde_json::json!({"kind": "APIVersions", "versions": core});
-        routes.insert("/api".into(), (json, api.to_string().into_bytes()));
-        let apis =
-            serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups});
-        routes.insert("/apis".into(), (json, apis.to_string().into_bytes()));
-        let version = serde_json::json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0"});
-        routes.insert("/version".into(), (json, version.to_string().into_bytes()));
-        let routes = std::sync::Arc::new(routes);
-
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = requests.clone();
-        // Lives as long as the test binary: an idle accept() of a loopback socket.
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let (routes, seen) = (routes.clone(), seen.clone());
-                std::thread::spawn(move || {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head);
-                    let target = head.split_whitespace().nth(1).unwrap_or("/");
-                    let path = target.split('?').next().unwrap().trim_end_matches('/');
-                    seen.lock().unwrap().push(path.to_string());
-                    let not_found = serde_json::json!({"kind": "Status", "apiVersion": "v1",
-                        "status": "Failure", "reason": "NotFound", "code": 404})
-                    .to_string()
-                    .into_bytes();
-                    let (status, ctype, body) = match routes.get(path) {
-                        Some((t, b)) => ("200 OK", *t, b.as_slice()),
-                        None => ("404 Not Found", "application/json", not_found.as_slice()),
-                    };
-                    let _ = write!(
-                        conn,
-                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
-                         Connection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = conn.write_all(body);
-                });
-            }
-        });
-        FakeApiServer { addr, requests }
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-/// kubectl, or None (reported not run) where there is none.
-fn kubectl(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("kubectl"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        janus_tests::not_run(
-            test,
-            janus_tests::Prereq::Kubectl,
-            "no kubectl (hack/test.sh installs Debian's kubernetes-client)",
-            false,
-        );
-    }
-    found
-}
-
-/// `kubectl apply --dry-run=client --validate=true -f FILE` against `server`, with a
-/// kubeconfig and caches of its own. `--validate=true` is client-side schema validation in
-/// every kubectl (Debian 12's 1.20 too; `strict` in newer ones).
-fn kubectl_apply_dry_run(kubectl: &Path, server: &FakeApiServer, file: &Path) -> janus_tests::Out {
-    let home = tempfile::tempdir().unwrap();
-    let kubeconfig = home.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
-             current-context: fake\n",
-            server.addr
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(kubectl);
-    cmd.env("HOME", home.path())
-        .env_remove("KUBECONFIG")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--cache-dir")
-        .arg(home.path().join("cache"))
-        .args(["apply", "--dry-run=client", "--validate=true", "-f"])
-        .arg(file);
-    run_with_timeout(cmd, None, Duration::from_secs(120)).unwrap()
-}
+// kubectl's own validation of every manifest, offline, against a fake API server serving
+// Kubernetes 1.32's schema (janus_tests::kube_api)
 
 /// Every Kubernetes manifest in deploy/, and the VM pod hack/kind-e2e.sh derives from the
 /// example pod: (name, YAML).
@@ -1228,30 +812,7 @@ fn k8s_manifests() -> Vec<(String, String)> {
     v
 }
 
-/// The (apiVersion, kind) pairs tests/k8s-schema/swagger.json has a schema for. kubectl skips
-/// validation of a kind the schema lacks, so every kind we apply must be there.
-fn schema_kinds() -> Vec<(String, String)> {
-    let doc = read_json(&k8s_schema("swagger.json"));
-    let mut v = Vec::new();
-    for s in doc["definitions"].as_object().unwrap().values() {
-        for gvk in s["x-kubernetes-group-version-kind"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            let (g, ver, k) = (&gvk["group"], &gvk["version"], &gvk["kind"]);
-            let (g, ver) = (g.as_str().unwrap(), ver.as_str().unwrap());
-            let api = if g.is_empty() {
-                ver.to_string()
-            } else {
-                format!("{g}/{ver}")
-            };
-            v.push((api, k.as_str().unwrap().to_string()));
-        }
-    }
-    v
-}
-
+/// `text` as a file for `kubectl -f`, named after it: kubectl's messages name the file.
 fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name.replace(['/', ' ', '\''], "_"));
     std::fs::write(&p, text).unwrap();
@@ -1305,6 +866,74 @@ fn manifests_pass_kubectl_validation() {
     }
 }
 
+/// (file, from, to, want, want2): `from` replaced by `to` in `file` is rejected with an error
+/// that says both `want` and `want2`.
+const BROKEN_MANIFESTS: [(&str, &str, &str, &str, &str); 9] = [
+    (
+        "installer",
+        "hostPID: true",
+        "hostPid: true",
+        r#"unknown field "hostPid""#,
+        "",
+    ),
+    (
+        "installer",
+        "hostPID: true",
+        "hostPID: \"yes\"",
+        "hostPID",
+        r#"got "string", expected "boolean""#,
+    ),
+    (
+        "installer",
+        "terminationGracePeriodSeconds: 120",
+        "terminationGracePeriodSeconds: 2m",
+        "terminationGracePeriodSeconds",
+        r#"expected "integer""#,
+    ),
+    (
+        "installer",
+        "maxUnavailable: 1",
+        "maxUnavailable: [1]",
+        "IntOrString",
+        r#"got "array""#,
+    ),
+    (
+        "installer",
+        "        - name: installer",
+        "        - nme: installer",
+        r#"missing required field "name""#,
+        "Container",
+    ),
+    (
+        "installer",
+        "apiVersion: apps/v1",
+        "apiVersion: apps/v2",
+        r#"no matches for kind "DaemonSet" in version "apps/v2""#,
+        "",
+    ),
+    (
+        "runtimeclass",
+        "handler: janus-vm",
+        "handler: [janus-vm]",
+        "handler",
+        r#"got "array""#,
+    ),
+    (
+        "runtimeclass",
+        "  podFixed:",
+        "  podFixd:",
+        r#"unknown field "podFixd""#,
+        "Overhead",
+    ),
+    (
+        "pod",
+        "runAsUser: 1000",
+        "runAsUsr: 1000",
+        r#"unknown field "runAsUsr""#,
+        "SecurityContext",
+    ),
+];
+
 /// The same validation rejects broken manifests: unknown fields, wrong types, a missing
 /// required field, an API version or kind the server does not have.
 #[test]
@@ -1317,72 +946,7 @@ fn kubectl_validation_rejects_broken_manifests() {
     let installer = read(&deploy("installer/installer.yaml"));
     let rc = read(&deploy("runtimeclass.yaml"));
     let pod = read(&deploy("examples/pod-janus.yaml"));
-    let cases: [(&str, &str, &str, &str, &str); 9] = [
-        (
-            "installer",
-            "hostPID: true",
-            "hostPid: true",
-            r#"unknown field "hostPid""#,
-            "",
-        ),
-        (
-            "installer",
-            "hostPID: true",
-            "hostPID: \"yes\"",
-            "hostPID",
-            r#"got "string", expected "boolean""#,
-        ),
-        (
-            "installer",
-            "terminationGracePeriodSeconds: 120",
-            "terminationGracePeriodSeconds: 2m",
-            "terminationGracePeriodSeconds",
-            r#"expected "integer""#,
-        ),
-        (
-            "installer",
-            "maxUnavailable: 1",
-            "maxUnavailable: [1]",
-            "IntOrString",
-            r#"got "array""#,
-        ),
-        (
-            "installer",
-            "        - name: installer",
-            "        - nme: installer",
-            r#"missing required field "name""#,
-            "Container",
-        ),
-        (
-            "installer",
-            "apiVersion: apps/v1",
-            "apiVersion: apps/v2",
-            r#"no matches for kind "DaemonSet" in version "apps/v2""#,
-            "",
-        ),
-        (
-            "runtimeclass",
-            "handler: janus-vm",
-            "handler: [janus-vm]",
-            "handler",
-            r#"got "array""#,
-        ),
-        (
-            "runtimeclass",
-            "  podFixed:",
-            "  podFixd:",
-            r#"unknown field "podFixd""#,
-            "Overhead",
-        ),
-        (
-            "pod",
-            "runAsUser: 1000",
-            "runAsUsr: 1000",
-            r#"unknown field "runAsUsr""#,
-            "SecurityContext",
-        ),
-    ];
-    for (i, (file, from, to, want, want2)) in cases.iter().enumerate() {
+    for (i, (file, from, to, want, want2)) in BROKEN_MANIFESTS.iter().enumerate() {
         let orig = match *file {
             "installer" => &installer,
             "runtimeclass" => &rc,
