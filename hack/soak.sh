@@ -2,9 +2,9 @@
 # Soak: many create/run/delete cycles through a private containerd, then proof that nothing
 # was left behind.
 #
-#   hack/soak.sh [--short] [--ns N] [--vm M] [--workers W] [--vm-workers V]
-#       full run (default): N=1000 namespace-mode and M=50 VM-mode cycles
-#       --short (CI):       N=50 and M=3
+#   hack/soak.sh [--short] [--ns N] [--vm M] [--workers W] [--vm-workers V] [--pods P] [--vm-pods Q]
+#       full run (default): N=1000 namespace-mode and M=50 VM-mode cycles, P=100 and Q=10 pods
+#       --short (CI):       N=50 and M=3, P=10 and Q=2
 #       W parallel workers for namespace mode (default 4), V for VM mode (default 2)
 #
 # Each cycle is `ctr run --rm --runtime io.containerd.janus[-vm].v2 IMAGE ID true` against the
@@ -26,6 +26,11 @@
 #     host-wide (a soak is meant to run alone on the node)
 #   - containerd's open fds (/proc/<pid>/fd)
 # and the long-lived shim's PSS (/proc/<pid>/smaps_rollup, shim + its zygote).
+# Then the Kubernetes path: P namespace-mode and Q VM-mode pod lifecycles through containerd's
+# CRI plugin (RunPodSandbox, a container, ExecSync, Stop/RemovePodSandbox; two workers each),
+# by tests/tests/soak.rs against a containerd of its own, which then checks that nothing is
+# left (CRI objects, containers, shims, processes, mounts, cgroups, netns, CNI state, bridge
+# ports, bundles, sockets).
 # Deltas must be zero (the after-inventory is retaken for up to 30s while shims exit) and the
 # PSS may grow by at most PSS_TOLERANCE_KIB (default 256, see below). Any failed cycle, nonzero
 # delta or PSS growth beyond it makes the exit status non-zero.
@@ -38,13 +43,17 @@ NS_CYCLES=1000
 VM_CYCLES=50
 WORKERS=4
 VM_WORKERS=2
+PODS=100
+VM_PODS=10
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--short) NS_CYCLES=50; VM_CYCLES=3; shift ;;
+	--short) NS_CYCLES=50; VM_CYCLES=3; PODS=10; VM_PODS=2; shift ;;
 	--ns) NS_CYCLES="$2"; shift 2 ;;
 	--vm) VM_CYCLES="$2"; shift 2 ;;
 	--workers) WORKERS="$2"; shift 2 ;;
 	--vm-workers) VM_WORKERS="$2"; shift 2 ;;
+	--pods) PODS="$2"; shift 2 ;;
+	--vm-pods) VM_PODS="$2"; shift 2 ;;
 	*) die "unknown argument $1 (see the header of $0)" ;;
 	esac
 done
@@ -323,5 +332,28 @@ if [ "$LONG_PIDS_AFTER" != "$LONG_PIDS" ]; then
 	RC=1
 fi
 [ "$GROWTH" -le "$PSS_TOLERANCE_KIB" ] || RC=1
+
+# ---- CRI pods ------------------------------------------------------------------------------
+
+# cri_soak TEST PODS: one of tests/tests/soak.rs's soaks; its failure fails the soak.
+cri_soak() {
+	local test="$1" n="$2" out="$DIR/cri-$1.log"
+	[ "$n" -gt 0 ] || return 0
+	echo
+	log "CRI: $test ($n pods)"
+	if (cd "$REPO_ROOT" && JANUS_SHIM="$SHIM" JANUS_TEST_IMAGE_TAR="$TAR" \
+		JANUS_TEST_PAUSE_TAR="$(janus_pause_tar)" JANUS_SOAK_PODS="$PODS" \
+		JANUS_SOAK_VM_PODS="$VM_PODS" cargo test -q -p janus-tests --test soak -- \
+		--ignored --exact "$test" --nocapture) >"$out" 2>&1; then
+		grep -E '^soak \(CRI\)' "$out" || true
+	else
+		tail -n 40 "$out"
+		echo "CRI soak $test: FAIL"
+		RC=1
+	fi
+}
+cri_soak cri_pods_namespace_mode "$PODS"
+cri_soak cri_pods_vm_mode "$VM_PODS"
+echo
 if [ "$RC" -eq 0 ]; then echo "soak: PASS"; else echo "soak: FAIL"; KEEP=1; fi
 exit "$RC"

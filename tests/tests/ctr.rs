@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use janus_tests::{cgroup_dir, cgroup_v2_only, Containerd, JANUS, JANUS_VM, RUNC};
 
-
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
