@@ -46,7 +46,10 @@ done
 
 ensure_base_deps
 ensure_rust
-(cd "$REPO_ROOT" && cargo build --release -p shim >&2)
+# One build, the workspace's (as hack/test.sh builds it): building a single package would
+# unify features differently, recompile runtime and the shim, and replace the binaries the
+# tests use with other builds of them. Nothing is rebuilt when they are current.
+(cd "$REPO_ROOT" && cargo build --release --workspace --bins --example vm_bench >&2)
 SHIM="$REPO_ROOT/target/release/containerd-shim-janus-v2"
 TAR="$(janus_image_tar)"
 "$HERE/build-image.sh" "$TAR" >&2
@@ -145,7 +148,6 @@ if [ "$VM" = 1 ]; then
 	echo
 	log "VM mode: guest image, then $VM_BOOTS boots of each kind and a ${VM_MIB} MiB stdio stream"
 	"$HERE/build-guest.sh" >&2
-	(cd "$REPO_ROOT" && cargo build --release -p runtime --features vm --example vm_bench >&2)
 	VMB="$("$REPO_ROOT/target/release/examples/vm_bench" --boots "$VM_BOOTS" --mib "$VM_MIB" \
 		--guest-dir "$REPO_ROOT/target/guest")"
 	echo "$VMB" | grep -v '^bare_boot_ms='
@@ -200,7 +202,6 @@ if [ "$VMM" = 1 ] && [ -r /dev/kvm ]; then
 	echo
 	log "our VMM: janus-vmm with test guests, $N runs"
 	ensure_apt build-essential
-	(cd "$REPO_ROOT" && cargo build --release -p vmm >&2)
 	VMMB="$REPO_ROOT/target/release/janus-vmm"
 	G="$DIR/guests"
 	mkdir -p "$G"
