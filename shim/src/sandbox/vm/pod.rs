@@ -2,6 +2,7 @@
 //! tap, the VMM (`runtime::vm`), the agent. A pod's sandbox container boots it, the pod's
 //! other containers run in it; a plain container has one of its own.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +49,58 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
 /// virtiofsd serving the pod's share; the shim's reaper collects it.
 struct Virtiofsd {
     pid: u32,
+    /// Its pidfd, opened before the reaper can collect it: [`watch_virtiofsd`] takes it.
+    pidfd: std::sync::Mutex<Option<OwnedFd>>,
     sock: PathBuf,
     shared: PathBuf,
+}
+
+/// A pidfd for `pid` (pidfd_open(2)).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags; a non-negative result is a new descriptor
+    // that we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// virtiofsd serves the guest's root file system: when it dies while the VM runs, the guest
+/// cannot go on (every file access fails or hangs). The VM is then killed, so its containers'
+/// processes end (137, TaskExit) instead of running on without their files.
+fn watch_virtiofsd(pidfd: OwnedFd, pid: u32, vm: std::sync::Weak<dyn Vm>, id: String) {
+    tokio::spawn(async move {
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open and unchanged until the
+        // AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        };
+        let fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!(
+                    "container {id}: cannot watch virtiofsd {pid}: {}",
+                    e.into_parts().1
+                );
+                return;
+            }
+        };
+        // A pidfd becomes readable when its process exits.
+        let _ = fd.readable().await;
+        let Some(vm) = vm.upgrade() else { return };
+        if vm.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        log::error!(
+            "container {id}: virtiofsd (pid {pid}) exited while the VM runs: the guest lost its \
+             file system; stopping the VM"
+        );
+        if let Err(e) = vm.kill() {
+            log::warn!("container {id}: kill VM: {e}");
+        }
+    });
 }
 
 impl Virtiofsd {
@@ -73,11 +124,23 @@ impl Virtiofsd {
         cfg.binary = binary.map(Path::to_path_buf);
         match runtime::vm::virtiofsd::Virtiofsd::start(&cfg).await {
             // The shim's reaper collects it.
-            Ok(v) => Ok(Virtiofsd {
-                pid: v.detach(),
-                sock,
-                shared,
-            }),
+            Ok(v) => {
+                // (A virtiofsd that died already is a failed start: dropping `v` reaps it.)
+                let pidfd = match pidfd_open(v.pid()) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        drop(v);
+                        remove_share(&shared);
+                        return Err(ShimError::failed("virtiofsd exited at start", e));
+                    }
+                };
+                Ok(Virtiofsd {
+                    pid: v.detach(),
+                    pidfd: std::sync::Mutex::new(Some(pidfd)),
+                    sock,
+                    shared,
+                })
+            }
             Err(e) => {
                 remove_share(&shared);
                 Err(vm_err(e))
@@ -372,6 +435,20 @@ impl VmPod {
             cfg.vcpus,
             cfg.memory_mib
         );
+        let pidfd = parts
+            .virtiofsd
+            .pidfd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(fd) = pidfd {
+            watch_virtiofsd(
+                fd,
+                parts.virtiofsd.pid,
+                Arc::downgrade(&vm),
+                r.id.to_string(),
+            );
+        }
         Ok(VmPod {
             vm,
             owner: r.id.to_string(),
