@@ -218,8 +218,18 @@ fn containerd_killed_mid_create_vm() {
     );
     ctd.start_again()
         .unwrap_or_else(|e| panic!("restarting containerd: {e:#}\n{}", ctd.log_tail(40)));
-    // Whatever containerd made of it: a task (whose shim answers) or none.
-    let status = ctd.task_status(&id);
+    // Whatever containerd made of it: a task (whose shim answers: the create it was in the
+    // middle of goes on to the end), or no task and no shim.
+    let status = poll(secs(90), || match ctd.task_status(&id) {
+        Some(s) => Some(Some(s)),
+        None => shim_pid(&id).is_none().then_some(None),
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "90 s after the restart the shim runs on without a task containerd lists:\n{}",
+            ctd.log_tail(40)
+        )
+    });
     eprintln!("containerd_killed_mid_create_vm: after the restart the task is {status:?}");
     assert_ne!(status.as_deref(), Some("UNKNOWN"), "{}", ctd.log_tail(40));
     if status.is_some() {
@@ -442,17 +452,30 @@ fn full_vm_work_dir_fails_create_cleanly() {
 // ---------------------------------------------------------------------------------------------
 // 7. 8 VMs booting at once
 
-/// 8 VM containers created at once on this 2-core machine (QEMU under TCG): all reach RUNNING
-/// without a timeout, then all are deleted and nothing is left.
+/// 8 VM containers created at once on this 2-core machine (QEMU under TCG): all reach RUNNING,
+/// then all are deleted and nothing is left. Eight TCG boots side by side take about ten times
+/// as long as one (7-25 s instead of 2-4 s here); the boot timeout is set to 5 s, which one
+/// boot fits in many times over but the herd's wall time does not: it passes only because
+/// the time a VMM waits for a CPU does not count against it (`vm.boot_timeout_ms`).
 #[test]
 fn eight_vms_at_once() {
     const N: usize = 8;
-    let ctd = Containerd::for_runtime(JANUS_VM);
+    let ctd = Containerd::for_runtime(JANUS);
+    let cfg = ctd.write_janus_config("mode = \"vm\"\n[vm]\nboot_timeout_ms = 5000\n");
+    let cfg = cfg.to_str().unwrap().to_string();
     let ids: Vec<_> = (0..N).map(|i| ctd.container(&format!("herd{i}"))).collect();
     let t = Instant::now();
     let mut runs: Vec<Background> = ids
         .iter()
-        .map(|c| ctd.ctr_background(&ctd.run_args(JANUS_VM, &["-d"], c, &["sleep", "1000"])))
+        .map(|c| {
+            let args = ctd.run_args(
+                JANUS,
+                &["-d", "--runtime-config-path", &cfg],
+                c,
+                &["sleep", "1000"],
+            );
+            ctd.ctr_background(&args)
+        })
         .collect();
     // `ctr run -d` returns once its task started: when each returns is its boot time.
     let mut took: Vec<Option<Duration>> = vec![None; N];
@@ -465,17 +488,23 @@ fn eight_vms_at_once() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let ready: Vec<String> = std::fs::read_to_string(ctd.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("vm agent: ready after"))
+        .filter_map(|l| Some(l.split("msg=\"").nth(1)?.trim_end_matches('"').to_string()))
+        .collect();
+    eprintln!(
+        "eight_vms_at_once: ctr run -d returned after {:?}; boots:\n  {}",
+        took,
+        ready.join("\n  ")
+    );
     for r in runs.iter_mut() {
         let o = r
             .wait(secs(1))
             .expect("ctr run -d still running after 240 s");
         assert_code(&ctd, &o, 0);
     }
-    eprintln!(
-        "eight_vms_at_once: all {N} running after {:?} (each ctr run -d returned after: {:?})",
-        t.elapsed(),
-        took.iter().map(|d| d.unwrap()).collect::<Vec<_>>()
-    );
     for c in &ids {
         assert_eq!(ctd.task_status(c).as_deref(), Some("RUNNING"), "{}", c.id);
     }

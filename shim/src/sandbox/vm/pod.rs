@@ -51,6 +51,8 @@ struct Virtiofsd {
     pid: u32,
     /// Its pidfd, opened before the reaper can collect it: [`watch_virtiofsd`] takes it.
     pidfd: std::sync::Mutex<Option<OwnedFd>>,
+    /// Set before the shim stops it itself (its exit is then no failure).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     sock: PathBuf,
     shared: PathBuf,
 }
@@ -70,7 +72,13 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 /// virtiofsd serves the guest's root file system: when it dies while the VM runs, the guest
 /// cannot go on (every file access fails or hangs). The VM is then killed, so its containers'
 /// processes end (137, TaskExit) instead of running on without their files.
-fn watch_virtiofsd(pidfd: OwnedFd, pid: u32, vm: std::sync::Weak<dyn Vm>, id: String) {
+fn watch_virtiofsd(
+    pidfd: OwnedFd,
+    pid: u32,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    vm: std::sync::Weak<dyn Vm>,
+    id: String,
+) {
     tokio::spawn(async move {
         // SAFETY: the OwnedFd moves into the AsyncFd and stays open and unchanged until the
         // AsyncFd is dropped.
@@ -89,6 +97,9 @@ fn watch_virtiofsd(pidfd: OwnedFd, pid: u32, vm: std::sync::Weak<dyn Vm>, id: St
         };
         // A pidfd becomes readable when its process exits.
         let _ = fd.readable().await;
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let Some(vm) = vm.upgrade() else { return };
         if vm.try_wait().ok().flatten().is_some() {
             return;
@@ -137,6 +148,7 @@ impl Virtiofsd {
                 Ok(Virtiofsd {
                     pid: v.detach(),
                     pidfd: std::sync::Mutex::new(Some(pidfd)),
+                    stopping: Arc::default(),
                     sock,
                     shared,
                 })
@@ -149,6 +161,8 @@ impl Virtiofsd {
     }
 
     fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         let _ = std::fs::remove_file(&self.sock);
         remove_share(&self.shared);
@@ -303,12 +317,13 @@ async fn agent_up(
     id: &str,
     net: Option<&PodNet>,
     timeout: Duration,
+    boot_timeout: Option<Duration>,
 ) -> Result<(StdioPlane, AgentClient)> {
     let stream = vm
         .take_stdio_stream()
         .ok_or_else(|| ShimError::Internal("VM has no stdio channel".into()))?;
     let plane = StdioPlane::new(stream);
-    vm.connect_agent(None).await.map_err(vm_err)?;
+    vm.connect_agent(boot_timeout).await.map_err(vm_err)?;
     let agent = vm
         .agent()
         .ok_or_else(|| ShimError::Internal("agent client missing".into()))?;
@@ -405,7 +420,8 @@ impl VmPod {
         };
         let up = async {
             parts.record(&*vm)?;
-            agent_up(&*vm, r.id, parts.net.as_ref(), call_timeout).await
+            let boot = r.config.vm.boot_timeout_ms.map(Duration::from_millis);
+            agent_up(&*vm, r.id, parts.net.as_ref(), call_timeout, boot).await
         };
         let (plane, agent) = match up.await {
             Ok(v) => v,
@@ -445,6 +461,7 @@ impl VmPod {
             watch_virtiofsd(
                 fd,
                 parts.virtiofsd.pid,
+                parts.virtiofsd.stopping.clone(),
                 Arc::downgrade(&vm),
                 r.id.to_string(),
             );
@@ -475,6 +492,9 @@ impl VmPod {
                 log::warn!("VM shutdown: {e}");
             }
         }
+        self.virtiofsd
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill(Pid::from_raw(self.virtiofsd.pid as i32), Signal::SIGKILL);
         let _ = std::fs::remove_file(&self.virtiofsd.sock);
         let shared = self.shared.clone();
