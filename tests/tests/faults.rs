@@ -532,20 +532,22 @@ mod fault_matrix {
     // ---------------------------------------------------------------------------------------------
     // 8. malformed ttrpc frames at the shim's socket
 
-    /// Resident memory of `pid` in KiB.
-    fn rss_kib(pid: u32) -> u64 {
+    /// Resident (`VmRSS`) or mapped (`VmSize`) memory of `pid` in KiB.
+    fn mem_kib(pid: u32, what: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(what)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS of the shim")
+            .unwrap_or_else(|| panic!("{what} of the shim"))
     }
 
-    /// Connect to `sock`, write `bytes`, then read until the shim closes or 2 s pass.
+    /// Connect to `sock`, write `bytes`, then read until the shim closes or 300 ms pass (a
+    /// shim waiting for the rest of a frame keeps the connection).
     fn send_raw(sock: &Path, bytes: &[u8], close_write: bool) {
         let mut s = UnixStream::connect(sock).expect("connecting to the shim's socket");
-        s.set_read_timeout(Some(secs(2))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let _ = s.write_all(bytes);
         if close_write {
             let _ = s.shutdown(std::net::Shutdown::Write);
@@ -579,7 +581,8 @@ mod fault_matrix {
         assert!(sock.exists(), "no shim socket at {}", sock.display());
         let shim = shim_pid(&c.id).expect("shim of the container");
         let pid = ctd.task_pid(&c).expect("task pid");
-        let rss_before = rss_kib(shim);
+        let rss_before = mem_kib(shim, "VmRSS");
+        let size_before = mem_kib(shim, "VmSize");
 
         let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
         let mut random = |n: usize| -> Vec<u8> {
@@ -669,12 +672,21 @@ mod fault_matrix {
         assert_eq!(o.stdout, "still\n", "{o}");
         let ps = ctd.ctr_ok(&["task", "ps", &c]);
         assert!(ps.contains(&pid.to_string()), "task ps:\n{ps}");
-        let rss_after = rss_kib(shim);
+        let rss_after = mem_kib(shim, "VmRSS");
+        let size_after = mem_kib(shim, "VmSize");
         drop(held);
-        eprintln!("malformed_ttrpc_frames: shim RSS {rss_before} KiB -> {rss_after} KiB");
+        eprintln!(
+            "malformed_ttrpc_frames: shim RSS {rss_before} -> {rss_after} KiB, \
+             VmSize {size_before} -> {size_after} KiB"
+        );
         assert!(
             rss_after < rss_before + 16 * 1024,
             "shim RSS grew from {rss_before} KiB to {rss_after} KiB"
+        );
+        // A buffer of the declared length, even untouched, would show here (32 x ~4 GiB).
+        assert!(
+            size_after < size_before + 1024 * 1024,
+            "shim VmSize grew from {size_before} KiB to {size_after} KiB"
         );
         assert_eq!(ctd.task_status(&c).as_deref(), Some("RUNNING"));
         assert_eq!(ctd.task_pid(&c), Some(pid));
