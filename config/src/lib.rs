@@ -103,6 +103,10 @@ pub struct VmConfig {
     pub kernel_params: Vec<String>,
     /// Longest an agent call may take before it fails with DeadlineExceeded (default 60 s).
     pub agent_timeout_ms: Option<u64>,
+    /// Longest a guest may take from VMM start to its agent answering (default 30 s under
+    /// TCG, 10 s with KVM). Time the VMM spends waiting for a CPU (a busy host, many VMs
+    /// booting at once) does not count, up to ten times this in all.
+    pub boot_timeout_ms: Option<u64>,
     /// A VM cannot share the host's network, IPC or PID namespace: a pod asking for one
     /// (hostNetwork, hostIPC, hostPID) is refused with InvalidArgument unless this is true,
     /// in which case it gets the VM's own (the guest's) namespace instead.
@@ -138,6 +142,9 @@ impl VmConfig {
         }
         if self.agent_timeout_ms == Some(0) {
             return Err("vm.agent_timeout_ms = 0: every agent call would time out".into());
+        }
+        if self.boot_timeout_ms == Some(0) {
+            return Err("vm.boot_timeout_ms = 0: every boot would time out".into());
         }
         for (key, p) in [
             ("vm.kernel", &self.kernel),
@@ -318,6 +325,7 @@ mod tests {
         bad("[vm]\nmemory_mib = 0\n", "vm.memory_mib = 0");
         bad("[vm]\nhypervisor = \"kvm\"\n", "qemu, builtin");
         bad("[vm]\nagent_timeout_ms = 0\n", "agent_timeout_ms");
+        bad("[vm]\nboot_timeout_ms = 0\n", "boot_timeout_ms");
         bad("[vm]\nkernel = \"vmlinux\"\n", "absolute");
         bad("[vm]\nvirtiofsd = \"virtiofsd\"\n", "vm.virtiofsd");
         // A misspelt key is refused by name.

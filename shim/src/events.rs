@@ -2,12 +2,22 @@
 //! publisher task. A full queue makes the sender wait (backpressure), it never grows memory.
 //!
 //! Exits are reported here, for every mode, so TaskOOM always precedes its TaskExit.
+//!
+//! containerd may restart while the shim runs: a forward that fails for want of a connection
+//! reconnects and retries the same event (in order) until containerd is back, for up to
+//! [`RETRY_FOR`]. (containerd-shim's `RemotePublisher` reconnects only on some errors; a dead
+//! connection answers with others, so after a restart it lost every event, TaskExit included,
+//! and containerd never learnt that a task had exited.)
 
-use containerd_shim::asynchronous::publisher::RemotePublisher;
+use std::time::{Duration, Instant};
+
 use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
 use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::shim::event::Envelope;
+use containerd_shim_protos::shim::events::ForwardRequest;
+use containerd_shim_protos::shim_async::{Client, EventsClient};
 use containerd_shim_protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC};
-use containerd_shim_protos::ttrpc::context::Context;
+use containerd_shim_protos::ttrpc;
 use tokio::sync::mpsc;
 
 use crate::process::{timestamp, Proc};
@@ -22,17 +32,106 @@ pub struct Events {
     tx: mpsc::Sender<Event>,
 }
 
+/// How long one event is retried while containerd cannot be reached (a restart).
+const RETRY_FOR: Duration = Duration::from_secs(300);
+/// Longest one Forward call may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// containerd's event service at `address` (its ttrpc socket): one connection, made again
+/// when it breaks.
+pub struct Publisher {
+    address: String,
+    client: Option<EventsClient>,
+}
+
+impl Publisher {
+    /// Connects to `address` (fails if containerd does not answer there now).
+    pub fn connect(address: &str) -> anyhow::Result<Publisher> {
+        let mut p = Publisher {
+            address: address.to_string(),
+            client: None,
+        };
+        p.client = Some(p.dial()?);
+        Ok(p)
+    }
+
+    fn dial(&self) -> anyhow::Result<EventsClient> {
+        let fd = containerd_shim::util::connect(&self.address)?;
+        // SAFETY: `fd` is the connected unix socket just returned, owned by the client now.
+        let client = unsafe { Client::from_raw_unix_socket_fd(fd) };
+        Ok(EventsClient::new(client))
+    }
+
+    /// Sends one event. An answer of containerd's (accepted or refused) ends it; a broken or
+    /// missing connection is made again and the event sent again, with backoff, for up to
+    /// [`RETRY_FOR`].
+    async fn publish(&mut self, topic: &str, namespace: &str, ev: Box<dyn MessageDyn>) {
+        let req = match envelope(topic, namespace, ev) {
+            Ok(e) => {
+                let mut req = ForwardRequest::new();
+                req.set_envelope(e);
+                req
+            }
+            Err(e) => {
+                log::error!("publish {topic}: {e}");
+                return;
+            }
+        };
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let client = match self.client.take() {
+                Some(c) => Some(c),
+                None => self
+                    .dial()
+                    .map_err(|e| log::debug!("publish {topic}: reconnect: {e:#}"))
+                    .ok(),
+            };
+            if let Some(c) = client {
+                let ctx = ttrpc::context::with_timeout(FORWARD_TIMEOUT.as_nanos() as i64);
+                match c.forward(ctx, &req).await {
+                    Ok(_) => {
+                        self.client = Some(c);
+                        return;
+                    }
+                    Err(ttrpc::error::Error::RpcStatus(st)) => {
+                        // containerd answered: sending it again would not change that.
+                        self.client = Some(c);
+                        log::warn!("publish {topic}: containerd refused it: {st:?}");
+                        return;
+                    }
+                    Err(e) => log::warn!("publish {topic}: {e:?}; reconnecting"),
+                }
+            }
+            if start.elapsed() >= RETRY_FOR {
+                log::error!(
+                    "publish {topic}: containerd unreachable at {} for {:?}: event dropped",
+                    self.address,
+                    RETRY_FOR
+                );
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+fn envelope(topic: &str, namespace: &str, ev: Box<dyn MessageDyn>) -> anyhow::Result<Envelope> {
+    let mut e = Envelope::new();
+    e.set_topic(topic.to_string());
+    e.set_namespace(namespace.to_string());
+    e.set_timestamp(containerd_shim::util::timestamp()?);
+    e.set_event(containerd_shim::util::convert_to_any(ev)?);
+    Ok(e)
+}
+
 impl Events {
-    pub fn start(publisher: RemotePublisher, namespace: String) -> Events {
+    pub fn start(mut publisher: Publisher, namespace: String) -> Events {
         let (events, mut rx) = Events::channel();
         tokio::spawn(async move {
             while let Some((topic, ev)) = rx.recv().await {
-                if let Err(e) = publisher
-                    .publish(Context::default(), topic, &namespace, ev)
-                    .await
-                {
-                    log::warn!("publish {topic}: {e}");
-                }
+                publisher.publish(topic, &namespace, ev).await;
             }
         });
         events

@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::{Message, MessageField};
@@ -113,8 +112,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let mut sigchld = signal(SignalKind::child()).context("SIGCHLD handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let publisher = RemotePublisher::new(&ttrpc_address)
-        .await
+    let publisher = events::Publisher::connect(&ttrpc_address)
         .with_context(|| format!("connect to containerd events at {ttrpc_address}"))?;
     let exit = Arc::new(ExitSignal::default());
     let events = events::Events::start(publisher, flags.namespace.clone());

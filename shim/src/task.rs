@@ -103,6 +103,28 @@ fn io_paths(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> IoPaths 
     }
 }
 
+/// After a failed Create leaves the shim without containers, containerd deletes and shuts it
+/// down at once; a shim still idle this much later was abandoned (containerd died during the
+/// Create, and a restarted containerd 1.6 keeps such a shim without a task it can list or
+/// delete) and exits by itself. containerd then sees its connection close and cleans up the
+/// bundle (`shim delete`).
+const ABANDONED_AFTER: Duration = Duration::from_secs(10);
+
+/// Runs a multi-step call (Create, Delete) on a task of its own and waits for it. ttrpc drops
+/// a handler's future when the caller's connection closes (containerd killed or restarted
+/// mid-call): a Create cut short that way left a VM's cgroup behind and no task for the
+/// restarted containerd to see or delete. Run to completion, the call leaves a task (e.g.
+/// CREATED) that containerd lists and deletes after its restart.
+async fn run_to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::spawn(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(ShimError::Internal(format!("call cancelled: {e}"))),
+    }
+}
+
 /// What Delete returns for a process: its pid and how it ended.
 fn delete_response(p: &Proc) -> DeleteResponse {
     let st = p.lock();
@@ -142,6 +164,25 @@ impl TaskService {
 
     pub fn is_empty(&self) -> bool {
         self.containers().is_empty()
+    }
+
+    /// See [`ABANDONED_AFTER`].
+    fn exit_if_abandoned(&self) {
+        if !self.containers().is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ABANDONED_AFTER).await;
+            if this.containers().is_empty() {
+                log::warn!(
+                    "no container {:?} after a failed create and nobody shut the shim down: \
+                     exiting",
+                    ABANDONED_AFTER
+                );
+                this.inner.exit.signal();
+            }
+        });
     }
 
     async fn create_container(&self, req: &CreateTaskRequest) -> Result<u32> {
@@ -358,10 +399,15 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TResult<CreateTaskResponse> {
-        let pid = self.create_container(&req).await.map_err(|e| {
-            log::warn!("create {}: {e}", req.id);
-            e
-        })?;
+        let this = self.clone();
+        let pid = run_to_completion(async move {
+            this.create_container(&req).await.map_err(|e| {
+                log::warn!("create {}: {e}", req.id);
+                this.exit_if_abandoned();
+                e
+            })
+        })
+        .await?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -381,7 +427,8 @@ impl Task for TaskService {
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TResult<DeleteResponse> {
         let c = self.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        Ok(self.delete_process(&c, &p).await?)
+        let this = self.clone();
+        Ok(run_to_completion(async move { this.delete_process(&c, &p).await }).await?)
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TResult<PidsResponse> {

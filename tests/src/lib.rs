@@ -826,6 +826,9 @@ pub struct Containerd {
     /// The shim binary linked into containerd's PATH, when one was found.
     pub shim: Option<PathBuf>,
     child: Option<Child>,
+    /// containerd's command line (launcher first) and PATH: [`Self::restart`] runs it again.
+    launch: Vec<std::ffi::OsString>,
+    path_env: String,
     log: PathBuf,
     /// Container ids handed out or removed through this instance (for socket cleanup).
     ids: Mutex<Vec<String>>,
@@ -981,30 +984,17 @@ impl Containerd {
             .map(|r| format!("{}:", r.join("usr/local/bin").display()))
             .unwrap_or_default();
 
-        let log_file = fs::File::create(&log)?;
-        let mut cmd = match opts.launcher.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(containerd_binary());
-                c
-            }
-            None => Command::new(containerd_binary()),
-        };
-        cmd.arg("--config")
-            .arg(&config)
-            .env(
-                "PATH",
-                format!(
-                    "{node_bin}{}:{}:{SYS_PATH}",
-                    bin.display(),
-                    containerd_bin_dir().display()
-                ),
-            )
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .process_group(0);
-        let child = cmd.spawn().context("spawning containerd")?;
+        let mut launch: Vec<std::ffi::OsString> = opts.launcher.clone();
+        launch.push(containerd_binary().into_os_string());
+        launch.push("--config".into());
+        launch.push(config.clone().into_os_string());
+        let path_env = format!(
+            "{node_bin}{}:{}:{SYS_PATH}",
+            bin.display(),
+            containerd_bin_dir().display()
+        );
+        fs::File::create(&log)?;
+        let child = spawn_containerd(&launch, &path_env, &log)?;
 
         let mut ctd = Containerd {
             dir,
@@ -1017,6 +1007,8 @@ impl Containerd {
             janus_config,
             shim,
             child: Some(child),
+            launch,
+            path_env,
             log,
             ids: Mutex::new(Vec::new()),
             _permit: permit,
@@ -1097,6 +1089,35 @@ impl Containerd {
     /// PID of containerd.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `signal` to containerd and waits (up to 30 s) until it has exited. Its shims keep
+    /// running (they are in process groups of their own). [`Self::start_again`] brings it back.
+    pub fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) -> Result<ExitStatus> {
+        let child = self.child.as_mut().context("containerd is not running")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).context("signalling containerd")?;
+        let status = wait_timeout(child, Duration::from_secs(30))?
+            .ok_or_else(|| anyhow!("containerd still running 30 s after {signal}"))?;
+        self.child = None;
+        Ok(status)
+    }
+
+    /// Starts containerd again on the same config, root, state and sockets (after
+    /// [`Self::stop_daemon`]) and waits until it answers. Its log goes on in the same file.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("containerd is still running");
+        }
+        let child = spawn_containerd(&self.launch, &self.path_env, &self.log)?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// [`Self::stop_daemon`] with SIGTERM, then [`Self::start_again`]: a containerd restart.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM)?;
+        self.start_again()
     }
 
     /// A `ctr --address SOCK -n NS ARGS` command.
@@ -1535,6 +1556,21 @@ impl Drop for ContainerGuard<'_> {
     fn drop(&mut self) {
         self.ctd.force_remove(&self.id);
     }
+}
+
+/// Spawns containerd (`launch`: launcher and containerd's command line) in a process group of
+/// its own, its output appended to `log`.
+fn spawn_containerd(launch: &[std::ffi::OsString], path_env: &str, log: &Path) -> Result<Child> {
+    let (first, rest) = launch.split_first().context("empty containerd command")?;
+    let log_file = fs::OpenOptions::new().append(true).create(true).open(log)?;
+    let mut cmd = Command::new(first);
+    cmd.args(rest)
+        .env("PATH", path_env)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0);
+    cmd.spawn().context("spawning containerd")
 }
 
 fn containerd_config(dir: &Path, root: &Path, state: &Path, address: &Path, cri: bool) -> String {

@@ -56,47 +56,99 @@ impl std::fmt::Debug for AgentConnection {
 /// only times out): a [`Vm`](super::Vm) uses [`Vm::connect_agent`](super::Vm::connect_agent),
 /// which ends the wait when the VMM exits.
 pub async fn connect(sock: &Path, timeout: Duration) -> Result<AgentConnection> {
-    connect_with(sock, None, None, timeout, std::future::pending()).await
+    connect_with(sock, None, None, timeout, std::future::pending(), || {
+        Duration::ZERO
+    })
+    .await
+}
+
+/// How far a boot wait stretches for a starved VMM: at most this many times its timeout.
+pub const MAX_STARVED_STRETCH: u32 = 10;
+
+/// Time the threads of process `pid` spent runnable but waiting for a CPU: the largest
+/// `run_delay` of /proc/PID/task/*/schedstat (the busiest thread, i.e. the vCPU, is the one
+/// whose waits delay the boot). Zero where the kernel does not report it.
+pub fn run_delay(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .max()
+        .map(Duration::from_nanos)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// [`connect`] with an already connected `stream` to start from, the console log to quote on
 /// timeout, and `died`: a future that resolves (to the error to return) when the VM is gone.
+///
+/// `starved` tells how long the VMM has waited for a CPU so far (e.g. [`run_delay`]): that
+/// time does not count against `timeout`, so VMs booting side by side on a busy host (under
+/// TCG, eight on two cores boot about ten times slower than one) are not failed for the
+/// host's load; a guest that hangs idle still times out after `timeout`. The wait never
+/// exceeds [`MAX_STARVED_STRETCH`] times `timeout`.
 pub async fn connect_with<F>(
     sock: &Path,
     stream: Option<UnixStream>,
     console_log: Option<&Path>,
     timeout: Duration,
     died: F,
+    starved: impl Fn() -> Duration,
 ) -> Result<AgentConnection>
 where
     F: Future<Output = Error>,
 {
     let start = Instant::now();
+    let starved_at_start = starved();
     let mut last_error = String::new();
     let mut attempts = 0u32;
     let wait = poll_health(sock, stream, start, &mut attempts, &mut last_error);
-    tokio::select! {
-        r = tokio::time::timeout(timeout, wait) => match r {
+    let deadline = async {
+        let cap = timeout * MAX_STARVED_STRETCH;
+        loop {
+            let wall = start.elapsed();
+            let used = wall.saturating_sub(starved().saturating_sub(starved_at_start));
+            if used >= timeout || wall >= cap {
+                return wall;
+            }
+            let left = (timeout - used).min(cap - wall);
+            tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+        }
+    };
+    let r = tokio::select! {
+        conn = wait => Ok(conn),
+        after = deadline => Err(after),
+        e = died => return Err(e),
+    };
+    {
+        match r {
             Ok(conn) => {
                 log::info!(
-                    "vm agent: ready after {} ms ({} Health attempts), agent {}",
-                    conn.ready_after.as_millis(), conn.attempts, conn.health.version
+                    "vm agent: ready after {} ms ({} ms of it waiting for a CPU, {} Health \
+                     attempts), agent {}",
+                    conn.ready_after.as_millis(),
+                    starved().saturating_sub(starved_at_start).as_millis(),
+                    conn.attempts,
+                    conn.health.version
                 );
                 Ok(conn)
             }
-            Err(_) => {
+            Err(after) => {
                 let mut console_tail = console_log.map(|p| tail_lines(p, 40)).unwrap_or_default();
                 if !last_error.is_empty() {
                     console_tail = format!("(last agent error: {last_error})\n{console_tail}");
                 }
                 Err(Error::AgentTimeout {
-                    after: timeout,
+                    after,
                     socket: sock.to_path_buf(),
                     console_tail,
                 })
             }
-        },
-        e = died => Err(e),
+        }
     }
 }
 
@@ -263,6 +315,7 @@ mod tests {
             None,
             Duration::from_secs(60),
             died,
+            || Duration::ZERO,
         )
         .await
         .unwrap_err();

@@ -370,12 +370,15 @@ impl Vm for ProcessVm {
             .take();
         let proc = self.proc.clone();
         let died = async move { self.died_error(proc.wait().await) };
+        // Time the VMM waited for a CPU does not count (a busy host, many VMs booting).
+        let pid = self.pid();
         let conn = agent::connect_with(
             &self.wd.agent_sock,
             stream,
             Some(&self.wd.console_log),
             timeout,
             died,
+            move || agent::run_delay(pid),
         )
         .await?;
         log::info!(

@@ -2,6 +2,7 @@
 //! tap, the VMM (`runtime::vm`), the agent. A pod's sandbox container boots it, the pod's
 //! other containers run in it; a plain container has one of its own.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +49,69 @@ fn vm_err(e: runtime::vm::Error) -> ShimError {
 /// virtiofsd serving the pod's share; the shim's reaper collects it.
 struct Virtiofsd {
     pid: u32,
+    /// Its pidfd, opened before the reaper can collect it: [`watch_virtiofsd`] takes it.
+    pidfd: std::sync::Mutex<Option<OwnedFd>>,
+    /// Set before the shim stops it itself (its exit is then no failure).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     sock: PathBuf,
     shared: PathBuf,
+}
+
+/// A pidfd for `pid` (pidfd_open(2)).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags; a non-negative result is a new descriptor
+    // that we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// virtiofsd serves the guest's root file system: when it dies while the VM runs, the guest
+/// cannot go on (every file access fails or hangs). The VM is then killed, so its containers'
+/// processes end (137, TaskExit) instead of running on without their files.
+fn watch_virtiofsd(
+    pidfd: OwnedFd,
+    pid: u32,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    vm: std::sync::Weak<dyn Vm>,
+    id: String,
+) {
+    tokio::spawn(async move {
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open and unchanged until the
+        // AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        };
+        let fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!(
+                    "container {id}: cannot watch virtiofsd {pid}: {}",
+                    e.into_parts().1
+                );
+                return;
+            }
+        };
+        // A pidfd becomes readable when its process exits.
+        let _ = fd.readable().await;
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(vm) = vm.upgrade() else { return };
+        if vm.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        log::error!(
+            "container {id}: virtiofsd (pid {pid}) exited while the VM runs: the guest lost its \
+             file system; stopping the VM"
+        );
+        if let Err(e) = vm.kill() {
+            log::warn!("container {id}: kill VM: {e}");
+        }
+    });
 }
 
 impl Virtiofsd {
@@ -73,11 +135,24 @@ impl Virtiofsd {
         cfg.binary = binary.map(Path::to_path_buf);
         match runtime::vm::virtiofsd::Virtiofsd::start(&cfg).await {
             // The shim's reaper collects it.
-            Ok(v) => Ok(Virtiofsd {
-                pid: v.detach(),
-                sock,
-                shared,
-            }),
+            Ok(v) => {
+                // (A virtiofsd that died already is a failed start: dropping `v` reaps it.)
+                let pidfd = match pidfd_open(v.pid()) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        drop(v);
+                        remove_share(&shared);
+                        return Err(ShimError::failed("virtiofsd exited at start", e));
+                    }
+                };
+                Ok(Virtiofsd {
+                    pid: v.detach(),
+                    pidfd: std::sync::Mutex::new(Some(pidfd)),
+                    stopping: Arc::default(),
+                    sock,
+                    shared,
+                })
+            }
             Err(e) => {
                 remove_share(&shared);
                 Err(vm_err(e))
@@ -86,6 +161,8 @@ impl Virtiofsd {
     }
 
     fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         let _ = std::fs::remove_file(&self.sock);
         remove_share(&self.shared);
@@ -240,12 +317,13 @@ async fn agent_up(
     id: &str,
     net: Option<&PodNet>,
     timeout: Duration,
+    boot_timeout: Option<Duration>,
 ) -> Result<(StdioPlane, AgentClient)> {
     let stream = vm
         .take_stdio_stream()
         .ok_or_else(|| ShimError::Internal("VM has no stdio channel".into()))?;
     let plane = StdioPlane::new(stream);
-    vm.connect_agent(None).await.map_err(vm_err)?;
+    vm.connect_agent(boot_timeout).await.map_err(vm_err)?;
     let agent = vm
         .agent()
         .ok_or_else(|| ShimError::Internal("agent client missing".into()))?;
@@ -342,7 +420,8 @@ impl VmPod {
         };
         let up = async {
             parts.record(&*vm)?;
-            agent_up(&*vm, r.id, parts.net.as_ref(), call_timeout).await
+            let boot = r.config.vm.boot_timeout_ms.map(Duration::from_millis);
+            agent_up(&*vm, r.id, parts.net.as_ref(), call_timeout, boot).await
         };
         let (plane, agent) = match up.await {
             Ok(v) => v,
@@ -372,6 +451,21 @@ impl VmPod {
             cfg.vcpus,
             cfg.memory_mib
         );
+        let pidfd = parts
+            .virtiofsd
+            .pidfd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(fd) = pidfd {
+            watch_virtiofsd(
+                fd,
+                parts.virtiofsd.pid,
+                parts.virtiofsd.stopping.clone(),
+                Arc::downgrade(&vm),
+                r.id.to_string(),
+            );
+        }
         Ok(VmPod {
             vm,
             owner: r.id.to_string(),
@@ -398,6 +492,9 @@ impl VmPod {
                 log::warn!("VM shutdown: {e}");
             }
         }
+        self.virtiofsd
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill(Pid::from_raw(self.virtiofsd.pid as i32), Signal::SIGKILL);
         let _ = std::fs::remove_file(&self.virtiofsd.sock);
         let shared = self.shared.clone();
