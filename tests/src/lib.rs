@@ -249,6 +249,21 @@ pub fn vm_share_socket(id: &str) -> Option<String> {
     })
 }
 
+/// The QEMU and virtiofsd processes of the VM whose virtiofsd socket is `sock`
+/// ([`vm_share_socket`]): QEMU names the socket; virtiofsd inherits it (`--fd`) and names its
+/// share (`source=<work dir>.shared`). Debian's virtiofsd forks a sandboxed child: both count.
+pub fn vm_pids(sock: &str) -> (Vec<u32>, Vec<u32>) {
+    let ps = processes();
+    let share = format!("source={}", sock.replace(".vfs.sock", ".shared"));
+    let pick = |what: &str, names: &str| -> Vec<u32> {
+        ps.iter()
+            .filter(|p| p.cmdline.contains(what) && p.cmdline.contains(names))
+            .map(|p| p.pid)
+            .collect()
+    };
+    (pick("qemu-system", sock), pick("virtiofsd", &share))
+}
+
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("JANUS_GUEST_DIR")
         .map(PathBuf::from)

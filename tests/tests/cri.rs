@@ -1709,7 +1709,12 @@ fn systemd_node_scopes(h: &str) {
         let sock = pod_vm_socket(&c, &p);
         let procs: Vec<std::path::PathBuf> = janus_tests::processes()
             .iter()
-            .filter(|x| x.cmdline.contains(&sock) || x.cmdline.contains(&p.id))
+            // QEMU names the socket; virtiofsd (which inherits it) names the share.
+            .filter(|x| {
+                x.cmdline.contains(&sock)
+                    || x.cmdline.contains(&sock.replace(".vfs.sock", ".shared"))
+                    || x.cmdline.contains(&p.id)
+            })
             .filter(|x| x.cmdline.contains("qemu-system") || x.cmdline.contains("virtiofsd"))
             .map(|x| std::path::PathBuf::from(format!("/proc/{}", x.pid)))
             .collect();

@@ -628,15 +628,9 @@ mod janus_vm_only {
         let sock = janus_tests::vm_share_socket(&c.id).expect("QEMU of the container");
         let shared = sock.replace(".vfs.sock", ".shared");
         assert!(std::path::Path::new(&shared).is_dir(), "no share {shared}");
-        // (qemu processes, virtiofsd processes: Debian's forks a sandboxed child)
         let vm_procs = || {
-            let ps = janus_tests::processes();
-            let n = |what: &str| {
-                ps.iter()
-                    .filter(|p| p.cmdline.contains(what) && p.cmdline.contains(&sock))
-                    .count()
-            };
-            (n("qemu-system"), n("virtiofsd"))
+            let (q, v) = janus_tests::vm_pids(&sock);
+            (q.len(), v.len())
         };
         let (q, v) = vm_procs();
         assert!(q == 1 && v >= 1, "qemu {q}, virtiofsd {v} for {}", c.id);
@@ -712,16 +706,13 @@ mod janus_vm_faults {
             .find(|p| p.cmdline.contains("containerd-shim-janus") && p.cmdline.contains(&id_arg))
             .expect("shim server of the container")
             .pid;
+        let (q, v) = janus_tests::vm_pids(&sock);
+        assert!(q.len() == 1 && !v.is_empty(), "qemu {q:?}, virtiofsd {v:?}");
         // SAFETY: kill(2) on the shim found above.
         assert_eq!(unsafe { libc::kill(shim as i32, libc::SIGKILL) }, 0);
         let gone = janus_tests::poll(secs(20), || {
-            let left = janus_tests::processes()
-                .into_iter()
-                .filter(|p| {
-                    (p.cmdline.contains("qemu-system") || p.cmdline.contains("virtiofsd"))
-                        && p.cmdline.contains(&sock)
-                })
-                .count();
+            let (q, v) = janus_tests::vm_pids(&sock);
+            let left = q.len() + v.len();
             (left == 0).then_some(())
         });
         assert!(

@@ -22,8 +22,8 @@ mod fault_matrix {
     use nix::sys::signal::Signal;
 
     use janus_tests::{
-        poll, processes, unique_id, vm_share_socket, Background, Containerd, Options, Out, JANUS,
-        JANUS_VM,
+        poll, processes, unique_id, vm_pids, vm_share_socket, Background, Containerd, Options, Out,
+        JANUS, JANUS_VM,
     };
 
     fn secs(n: u64) -> Duration {
@@ -47,18 +47,6 @@ mod fault_matrix {
             .into_iter()
             .find(|p| p.cmdline.contains("containerd-shim-janus") && p.cmdline.contains(&arg))
             .map(|p| p.pid)
-    }
-
-    /// QEMU and virtiofsd processes of the VM whose virtiofsd socket is `sock`.
-    fn vm_pids(sock: &str) -> (Vec<u32>, Vec<u32>) {
-        let ps = processes();
-        let pick = |what: &str| -> Vec<u32> {
-            ps.iter()
-                .filter(|p| p.cmdline.contains(what) && p.cmdline.contains(sock))
-                .map(|p| p.pid)
-                .collect()
-        };
-        (pick("qemu-system"), pick("virtiofsd"))
     }
 
     /// The VM of a deleted container is gone: no QEMU or virtiofsd, no socket, share or work dir.

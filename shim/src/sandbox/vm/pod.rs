@@ -574,8 +574,10 @@ pub fn cleanup_leftovers(bundle: &Path) {
         }
     }
     if let (Some(pid), Some(sock)) = (v["virtiofsd"].as_u64(), v["vfs_sock"].as_str()) {
+        // virtiofsd inherits its socket (no path in its arguments): it names its share.
+        let source = format!("source={}", v["shared"].as_str().unwrap_or(sock));
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmdline.windows(sock.len()).any(|w| w == sock.as_bytes()) {
+        if cmdline.split(|b| *b == 0).any(|a| a == source.as_bytes()) {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         let _ = std::fs::remove_file(sock);
