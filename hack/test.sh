@@ -120,12 +120,12 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	# Debian's kernel through containerd: the VM-mode ctr basics, the guest's kernel release,
 	# and the modules NET_ADMIN containers load on demand (its module helper is the agent).
 	if [ "$GUEST_DEBIAN_OK" = 1 ]; then
-		step "debian kernel (ctr, cri)" env JANUS_GUEST_DIR="$GUEST_DEBIAN_DIR" \
+		step "vm ctr+cri (debian)" env JANUS_GUEST_DIR="$GUEST_DEBIAN_DIR" \
 			timeout --kill-after=30 "$IT_TIMEOUT" \
 			cargo test -p janus-tests --test ctr --test cri -- --test-threads="$THREADS" \
 			janus_vm::run_ janus_vm::exec uname_is_the_guest_kernel vm_net_modules_on_demand
 	else
-		skip "debian kernel (ctr, cri)" "guest image (debian) failed"
+		skip "vm ctr+cri (debian)" "guest image (debian) failed"
 	fi
 	# containerd 2.1: every suite (ctr, CRI, OCI, deploy, cli), both modes, runc beside.
 	if [ -n "$CTD21" ]; then
@@ -148,7 +148,7 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 else
 	skip "integration tests" "release build or test images failed"
 	skip "builtin driver (ctr)" "release build or test images failed"
-	skip "debian kernel (ctr, cri)" "release build or test images failed"
+	skip "vm ctr+cri (debian)" "release build or test images failed"
 	skip "containerd 2.1" "release build or test images failed"
 	skip "containerd 1.7" "release build or test images failed"
 fi
