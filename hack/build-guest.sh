@@ -395,8 +395,10 @@ janus_kernel_compile() {
 # cache (outside the clone, shared by every checkout) is keyed by what decides the result: the
 # config fragment, the source package version, the compiler and GUEST_KERNEL_FORMAT.
 build_janus_kernel() {
-	local out="$1" tarball ver cc cfg_sha key dir f
-	read -r tarball ver cc <<<"$(janus_kernel_inputs)"
+	local out="$1" inputs tarball ver cc cfg_sha key dir f
+	# Not inside the here-string: a failure there would go unnoticed.
+	inputs="$(janus_kernel_inputs)"
+	read -r tarball ver cc <<<"$inputs"
 	cfg_sha="$(janus_kernel_fragment | sha256sum | cut -d' ' -f1)"
 	key="$(printf 'format=%s\nconfig=%s\nsource=%s %s\ngcc=%s\n' "$GUEST_KERNEL_FORMAT" \
 		"$cfg_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" | sha256sum | cut -c1-16)"
