@@ -395,7 +395,7 @@ janus_kernel_compile() {
 # cache (outside the clone, shared by every checkout) is keyed by what decides the result: the
 # config fragment, the source package version, the compiler and GUEST_KERNEL_FORMAT.
 build_janus_kernel() {
-	local out="$1" inputs tarball ver cc cfg_sha key dir f
+	local out="$1" inputs tarball ver cc cfg_sha key dir f lock
 	# Not inside the here-string: a failure there would go unnoticed.
 	inputs="$(janus_kernel_inputs)"
 	read -r tarball ver cc <<<"$inputs"
