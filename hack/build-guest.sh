@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# Build the Janus VM guest from Debian packages only (apt; nothing from other sources).
+# Build the Janus VM guest: a kernel and an initramfs with the vm-agent as /init. Debian
+# packages only (apt; nothing from other sources).
 #
 #   hack/build-guest.sh [OUT_DIR]            (default OUT_DIR: target/guest)
 #
+# Two kernels (JANUS_GUEST_KERNEL):
+#   janus (default)  our own: Debian's kernel source (linux-source-6.1) built with
+#                    hack/guest/kernel.config on top of allnoconfig; everything the agent and
+#                    pods need is built in, no modules. Built once into a cache outside the
+#                    clone, $JANUS_GUEST_KERNEL_CACHE/<key>/ (default
+#                    /var/cache/janus/guest-kernel), keyed by the config fragment, the source
+#                    package version, the gcc version and GUEST_KERNEL_FORMAT.
+#   debian           Debian's cloud kernel package with its modules (boot set + on-demand set).
+#
 # Environment:
+#   JANUS_GUEST_KERNEL=janus|debian          which kernel (above)
 #   JANUS_GUEST_INIT=/path/to/static/binary  /init of initramfs.cpio; unset: the vm-agent, built
 #                                            statically here (cargo). initramfs-testinit.cpio
 #                                            always holds the test init (hack/guest/testinit.c)
 #   JANUS_GUEST_KERNEL_PKG=linux-image-cloud-amd64
-#                                            the kernel metapackage to resolve
-#   SOURCE_DATE_EPOCH=0                      mtime of every initramfs entry
+#                                            debian: the kernel metapackage to resolve
+#   JANUS_GUEST_KERNEL_SRC_PKG=linux-source-6.1
+#                                            janus: the kernel source package
+#   JANUS_GUEST_KERNEL_CACHE=/var/cache/janus/guest-kernel
+#   JANUS_KERNEL_JOBS=$(nproc)               janus: make -j (run under nice 10)
+#   SOURCE_DATE_EPOCH=0                      mtime of every initramfs entry, kernel build date
 #
 # Outputs in OUT_DIR:
-#   vmlinuz                  the bzImage from the package
-#   vmlinux                  the uncompressed ELF from inside it (boots through its PVH entry)
-#   kernel.release           e.g. 6.1.0-56-cloud-amd64
-#   modules/<release>/       the selected .ko files (package layout kernel/...) + modules.order
-#                            (load order, dependencies first; paths relative to that directory)
+#   vmlinux                  the uncompressed kernel ELF (boots through its PVH entry)
+#   vmlinuz                  the bzImage (janus: from the build; debian: from the package)
+#   kernel.release           e.g. 6.1.192-janus or 6.1.0-56-cloud-amd64
+#   kernel.config            janus: the full .config
+#   modules/<release>/       debian only: the selected .ko files (package layout kernel/...)
+#                            + modules.order (load order, dependencies first; paths relative to
+#                            that directory) + modules.ondemand
 #   testinit                 static test init (hack/guest/testinit.c)
 #   initramfs-testinit.cpio  initramfs with the test init
-#   initramfs.cpio           initramfs with $JANUS_GUEST_INIT (or the test init)
+#   initramfs.cpio           initramfs with $JANUS_GUEST_INIT (or the vm-agent)
 #   kernel.stamp, *.cpio.stamp  cache keys
 #
-# Cached: the kernel step is skipped while kernel.stamp matches the resolved package version and
-# module list; an initramfs is rebuilt only when its init binary, the modules or this script
+# Cached: janus: the kernel cache above (a warm run neither extracts nor builds anything);
+# debian: the kernel step is skipped while kernel.stamp matches the resolved package version and
+# module list. An initramfs is rebuilt only when its init binary, the kernel or this script
 # changed. Reproducible: fixed mtimes, uid/gid 0, sorted names, renumbered inodes.
 #
 # The script can also be sourced (for build_initramfs) without running anything.
@@ -33,7 +51,17 @@ set -euo pipefail
 
 # Bump when the layout of the outputs changes, to invalidate caches.
 GUEST_BUILD_FORMAT=2
+GUEST_KERNEL="${JANUS_GUEST_KERNEL:-janus}"
 GUEST_KERNEL_PKG="${JANUS_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}"
+GUEST_KERNEL_SRC_PKG="${JANUS_GUEST_KERNEL_SRC_PKG:-linux-source-6.1}"
+GUEST_KERNEL_CONFIG="$HACK_DIR/guest/kernel.config"
+# More fragments on top (space-separated paths; part of the cache key), e.g.
+# hack/guest/kernel-initcall-debug.config for boot-time measurements.
+GUEST_KERNEL_CONFIG_EXTRA="${JANUS_GUEST_KERNEL_CONFIG_EXTRA:-}"
+GUEST_KERNEL_CACHE="${JANUS_GUEST_KERNEL_CACHE:-/var/cache/janus/guest-kernel}"
+# Part of the kernel cache key: bump when the way the kernel is built changes (make targets,
+# outputs, build variables) while the config fragment does not.
+GUEST_KERNEL_FORMAT=1
 # What the guest needs, by module name; dependencies are added from modules.dep.
 GUEST_MODULES=(
 	virtio_mmio virtio_pci virtio_blk virtio_net virtio_console
@@ -114,21 +142,26 @@ extract_vmlinux() {
 		die "$bz: decompressing the payload failed"
 	got="$(stat -c %s "$out.tmp")"
 	[ "$got" -eq "$size" ] || die "$bz: payload decompressed to $got bytes, header says $size"
-	[ "$(head -c 4 "$out.tmp" | od -An -tx1 | tr -d ' ')" = "7f454c46" ] ||
-		die "$bz: payload is not an ELF file"
+	check_pvh_vmlinux "$out.tmp"
+	mv "$out.tmp" "$out"
+}
+
+# check_pvh_vmlinux ELF: fail unless ELF is a kernel image with a PVH entry point, which is how
+# both QEMU (-kernel vmlinux) and janus-vmm boot it.
+check_pvh_vmlinux() {
+	local elf="$1" pvh entry b
+	[ "$(head -c 4 "$elf" | od -An -tx1 | tr -d ' ')" = "7f454c46" ] ||
+		die "$elf is not an ELF file"
 	# XEN_ELFNOTE_PHYS32_ENTRY (type 18 = 0x12) in a "Xen" note: the PVH entry point.
 	# binutils 2.40 prints it as "Unknown note type: (0x00000012)", newer ones by name.
-	local pvh
-	pvh="$(readelf -n "$out.tmp" | awk '
+	pvh="$(readelf -n "$elf" | awk '
 		/^ *Xen / && ($0 ~ /PHYS32_ENTRY/ || $0 ~ /\(0x00000012\)/) { want = 1; next }
 		want && /description data:/ { sub(/.*description data: */, ""); print; exit }')"
-	[ -n "$pvh" ] || die "$bz: the vmlinux has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
+	[ -n "$pvh" ] || die "$elf has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): CONFIG_PVH?"
 	# The note holds the le32 (or le64) physical entry address.
-	local entry b
 	entry=""
 	for b in $pvh; do entry="$b$entry"; done
 	entry="$(printf '0x%x' "$((16#$entry))")"
-	mv "$out.tmp" "$out"
 	log "vmlinux: ELF with PVH entry (XEN_ELFNOTE_PHYS32_ENTRY) at $entry"
 }
 
@@ -217,8 +250,8 @@ select_modules() {
 	log "modules ($list): ${#order[@]} selected, load order: $(for p in "${order[@]}"; do _modname "$p"; done | paste -sd' ')"
 }
 
-# build_kernel OUT_DIR: download, extract and lay out the kernel and modules (cached).
-build_kernel() {
+# build_debian_kernel OUT_DIR: download, extract and lay out Debian's kernel and modules (cached).
+build_debian_kernel() {
 	local out="$1" resolved pkg ver stamp_want
 	resolved="$(resolve_kernel_pkg "$GUEST_KERNEL_PKG")" || {
 		apt_update_once
@@ -263,7 +296,7 @@ build_kernel() {
 		die "depmod on the extracted $pkg failed"
 
 	mkdir -p "$out"
-	rm -f "$out/kernel.stamp"
+	rm -f "$out/kernel.stamp" "$out/kernel.config"
 	install -m 0644 "$root/boot/vmlinuz-$rel" "$out/vmlinuz"
 	log "vmlinuz: $out/vmlinuz ($(_human_size "$out/vmlinuz"))"
 	extract_vmlinux "$out/vmlinuz" "$out/vmlinux"
@@ -278,6 +311,121 @@ build_kernel() {
 	rm -rf "$tmp"
 	trap - EXIT
 	log "kernel: release $rel ready in $out"
+}
+
+# --- Our own kernel (the default): Debian's kernel source, our config, everything built in ----
+
+# janus_kernel_inputs: print "<tarball> <source package version> <gcc version line>", installing
+# the source package and the build dependencies first.
+janus_kernel_inputs() {
+	ensure_apt "$GUEST_KERNEL_SRC_PKG" make gcc libc6-dev bc bison flex libelf-dev libssl-dev \
+		xz-utils cpio kmod binutils
+	local ver tarball
+	ver="$(dpkg-query -W -f='${Version}' "$GUEST_KERNEL_SRC_PKG")"
+	tarball="$(dpkg -L "$GUEST_KERNEL_SRC_PKG" | grep -m1 '^/usr/src/linux-source-.*\.tar\.xz$')" ||
+		die "$GUEST_KERNEL_SRC_PKG has no /usr/src/linux-source-*.tar.xz"
+	echo "$tarball $ver $(gcc --version | head -n1 | tr ' ' '_')"
+}
+
+# janus_kernel_fragment: the config fragment in effect (ours, then any extra ones).
+janus_kernel_fragment() {
+	local f
+	cat "$GUEST_KERNEL_CONFIG"
+	for f in $GUEST_KERNEL_CONFIG_EXTRA; do
+		[ -f "$f" ] || die "JANUS_GUEST_KERNEL_CONFIG_EXTRA: no file $f"
+		cat "$f"
+	done
+}
+
+# janus_kernel_configure SRC: allnoconfig + the fragment + olddefconfig in SRC, then fail naming
+# every option of the fragment that Kconfig dropped or changed (a missing dependency, a renamed
+# symbol): silently losing one would give a guest that boots but lacks a feature.
+janus_kernel_configure() {
+	local src="$1" line sym lost=()
+	janus_kernel_fragment >"$src/janus.fragment"
+	(cd "$src" && make -s allnoconfig >&2 &&
+		scripts/kconfig/merge_config.sh -m .config janus.fragment >/dev/null &&
+		make -s olddefconfig >&2) || die "configuring the kernel in $src failed"
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*) sym="${line%%=*}" ;;
+		"# CONFIG_"*" is not set") sym="${line#\# }" && sym="${sym%% *}" ;;
+		*) continue ;;
+		esac
+		# "is not set" also holds for a symbol whose dependencies hide it altogether.
+		grep -qxF -- "$line" "$src/.config" ||
+			{ [[ "$line" = "# "* ]] && ! grep -qE "^$sym=" "$src/.config"; } ||
+			lost+=("$line (now: $(grep -m1 -E "^$sym=|^# $sym is not set" "$src/.config" || echo absent))")
+	done <"$src/janus.fragment"
+	[ "${#lost[@]}" -eq 0 ] || die "kernel options of $GUEST_KERNEL_CONFIG${GUEST_KERNEL_CONFIG_EXTRA:+ $GUEST_KERNEL_CONFIG_EXTRA} that did not survive olddefconfig: $(printf '\n  %s' "${lost[@]}")"
+	log "kernel: config: every option of $(basename "$GUEST_KERNEL_CONFIG")${GUEST_KERNEL_CONFIG_EXTRA:+ $GUEST_KERNEL_CONFIG_EXTRA} survived olddefconfig"
+}
+
+# janus_kernel_compile TARBALL DEST: extract, configure, build vmlinux + bzImage, and put
+# vmlinux, bzImage, config and kernel.release into DEST (created).
+janus_kernel_compile() {
+	local tarball="$1" dest="$2" work src jobs t0
+	work="$(mktemp -d "$GUEST_KERNEL_CACHE/build.XXXXXX")"
+	# shellcheck disable=SC2064
+	trap "rm -rf '$work'" EXIT
+	t0=$SECONDS
+	log "kernel: extracting $tarball"
+	tar -C "$work" -xf "$tarball" || die "extracting $tarball failed"
+	src="$(echo "$work"/linux-source-*)"
+	[ -f "$src/Makefile" ] || die "$tarball holds no linux-source-*/Makefile"
+	janus_kernel_configure "$src"
+	jobs="${JANUS_KERNEL_JOBS:-$(nproc)}"
+	log "kernel: make -j$jobs vmlinux bzImage (nice 10; minutes)"
+	# KBUILD_BUILD_*: a kernel that does not depend on who built it when.
+	(cd "$src" && nice -n 10 make -j"$jobs" KBUILD_BUILD_USER=janus KBUILD_BUILD_HOST=janus \
+		KBUILD_BUILD_TIMESTAMP="@$SOURCE_DATE_EPOCH" vmlinux bzImage >"$work/make.log" 2>&1) ||
+		{ tail -n 40 "$work/make.log" >&2; die "kernel build failed (log above)"; }
+	check_pvh_vmlinux "$src/vmlinux"
+	mkdir -p "$dest"
+	install -m 0644 "$src/vmlinux" "$dest/vmlinux"
+	install -m 0644 "$src/arch/x86/boot/bzImage" "$dest/bzImage"
+	install -m 0644 "$src/.config" "$dest/config"
+	(cd "$src" && make -s kernelrelease) >"$dest/kernel.release"
+	rm -rf "$work"
+	trap - EXIT
+	log "kernel: built $(cat "$dest/kernel.release") in $((SECONDS - t0)) s"
+}
+
+# build_janus_kernel OUT_DIR: our kernel from the cache, built there first when missing. The
+# cache (outside the clone, shared by every checkout) is keyed by what decides the result: the
+# config fragment, the source package version, the compiler and GUEST_KERNEL_FORMAT.
+build_janus_kernel() {
+	local out="$1" inputs tarball ver cc cfg_sha key dir f lock
+	# Not inside the here-string: a failure there would go unnoticed.
+	inputs="$(janus_kernel_inputs)"
+	read -r tarball ver cc <<<"$inputs"
+	cfg_sha="$(janus_kernel_fragment | sha256sum | cut -d' ' -f1)"
+	key="$(printf 'format=%s\nconfig=%s\nsource=%s %s\ngcc=%s\n' "$GUEST_KERNEL_FORMAT" \
+		"$cfg_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" | sha256sum | cut -c1-16)"
+	dir="$GUEST_KERNEL_CACHE/$key"
+	mkdir -p "$GUEST_KERNEL_CACHE"
+	# One build per key at a time; a second run waits and then finds it cached.
+	exec {lock}>"$GUEST_KERNEL_CACHE/$key.lock"
+	flock "$lock"
+	if [ -s "$dir/vmlinux" ] && [ -s "$dir/bzImage" ] && [ -s "$dir/kernel.release" ]; then
+		log "kernel: cached $dir ($GUEST_KERNEL_SRC_PKG $ver, $(cat "$dir/kernel.release"))"
+	else
+		log "kernel: not cached ($dir): building from $GUEST_KERNEL_SRC_PKG $ver with $cc"
+		rm -rf "$dir.tmp"
+		janus_kernel_compile "$tarball" "$dir.tmp"
+		printf 'format=%s\nconfig_sha256=%s\nsource=%s %s\ngcc=%s\n' "$GUEST_KERNEL_FORMAT" \
+			"$cfg_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" >"$dir.tmp/key"
+		mv "$dir.tmp" "$dir"
+	fi
+	exec {lock}>&-
+	mkdir -p "$out"
+	rm -rf "$out/modules" "$out/kernel.stamp"
+	# Hard links when the cache is on the same file system (no copy of 30 MB), else copies.
+	for f in vmlinux:vmlinux bzImage:vmlinuz config:kernel.config kernel.release:kernel.release; do
+		ln -f "$dir/${f%%:*}" "$out/${f#*:}" 2>/dev/null || cp -f "$dir/${f%%:*}" "$out/${f#*:}"
+	done
+	echo "format=$GUEST_BUILD_FORMAT kernel=janus cache=$dir" >"$out/kernel.stamp"
+	log "kernel: $(cat "$out/kernel.release") in $out (vmlinux $(_human_size "$out/vmlinux"), no modules)"
 }
 
 # build_testinit OUT_DIR: compile hack/guest/testinit.c when it is newer than the binary.
@@ -295,7 +443,7 @@ build_testinit() {
 
 # build_initramfs INIT_BINARY OUT_CPIO [modprobe]: pack an uncompressed newc initramfs holding
 #   /init                          INIT_BINARY (static)
-#   /lib/modules/<release>/...     the selected modules (from $GUEST_OUT_DIR): modules.order
+#   /lib/modules/<release>/...     debian kernel only: the selected modules (from $GUEST_OUT_DIR): modules.order
 #                                  (loaded at boot), modules.dep + modules.alias (depmod; the
 #                                  on-demand ones are loaded through /sbin/modprobe)
 #   /sbin/modprobe                 -> /init, with "modprobe" (the agent answers the kernel's
@@ -319,17 +467,22 @@ build_initramfs() {
 	[ "$(id -u)" -eq 0 ] || die "build_initramfs needs root (mknod /dev/console, /dev/null)"
 
 	stage="$(mktemp -d "${TMPDIR:-/tmp}/janus-initramfs.XXXXXX")"
-	mkdir -p "$stage"/{proc,sys,dev,run,tmp,mnt,etc,lib/modules}
+	mkdir -p "$stage"/{proc,sys,dev,run,tmp,mnt,etc,lib,sbin}
 	install -m 0755 "$init" "$stage/init"
-	cp -R "$out/modules/$rel" "$stage/lib/modules/$rel"
-	# The index the agent's modprobe reads (text only: modules.dep, modules.alias).
-	depmod -b "$stage" "$rel" 2>/dev/null || die "depmod on the initramfs modules failed"
-	find "$stage/lib/modules/$rel" -maxdepth 1 -type f -name 'modules.*' \
-		! -name modules.dep ! -name modules.alias ! -name modules.order -delete
-	# The kernel's module helper (kernel.modprobe) is the agent, run as modprobe. Only an init
-	# that answers to that name gets the link (the test init would boot a second time).
-	mkdir -p "$stage/sbin"
-	[ "$modprobe" != modprobe ] || ln -s ../init "$stage/sbin/modprobe"
+	# Our kernel has everything built in (CONFIG_MODULES off): no modules, and no module
+	# helper, since the kernel never runs one. The agent reads a missing modules.order as
+	# "nothing to load".
+	if [ -d "$out/modules/$rel" ]; then
+		mkdir -p "$stage/lib/modules"
+		cp -R "$out/modules/$rel" "$stage/lib/modules/$rel"
+		# The index the agent's modprobe reads (text only: modules.dep, modules.alias).
+		depmod -b "$stage" "$rel" 2>/dev/null || die "depmod on the initramfs modules failed"
+		find "$stage/lib/modules/$rel" -maxdepth 1 -type f -name 'modules.*' \
+			! -name modules.dep ! -name modules.alias ! -name modules.order -delete
+		# The kernel's module helper (kernel.modprobe) is the agent, run as modprobe. Only an
+		# init that answers to that name gets the link (the test init would boot a second time).
+		[ "$modprobe" != modprobe ] || ln -s ../init "$stage/sbin/modprobe"
+	fi
 	find "$stage/lib" -type d -exec chmod 0755 {} +
 	find "$stage/lib" -type f -exec chmod 0644 {} +
 	chmod 0755 "$stage"/{proc,sys,dev,run,mnt,etc,lib,sbin}
@@ -344,7 +497,7 @@ build_initramfs() {
 	rm -rf "$stage"
 	mv "$cpio.tmp" "$cpio"
 	echo "$stamp_want" >"$cpio.stamp"
-	log "initramfs: built $cpio ($(_human_size "$cpio"), init=$init, $(wc -l <"$out/modules/$rel/modules.order") modules)"
+	log "initramfs: built $cpio ($(_human_size "$cpio"), init=$init, $( (wc -l <"$out/modules/$rel/modules.order") 2>/dev/null || echo 0) modules at boot)"
 }
 
 # build_agent: the vm-agent, statically linked (the initramfs has no libc). Only the gnu
@@ -368,7 +521,11 @@ main() {
 	out="$(cd "$out" && pwd)"
 	GUEST_OUT_DIR="$out"
 	ensure_apt apt coreutils dpkg kmod lz4 cpio binutils file gcc libc6-dev qemu-system-x86
-	build_kernel "$out"
+	case "$GUEST_KERNEL" in
+	janus) build_janus_kernel "$out" ;;
+	debian) build_debian_kernel "$out" ;;
+	*) die "JANUS_GUEST_KERNEL=$GUEST_KERNEL: expected janus (our own kernel) or debian" ;;
+	esac
 	build_testinit "$out"
 	build_initramfs "$out/testinit" "$out/initramfs-testinit.cpio"
 	if [ -n "${JANUS_GUEST_INIT:-}" ]; then
@@ -376,7 +533,7 @@ main() {
 	else
 		build_initramfs "$(build_agent)" "$out/initramfs.cpio" modprobe
 	fi
-	log "done: $out ($(cat "$out/kernel.release")): vmlinux vmlinuz initramfs.cpio modules/"
+	log "done: $out ($GUEST_KERNEL kernel $(cat "$out/kernel.release")): vmlinux vmlinuz initramfs.cpio"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -1,8 +1,8 @@
-//! Linux early-boot parity: Debian's cloud kernel booted by janus-vmm and, in the same test,
-//! by QEMU (`-M microvm,accel=kvm`), both with CMPXCHG16B hidden and `noxsave`. On this
-//! machine's software KVM (no vmx/svm) the kernel runs slowly and stops for good at a point
-//! neither VMM can get past (its kernel-mode int3/SSE use); our serial log must get at least
-//! as far as QEMU's, and show the kernel reading our ACPI tables.
+//! Linux early-boot parity: the guest kernel (target/guest; Debian's cloud kernel or ours) booted
+//! by janus-vmm and, in the same test, by QEMU (`-M microvm,accel=kvm`), both with CMPXCHG16B
+//! hidden and `noxsave`. On this machine's software KVM (no vmx/svm) the kernel runs slowly and
+//! stops for good at a point neither VMM can get past (its kernel-mode int3/SSE use); our serial
+//! log must get at least as far as QEMU's, and show the kernel reading our ACPI tables.
 //!
 //! Slow (minutes): `#[ignore]`d, run by hack/test.sh as its own step:
 //! `cargo test -p vmm --test linux_parity -- --ignored --nocapture`.
