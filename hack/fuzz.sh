@@ -12,7 +12,12 @@
 # Targets: config_parse (the Janus config), oci_spec (a bundle's spec through validation, the
 # namespace plan, the cgroup path, mount options), virtio_mmio_blk (a guest driving virtio-blk
 # through the virtio-mmio registers, with its own memory), stdio_header (the stdio channel's
-# frame header).
+# frame header), agent_request (a request to the in-guest agent: protobuf decode, then the
+# agent's checks and plan for create, exec, signal, update, storages, network, port forward),
+# virtio_console and virtio_net (a guest driving those devices as virtio_mmio_blk does, with
+# host-side events: console peers and input, frames from the tap), vhost_user_frontend (the
+# virtio-fs vhost-user frontend against a backend whose replies are the input), shim_options
+# (the runtime options of a task's Create). fuzz/seeds.py writes the last five's seed corpora.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -21,7 +26,8 @@ cd "$REPO_ROOT"
 
 SECONDS_EACH="${1:-60}"
 shift || true
-ALL=(config_parse oci_spec virtio_mmio_blk stdio_header)
+ALL=(config_parse oci_spec virtio_mmio_blk stdio_header agent_request virtio_console virtio_net
+	vhost_user_frontend shim_options)
 [ "$#" -gt 0 ] && TARGETS=("$@") || TARGETS=("${ALL[@]}")
 
 cargo +nightly --version >/dev/null 2>&1 || die "the nightly toolchain is needed (cargo +nightly)"

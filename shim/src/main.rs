@@ -8,12 +8,13 @@ mod events;
 mod hooks;
 mod metrics;
 mod node;
-mod options;
 mod process;
 mod sandbox;
 mod sandboxer;
 mod stdio;
 mod task;
+// Shared with the fuzz targets (src/lib.rs).
+use shim::options;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;

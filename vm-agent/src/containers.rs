@@ -9,17 +9,17 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp};
 use runtime::aio::blocking;
-use runtime::linux::cgroups::{self, Cgroup};
+use runtime::linux::cgroups::Cgroup;
 use runtime::linux::lifecycle::{ExitTable, OomMonitor, ProcessStatus as Status};
 use runtime::linux::spawn::{self, Placement, SetupHooks, Spawned};
-use runtime::linux::spec::{self as rtspec, NsPlan};
 use runtime::linux::zygote::{SpawnKind, SpawnRequest, Zygote};
 use tokio::sync::mpsc;
 
 use crate::error::{AgentError, Result};
 use crate::process::GProc;
+use crate::requests::{self, CreatePlan, ExecPlan};
 use crate::stdio::{Mux, Wiring};
 use crate::storage::{mount_storages, unmount_all};
 
@@ -76,13 +76,6 @@ impl Default for Containers {
             oom_rx: tokio::sync::Mutex::new(oom_rx),
         }
     }
-}
-
-fn check_id(what: &str, id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 255 || id.contains('/') || id.starts_with('.') {
-        return Err(AgentError::InvalidArgument(format!("bad {what} {id:?}")));
-    }
-    Ok(())
 }
 
 /// The agent's part of the setup handshake: pid bookkeeping for the reaper.
@@ -159,46 +152,21 @@ impl Containers {
         mux: &Mux,
         req: protocols::agent::CreateContainerRequest,
     ) -> Result<u32> {
-        let id = req.container_id.clone();
-        check_id("container id", &id)?;
+        let CreatePlan {
+            id,
+            spec,
+            stdio,
+            terminal,
+            root,
+            linux,
+            cgroup: rel,
+            namespaces: plan,
+        } = requests::create_plan(&req)?;
         if self.map().contains_key(&id) {
             return Err(AgentError::AlreadyExists(format!(
                 "container {id} already exists"
             )));
         }
-        let text = String::from_utf8(req.oci_spec.clone())
-            .map_err(|_| AgentError::InvalidArgument("oci_spec is not UTF-8".into()))?;
-        let spec = rtspec::parse(&text)?;
-        let stdio = req.stdio.clone().unwrap_or_default();
-        let terminal = spec
-            .process()
-            .as_ref()
-            .is_some_and(|p| p.terminal() == Some(true));
-        if terminal != stdio.terminal {
-            return Err(AgentError::InvalidArgument(
-                "process.terminal and stdio.terminal disagree".into(),
-            ));
-        }
-        let root = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_default();
-        if !root.is_absolute() {
-            return Err(AgentError::InvalidArgument(
-                "root.path must be an absolute guest path".into(),
-            ));
-        }
-        let linux = spec.linux().clone().unwrap_or_default();
-        let rel = cgroups::normalize_path(
-            &linux
-                .cgroups_path()
-                .as_ref()
-                .map(|p| p.to_string_lossy().to_string())
-                .unwrap_or_default(),
-            &id,
-        )?;
-        let plan = NsPlan::from_spec(&spec)?;
         let mounted = mount_storages(&id, &req.storages)?;
         let me = self.clone();
         let mux2 = mux.clone();
@@ -292,22 +260,16 @@ impl Containers {
         req: protocols::agent::ExecProcessRequest,
     ) -> Result<u32> {
         let c = self.get(&req.container_id)?;
-        check_id("exec id", &req.exec_id)?;
+        let ExecPlan {
+            process,
+            stdio,
+            terminal,
+        } = requests::exec_plan(&req)?;
         if c.init.status() != Status::Running {
             return Err(AgentError::FailedPrecondition(format!(
                 "container {} is not running",
                 c.id
             )));
-        }
-        let process: Process = serde_json::from_slice(&req.process)
-            .map_err(|e| AgentError::InvalidArgument(format!("exec process spec: {e}")))?;
-        rtspec::validate_process(&process, "exec process")?;
-        let stdio = req.stdio.clone().unwrap_or_default();
-        let terminal = process.terminal() == Some(true);
-        if terminal != stdio.terminal {
-            return Err(AgentError::InvalidArgument(
-                "process.terminal and stdio.terminal disagree".into(),
-            ));
         }
         let gp = {
             let mut execs = c.execs();
@@ -364,9 +326,7 @@ impl Containers {
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
-        if sig == 0 || sig > 64 {
-            return Err(AgentError::InvalidArgument(format!("bad signal {sig}")));
-        }
+        requests::check_signal(sig)?;
         let c = self.get(id)?;
         if all && exec_id.is_empty() {
             c.cgroup.kill_all(sig as i32)?;
@@ -449,8 +409,7 @@ impl Containers {
 
     pub async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
         let c = self.get(id)?;
-        let r: LinuxResources = serde_json::from_slice(resources)
-            .map_err(|e| AgentError::InvalidArgument(format!("linux resources: {e}")))?;
+        let r = requests::parse_resources(resources)?;
         blocking(move || c.cgroup.apply(&r, true).map_err(AgentError::from)).await
     }
 

@@ -6,7 +6,6 @@
 //! that socket to the port: ttrpc needs a connection, the port is a character device.
 
 mod containers;
-mod error;
 mod init;
 mod modprobe;
 mod net;
@@ -14,6 +13,9 @@ mod process;
 mod service;
 mod stdio;
 mod storage;
+
+// Shared with the fuzz targets (src/lib.rs).
+use vm_agent::{error, requests};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::error::{AgentError, Result};
+use crate::requests::parse_cidr;
 
 fn sock() -> Result<OwnedFd> {
     sock_of(libc::AF_INET)
@@ -67,21 +68,6 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     };
     // SAFETY: sockaddr_in and sockaddr have the same size; the bytes are a valid sockaddr.
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-/// Parses "a.b.c.d/n" or "x:y::z/n" ("default" or "" is the IPv4 default, 0.0.0.0/0).
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
-    if s.is_empty() || s == "default" {
-        return Ok((Ipv4Addr::UNSPECIFIED.into(), 0));
-    }
-    let bad = || AgentError::InvalidArgument(format!("bad CIDR {s:?}"));
-    let (a, n) = s.split_once('/').ok_or_else(bad)?;
-    let ip: IpAddr = a.parse().map_err(|_| bad())?;
-    let n: u8 = n.parse().map_err(|_| bad())?;
-    if n > if ip.is_ipv4() { 32 } else { 128 } {
-        return Err(bad());
-    }
-    Ok((ip, n))
 }
 
 fn in6_addr(ip: Ipv6Addr) -> libc::in6_addr {
@@ -222,16 +208,7 @@ pub fn loopback_up() {
 
 /// Configures the interface with `mac`: name, MTU, addresses, up.
 pub fn update_interface(i: &protocols::agent::Interface) -> Result<String> {
-    let addrs = i
-        .addresses
-        .iter()
-        .map(|a| parse_cidr(&a.address))
-        .collect::<Result<Vec<_>>>()?;
-    if addrs.iter().filter(|(ip, _)| ip.is_ipv4()).count() > 1 {
-        return Err(AgentError::InvalidArgument(
-            "one IPv4 address per interface is supported".into(),
-        ));
-    }
+    let addrs = crate::requests::interface_addresses(i)?;
     let fd = sock()?;
     let mut name = by_mac(&i.mac)?;
     if !i.name.is_empty() && i.name != name {
@@ -335,26 +312,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cidrs() {
-        assert_eq!(
-            parse_cidr("10.0.2.15/24").unwrap(),
-            ("10.0.2.15".parse().unwrap(), 24)
-        );
-        assert_eq!(
-            parse_cidr("").unwrap(),
-            (IpAddr::from(Ipv4Addr::UNSPECIFIED), 0)
-        );
-        assert_eq!(
-            parse_cidr("fd00:250:7::5/64").unwrap(),
-            ("fd00:250:7::5".parse().unwrap(), 64)
-        );
-        assert_eq!(
-            parse_cidr("::/0").unwrap(),
-            (IpAddr::from(Ipv6Addr::UNSPECIFIED), 0)
-        );
-        for bad in ["10.0.2.15", "10.0.2.15/33", "fe80::1/129", "x/8"] {
-            assert!(parse_cidr(bad).is_err(), "{bad}");
-        }
+    fn masks() {
         assert_eq!(mask(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(mask(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(mask(32), Ipv4Addr::BROADCAST);

@@ -279,10 +279,7 @@ impl protocols::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ForwardPortRequest,
     ) -> ttrpc::Result<Empty> {
-        let port = u16::try_from(req.port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| AgentError::InvalidArgument(format!("port {}", req.port)))?;
+        let port = crate::requests::forward_port(req.port)?;
         // The pod's network namespace in the guest is the agent's own (the root one).
         let conn = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
             .await

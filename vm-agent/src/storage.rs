@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use nix::mount::{mount, MsFlags};
+use nix::mount::mount;
 
 use crate::error::{AgentError, Result};
 
@@ -11,25 +11,8 @@ use crate::error::{AgentError, Result};
 pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Result<Vec<PathBuf>> {
     let mut mounted = Vec::new();
     for s in storages {
-        let mp = PathBuf::from(&s.mount_point);
         let res = (|| {
-            if !mp.is_absolute() || s.mount_point.contains("..") {
-                return Err(AgentError::InvalidArgument(format!(
-                    "storage mount point {:?} must be an absolute guest path",
-                    s.mount_point
-                )));
-            }
-            let (fstype, flags) = match s.driver.as_str() {
-                "virtiofs" => (Some("virtiofs"), MsFlags::empty()),
-                "bind" => (None, MsFlags::MS_BIND),
-                // The pod's /dev/shm.
-                "tmpfs" => (Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
-                other => {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "storage driver {other:?} is not supported"
-                    )))
-                }
-            };
+            let (mp, fstype, flags) = crate::requests::storage_plan(s)?;
             std::fs::create_dir_all(&mp)
                 .map_err(|e| AgentError::Internal(format!("create {}: {e}", mp.display())))?;
             crate::log_line(&format!(
@@ -47,13 +30,16 @@ pub fn mount_storages(id: &str, storages: &[protocols::agent::Storage]) -> Resul
                     s.source,
                     mp.display()
                 ))
-            })
+            })?;
+            Ok(mp)
         })();
-        if let Err(e) = res {
-            unmount_all(&mounted);
-            return Err(e);
+        match res {
+            Ok(mp) => mounted.push(mp),
+            Err(e) => {
+                unmount_all(&mounted);
+                return Err(e);
+            }
         }
-        mounted.push(mp);
     }
     Ok(mounted)
 }

@@ -10,6 +10,7 @@
 //! says so, so the backend signals a call eventfd per queue, which the device event loop turns
 //! into the interrupt status bit and the irqfd (see `events.rs`).
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -90,6 +91,23 @@ impl Fs {
     /// Connects to the backend at `socket` and negotiates what does not depend on the
     /// driver (ownership, protocol features).
     pub fn connect(tag: &str, socket: &Path) -> Result<Fs> {
+        let frontend = Frontend::connect(socket, QUEUE_SIZES.len() as u64).map_err(|e| {
+            Error::Config(format!(
+                "virtio-fs {tag}: vhost-user backend {}: connect: {e}",
+                socket.display()
+            ))
+        })?;
+        Fs::negotiate(tag, socket, frontend)
+    }
+
+    /// As `connect`, on a stream already connected to the backend (`name` is what errors
+    /// call it); the fuzz target `vhost_user_frontend` plays the backend on a socketpair.
+    pub fn from_stream(tag: &str, name: &Path, stream: UnixStream) -> Result<Fs> {
+        let frontend = Frontend::from_stream(stream, QUEUE_SIZES.len() as u64);
+        Fs::negotiate(tag, name, frontend)
+    }
+
+    fn negotiate(tag: &str, socket: &Path, mut frontend: Frontend) -> Result<Fs> {
         let fail = |what: &str, e: vhost::Error| {
             Error::Config(format!(
                 "virtio-fs {tag}: vhost-user backend {}: {what}: {e}",
@@ -97,7 +115,6 @@ impl Fs {
             ))
         };
         let n = QUEUE_SIZES.len();
-        let mut frontend = Frontend::connect(socket, n as u64).map_err(|e| fail("connect", e))?;
         frontend.set_owner().map_err(|e| fail("SET_OWNER", e))?;
         let backend_features = frontend
             .get_features()
