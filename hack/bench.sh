@@ -165,9 +165,11 @@ if [ "$VM" = 1 ]; then
 	vlat="$(echo $VLAT | tr ' ' '\n' | median)"
 	c run -d $VMRT "$IMG" pss-vm sleep 1000 >/dev/null
 	sleep 3
-	# QEMU is named after the container and names virtiofsd's socket.
+	# QEMU is named after the container and names virtiofsd's socket; virtiofsd (which
+	# inherits the socket) names its share, <work dir>.shared.
 	VSOCK="$(pgrep -af "qemu-system.* -name pss-vm " | grep -o -- 'socket,id=vfs,path=[^ ]*' | head -n1 | cut -d= -f3)"
 	VP="$(pgrep -f "containerd-shim-janus.*-id pss-vm" | tr '\n' ' ') $(pgrep -f -- "$VSOCK" | tr '\n' ' ')"
+	VP="$VP $(pgrep -f -- "source=${VSOCK%.vfs.sock}.shared" | tr '\n' ' ')"
 	pss_vm="$(pss_of $VP)"
 	qemu_pss="$(pss_of $(pgrep -f "qemu-system.*$VSOCK"))"
 	c task kill -s SIGKILL pss-vm >/dev/null 2>&1 || true

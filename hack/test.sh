@@ -112,7 +112,7 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	export JANUS_TEST_PAUSE_TAR="$(janus_pause_tar)"
 	# shellcheck disable=SC2086
 	step "integration tests" timeout --kill-after=30 "$IT_TIMEOUT" \
-		cargo test -p janus-tests -- --test-threads="$THREADS" --skip janus_vm_builtin ${JANUS_TEST_FILTER:-}
+		cargo test -p janus-tests --no-fail-fast -- --test-threads="$THREADS" --skip janus_vm_builtin ${JANUS_TEST_FILTER:-}
 	# The builtin driver through containerd, with its output shown: its full run needs vmx/svm
 	# and says NOT RUN (and why) where the CPU has neither.
 	step "builtin driver (ctr)" timeout --kill-after=30 "$IT_TIMEOUT" \
@@ -133,7 +133,7 @@ if [ "$BUILD_OK" = 1 ] && [ "$IMAGE_OK" = 1 ]; then
 	if [ -n "$CTD21" ]; then
 		# shellcheck disable=SC2086
 		step "containerd 2.1" env JANUS_CONTAINERD_ROOT="$CTD21" timeout --kill-after=30 "$IT_TIMEOUT" \
-			cargo test -p janus-tests -- --test-threads="$THREADS" --skip janus_vm_builtin \
+			cargo test -p janus-tests --no-fail-fast -- --test-threads="$THREADS" --skip janus_vm_builtin \
 			--skip fault_matrix:: ${JANUS_TEST_FILTER:-}
 	else
 		skip "containerd 2.1" "could not fetch Debian sid's containerd (see the log above)"

@@ -1440,23 +1440,15 @@ fn vm_pod_charged_to_pod_cgroup(h: &str) {
     let p = pod(&c, "vmcgroup");
     let id = sleeper(&c, &p, "app");
     let sock = pod_vm_socket(&c, &p);
-    let procs = janus_tests::processes();
-    let of = |what: &str| {
-        procs
-            .iter()
-            .filter(|x| x.cmdline.contains(what) && x.cmdline.contains(&sock))
-            .collect::<Vec<_>>()
-    };
-    let qemu = of("qemu-system");
+    let (qemu, vfs) = janus_tests::vm_pids(&sock);
     assert_eq!(qemu.len(), 1, "one QEMU for the pod");
-    let vfs = of("virtiofsd");
     assert!(!vfs.is_empty(), "no virtiofsd for the pod");
     let ctrl = if janus_tests::cgroup_v2_only() {
         ""
     } else {
         "memory"
     };
-    let dir = cgroup_dir(qemu[0].pid, ctrl).unwrap();
+    let dir = cgroup_dir(qemu[0], ctrl).unwrap();
     let d = dir.display().to_string();
     assert!(
         d.contains(&p.id) && d.contains("/pod"),
@@ -1464,13 +1456,12 @@ fn vm_pod_charged_to_pod_cgroup(h: &str) {
     );
     for v in &vfs {
         assert_eq!(
-            cgroup_dir(v.pid, ctrl).unwrap(),
+            cgroup_dir(*v, ctrl).unwrap(),
             dir,
-            "virtiofsd {} elsewhere",
-            v.pid
+            "virtiofsd {v} elsewhere"
         );
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0].pid)).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
     let kib = |k: &str| -> u64 {
         status
             .lines()
