@@ -124,30 +124,28 @@ where
         after = deadline => Err(after),
         e = died => return Err(e),
     };
-    {
-        match r {
-            Ok(conn) => {
-                log::info!(
-                    "vm agent: ready after {} ms ({} ms of it waiting for a CPU, {} Health \
-                     attempts), agent {}",
-                    conn.ready_after.as_millis(),
-                    starved().saturating_sub(starved_at_start).as_millis(),
-                    conn.attempts,
-                    conn.health.version
-                );
-                Ok(conn)
+    match r {
+        Ok(conn) => {
+            log::info!(
+                "vm agent: ready after {} ms ({} ms of it waiting for a CPU, {} Health \
+                 attempts), agent {}",
+                conn.ready_after.as_millis(),
+                starved().saturating_sub(starved_at_start).as_millis(),
+                conn.attempts,
+                conn.health.version
+            );
+            Ok(conn)
+        }
+        Err(after) => {
+            let mut console_tail = console_log.map(|p| tail_lines(p, 40)).unwrap_or_default();
+            if !last_error.is_empty() {
+                console_tail = format!("(last agent error: {last_error})\n{console_tail}");
             }
-            Err(after) => {
-                let mut console_tail = console_log.map(|p| tail_lines(p, 40)).unwrap_or_default();
-                if !last_error.is_empty() {
-                    console_tail = format!("(last agent error: {last_error})\n{console_tail}");
-                }
-                Err(Error::AgentTimeout {
-                    after,
-                    socket: sock.to_path_buf(),
-                    console_tail,
-                })
-            }
+            Err(Error::AgentTimeout {
+                after,
+                socket: sock.to_path_buf(),
+                console_tail,
+            })
         }
     }
 }
