@@ -9,8 +9,9 @@
 #                    hack/guest/kernel.config on top of allnoconfig; everything the agent and
 #                    pods need is built in, no modules. Built once into a cache outside the
 #                    clone, $JANUS_GUEST_KERNEL_CACHE/<key>/ (default
-#                    /var/cache/janus/guest-kernel), keyed by the config fragment, the source
-#                    package version, the gcc version and GUEST_KERNEL_FORMAT.
+#                    /var/cache/janus/guest-kernel), keyed by the config fragment, our
+#                    patches (hack/guest/patches/*.patch), the source package version, the gcc
+#                    version and GUEST_KERNEL_FORMAT.
 #   debian           Debian's cloud kernel package with its modules (boot set + on-demand set).
 #
 # Environment:
@@ -58,6 +59,9 @@ GUEST_KERNEL_CONFIG="$HACK_DIR/guest/kernel.config"
 # More fragments on top (space-separated paths; part of the cache key), e.g.
 # hack/guest/kernel-initcall-debug.config for boot-time measurements.
 GUEST_KERNEL_CONFIG_EXTRA="${JANUS_GUEST_KERNEL_CONFIG_EXTRA:-}"
+# Our patches to the source, applied in name order (each file says why; docs/guest.md lists
+# them). Part of the cache key.
+GUEST_KERNEL_PATCHES="$HACK_DIR/guest/patches"
 GUEST_KERNEL_CACHE="${JANUS_GUEST_KERNEL_CACHE:-/var/cache/janus/guest-kernel}"
 # Part of the kernel cache key: bump when the way the kernel is built changes (make targets,
 # outputs, build variables) while the config fragment does not.
@@ -319,7 +323,7 @@ build_debian_kernel() {
 # the source package and the build dependencies first.
 janus_kernel_inputs() {
 	ensure_apt "$GUEST_KERNEL_SRC_PKG" make gcc libc6-dev bc bison flex libelf-dev libssl-dev \
-		xz-utils cpio kmod binutils
+		xz-utils cpio kmod binutils patch
 	local ver tarball
 	ver="$(dpkg-query -W -f='${Version}' "$GUEST_KERNEL_SRC_PKG")"
 	tarball="$(dpkg -L "$GUEST_KERNEL_SRC_PKG" | grep -m1 '^/usr/src/linux-source-.*\.tar\.xz$')" ||
@@ -334,6 +338,23 @@ janus_kernel_fragment() {
 	for f in $GUEST_KERNEL_CONFIG_EXTRA; do
 		[ -f "$f" ] || die "JANUS_GUEST_KERNEL_CONFIG_EXTRA: no file $f"
 		cat "$f"
+	done
+}
+
+# janus_kernel_patch_files: our patches, in the order they are applied.
+janus_kernel_patch_files() {
+	[ -d "$GUEST_KERNEL_PATCHES" ] || return 0
+	find "$GUEST_KERNEL_PATCHES" -maxdepth 1 -name '*.patch' | LC_ALL=C sort
+}
+
+# janus_kernel_patch SRC: apply our patches to the source tree SRC; a patch that does not
+# apply cleanly (a new source package version moved the code) stops the build.
+janus_kernel_patch() {
+	local src="$1" p
+	for p in $(janus_kernel_patch_files); do
+		patch -d "$src" -p1 --batch --forward --quiet <"$p" >&2 ||
+			die "kernel patch $(basename "$p") does not apply to $GUEST_KERNEL_SRC_PKG"
+		log "kernel: applied $(basename "$p")"
 	done
 }
 
@@ -373,6 +394,7 @@ janus_kernel_compile() {
 	tar -C "$work" -xf "$tarball" || die "extracting $tarball failed"
 	src="$(echo "$work"/linux-source-*)"
 	[ -f "$src/Makefile" ] || die "$tarball holds no linux-source-*/Makefile"
+	janus_kernel_patch "$src"
 	janus_kernel_configure "$src"
 	jobs="${JANUS_KERNEL_JOBS:-$(nproc)}"
 	log "kernel: make -j$jobs vmlinux bzImage (nice 10; minutes)"
@@ -393,15 +415,17 @@ janus_kernel_compile() {
 
 # build_janus_kernel OUT_DIR: our kernel from the cache, built there first when missing. The
 # cache (outside the clone, shared by every checkout) is keyed by what decides the result: the
-# config fragment, the source package version, the compiler and GUEST_KERNEL_FORMAT.
+# config fragment, our patches, the source package version, the compiler and GUEST_KERNEL_FORMAT.
 build_janus_kernel() {
-	local out="$1" inputs tarball ver cc cfg_sha key dir f lock
+	local out="$1" inputs tarball ver cc cfg_sha patch_sha key dir f lock
 	# Not inside the here-string: a failure there would go unnoticed.
 	inputs="$(janus_kernel_inputs)"
 	read -r tarball ver cc <<<"$inputs"
 	cfg_sha="$(janus_kernel_fragment | sha256sum | cut -d' ' -f1)"
-	key="$(printf 'format=%s\nconfig=%s\nsource=%s %s\ngcc=%s\n' "$GUEST_KERNEL_FORMAT" \
-		"$cfg_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" | sha256sum | cut -c1-16)"
+	patch_sha="$(janus_kernel_patch_files | while read -r f; do cat "$f"; done | sha256sum | cut -d' ' -f1)"
+	key="$(printf 'format=%s\nconfig=%s\npatches=%s\nsource=%s %s\ngcc=%s\n' \
+		"$GUEST_KERNEL_FORMAT" "$cfg_sha" "$patch_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" |
+		sha256sum | cut -c1-16)"
 	dir="$GUEST_KERNEL_CACHE/$key"
 	mkdir -p "$GUEST_KERNEL_CACHE"
 	# One build per key at a time; a second run waits and then finds it cached.
@@ -413,8 +437,10 @@ build_janus_kernel() {
 		log "kernel: not cached ($dir): building from $GUEST_KERNEL_SRC_PKG $ver with $cc"
 		rm -rf "$dir.tmp"
 		janus_kernel_compile "$tarball" "$dir.tmp"
-		printf 'format=%s\nconfig_sha256=%s\nsource=%s %s\ngcc=%s\n' "$GUEST_KERNEL_FORMAT" \
-			"$cfg_sha" "$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" >"$dir.tmp/key"
+		printf 'format=%s\nconfig_sha256=%s\npatches_sha256=%s (%s)\nsource=%s %s\ngcc=%s\n' \
+			"$GUEST_KERNEL_FORMAT" "$cfg_sha" "$patch_sha" \
+			"$(janus_kernel_patch_files | xargs -r -n1 basename | tr '\n' ' ')" \
+			"$GUEST_KERNEL_SRC_PKG" "$ver" "$cc" >"$dir.tmp/key"
 		mv "$dir.tmp" "$dir"
 	fi
 	exec {lock}>&-
