@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use protocols::agent::*;
 use runtime::vm::virtiofsd::{Virtiofsd, VirtiofsdConfig};
-use runtime::vm::{agent, qemu::Qemu, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig};
+use runtime::vm::{
+    agent, qemu::Qemu, Accel, AgentClient, FsShare, Hypervisor, StdioPlane, Vm, VmConfig,
+};
 use serde_json::json;
 use tokio::sync::mpsc::Receiver;
 
@@ -130,10 +132,11 @@ struct Guest {
 
 impl Guest {
     async fn boot() -> Guest {
-        Guest::boot_with(Vec::new()).await
+        Guest::boot_with(|_| {}).await
     }
 
-    async fn boot_with(extra: Vec<String>) -> Guest {
+    /// Boots with `tweak` applied to the VM's config (extra QEMU arguments, kernel parameters).
+    async fn boot_with(tweak: impl FnOnce(&mut VmConfig)) -> Guest {
         let g = BOOT.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let rootfs = busybox_rootfs(tmp.path());
@@ -148,7 +151,7 @@ impl Guest {
             tag: "share".into(),
             socket: vfs_sock.clone(),
         });
-        cfg.extra_args = extra;
+        tweak(&mut cfg);
         let vm: Arc<dyn Vm> = Arc::from(
             Qemu::new()
                 .start(&cfg)
@@ -1044,12 +1047,14 @@ async fn vm_agent_killed_host_sees_vm_gone() {
 #[tokio::test]
 async fn vm_agent_network_interface_and_routes() {
     let mac = "02:00:00:00:00:01";
-    let g = Guest::boot_with(vec![
-        "-netdev".into(),
-        "user,id=n0".into(),
-        "-device".into(),
-        format!("virtio-net-device,netdev=n0,mac={mac}"),
-    ])
+    let g = Guest::boot_with(|cfg| {
+        cfg.extra_args = vec![
+            "-netdev".into(),
+            "user,id=n0".into(),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={mac}"),
+        ]
+    })
     .await;
     let iface = Interface {
         name: "pod0".into(),
@@ -1099,4 +1104,45 @@ async fn vm_agent_network_interface_and_routes() {
     assert!(out.contains("lo: <LOOPBACK,UP"), "loopback up: {out}");
     g.remove("n").await;
     g.shutdown().await;
+}
+
+/// Our guest kernel carries the CPU vulnerability mitigations a pod relies on under KVM (one
+/// container must not read the guest kernel's memory through the CPU), and the QEMU driver
+/// switches them off under TCG only, where guest code does not run on the CPU as such.
+#[tokio::test]
+async fn vm_guest_cpu_mitigations() {
+    /// The guest's command line and what it says of Spectre v2, from a container.
+    async fn cmdline_and_spectre_v2(g: &Guest) -> String {
+        let s = g.streams(false, true, true, false);
+        let sh = "cat /proc/cmdline /sys/devices/system/cpu/vulnerabilities/spectre_v2";
+        let with_sys = |v: &mut serde_json::Value| {
+            v["mounts"].as_array_mut().unwrap().push(
+                json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]}),
+            )
+        };
+        g.create("m", spec("m", &["sh", "-c", sh], with_sys), &s)
+            .await;
+        g.start("m").await;
+        let (out, err) = tokio::join!(collect(s.out), collect(s.err));
+        assert_eq!(g.wait("m", "").await.exit_status, 0, "{out}{err}");
+        g.remove("m").await;
+        out
+    }
+    // What the driver chose: off under TCG (this machine without vmx/svm), the kernel's own
+    // choice with KVM.
+    let g = Guest::boot().await;
+    let out = cmdline_and_spectre_v2(&g).await;
+    let tcg = g.vm.accel() == Accel::Tcg;
+    g.shutdown().await;
+    assert_eq!(out.contains("mitigations=off"), tcg, "{out}");
+    // As the kernel decides (a later parameter wins): the mitigations are there to choose.
+    let g = Guest::boot_with(|cfg| cfg.kernel_params = vec!["mitigations=auto".into()]).await;
+    let out = cmdline_and_spectre_v2(&g).await;
+    g.shutdown().await;
+    let spectre_v2 = out.lines().last().unwrap_or_default();
+    eprintln!("vm_guest_cpu_mitigations: mitigations=auto: {spectre_v2}");
+    assert!(
+        spectre_v2.starts_with("Mitigation:"),
+        "spectre_v2 with mitigations=auto: {out}"
+    );
 }

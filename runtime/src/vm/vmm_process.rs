@@ -85,7 +85,7 @@ pub(super) fn check_config(cfg: &VmConfig) -> Result<()> {
 }
 
 /// The kernel command line for `accel`: `console=ttyS0 panic=-1 quiet cgroup_no_v1=all`, under
-/// TCG `tsc_early_khz=<tsc_khz> tsc=reliable`, then `extra`.
+/// TCG `tsc_early_khz=<tsc_khz> tsc=reliable mitigations=off`, then `extra`.
 pub(super) fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &[String]) -> String {
     let mut p: Vec<String> = ["console=ttyS0", "panic=-1", "quiet", "cgroup_no_v1=all"]
         .iter()
@@ -96,6 +96,11 @@ pub(super) fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &[String
             p.push(format!("tsc_early_khz={khz}"));
         }
         p.push("tsc=reliable".into());
+        // The guest's CPU vulnerability mitigations guard against speculation in the CPU it
+        // runs on; under TCG guest code is translated and guest page tables are walked in
+        // software, so they would cost time (PTI's page-table switches flush QEMU's TLB on
+        // every syscall) and protect nothing. With KVM the kernel decides, as on a host.
+        p.push("mitigations=off".into());
     }
     p.extend(extra.iter().cloned());
     p.join(" ")
