@@ -99,6 +99,9 @@ pub struct VmConfig {
     pub virtiofsd: Option<PathBuf>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// QEMU under TCG: the translated-code cache in MiB (`-accel tcg,tb-size=`); unset:
+    /// QEMU's own (grows to ~40 MiB per VM). Smaller saves memory and costs boot time.
+    pub tcg_tb_mib: Option<u32>,
     #[serde(default)]
     pub kernel_params: Vec<String>,
     /// Longest an agent call may take before it fails with DeadlineExceeded (default 60 s).
@@ -139,6 +142,12 @@ impl VmConfig {
                 ))
             }
             _ => {}
+        }
+        if let Some(t) = self.tcg_tb_mib.filter(|t| *t < MIN_TCG_TB_MIB) {
+            return Err(format!(
+                "vm.tcg_tb_mib = {t}: must be at least {MIN_TCG_TB_MIB} (a smaller cache is \
+                 flushed so often that the guest hardly runs)"
+            ));
         }
         if self.agent_timeout_ms == Some(0) {
             return Err("vm.agent_timeout_ms = 0: every agent call would time out".into());
@@ -188,6 +197,8 @@ pub enum ConfigError {
 
 /// The smallest VM the guest kernel and agent boot in.
 pub const MIN_MEMORY_MIB: u32 = 64;
+/// The smallest `vm.tcg_tb_mib`: below it QEMU retranslates the guest's code all the time.
+pub const MIN_TCG_TB_MIB: u32 = 4;
 /// The most vCPUs a VM may have (QEMU's microvm and janus-vmm both stay far below).
 pub const MAX_VCPUS: u32 = 64;
 
@@ -323,6 +334,7 @@ mod tests {
         bad("[vm]\nvcpus = 0\n", "vm.vcpus = 0");
         bad("[vm]\nvcpus = 1000\n", "vm.vcpus = 1000");
         bad("[vm]\nmemory_mib = 0\n", "vm.memory_mib = 0");
+        bad("[vm]\ntcg_tb_mib = 2\n", "vm.tcg_tb_mib = 2");
         bad("[vm]\nhypervisor = \"kvm\"\n", "qemu, builtin");
         bad("[vm]\nagent_timeout_ms = 0\n", "agent_timeout_ms");
         bad("[vm]\nboot_timeout_ms = 0\n", "boot_timeout_ms");

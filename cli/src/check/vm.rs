@@ -187,6 +187,7 @@ fn guest_image(r: &mut Report, c: &VmChecks) -> Option<VmConfig> {
     );
     cfg.vcpus = v.vcpus.unwrap_or(1);
     cfg.memory_mib = v.memory_mib.unwrap_or(256);
+    cfg.tcg_tb_mib = v.tcg_tb_mib;
     cfg.kernel_params = v.kernel_params.clone();
     Some(cfg)
 }

@@ -106,6 +106,11 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// QEMU under TCG: the translated-code cache (`-accel tcg,tb-size=`) in MiB. `None`:
+    /// QEMU's default, 1 GiB reserved and filled as guest code is translated (~40 MiB by the
+    /// time a pod is idle); a smaller cache is flushed and refilled, trading boot time for
+    /// memory (docs/guest.md, "Memory"). Ignored with KVM and by the builtin driver.
+    pub tcg_tb_mib: Option<u32>,
     /// Appended to the driver's kernel command line (later parameters win, so `loglevel=7`
     /// overrides `quiet`).
     pub kernel_params: Vec<String>,
@@ -162,6 +167,7 @@ impl VmConfig {
             initrd: initrd.into(),
             vcpus: 1,
             memory_mib: 256,
+            tcg_tb_mib: None,
             kernel_params: Vec::new(),
             work_dir: None,
             accel: Accel::Auto,

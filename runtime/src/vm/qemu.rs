@@ -151,12 +151,19 @@ fn opt_path(p: &Path) -> String {
 
 /// The QEMU arguments (without the binary) for `cfg` with the resolved accelerator.
 pub fn qemu_args(cfg: &VmConfig, wd: &WorkDir, accel: Accel, cmdline: &str) -> Vec<String> {
-    let accel_name = if accel == Accel::Kvm { "kvm" } else { "tcg" };
-    let mut machine = format!("microvm,accel={accel_name},x-option-roms=off,isa-serial=on,rtc=on");
+    let accel_opt = match (accel, cfg.tcg_tb_mib) {
+        (Accel::Kvm, _) => "kvm".to_string(),
+        (_, Some(mib)) => format!("tcg,tb-size={mib}"),
+        (_, None) => "tcg".to_string(),
+    };
+    let mut machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on".to_string();
     if cfg.shared_memory {
         machine.push_str(",memory-backend=mem");
     }
     let mut a: Vec<String> = vec![
+        // -accel, not -M accel=: only -accel takes the accelerator's own options (tb-size).
+        "-accel".into(),
+        accel_opt,
         "-M".into(),
         machine,
         // microvm's virtio-mmio defaults to the legacy (v1) interface, which vhost-user
@@ -287,7 +294,8 @@ mod tests {
         let tcg = kernel_cmdline(Accel::Tcg, Some(2596146), &["loglevel=7".into()]);
         assert_eq!(
             tcg,
-            "console=ttyS0 panic=-1 quiet cgroup_no_v1=all tsc_early_khz=2596146 tsc=reliable loglevel=7"
+            "console=ttyS0 panic=-1 quiet cgroup_no_v1=all tsc_early_khz=2596146 tsc=reliable \
+             mitigations=off loglevel=7"
         );
         let kvm = kernel_cmdline(Accel::Kvm, Some(1), &[]);
         assert_eq!(kvm, "console=ttyS0 panic=-1 quiet cgroup_no_v1=all");
@@ -300,7 +308,7 @@ mod tests {
         let s = a.join(" ");
         assert!(
             s.starts_with(
-                "-M microvm,accel=tcg,x-option-roms=off,isa-serial=on,rtc=on \
+                "-accel tcg -M microvm,x-option-roms=off,isa-serial=on,rtc=on \
                  -global virtio-mmio.force-legacy=false -cpu max -m 512M -smp 2"
             ),
             "{s}"
@@ -319,13 +327,21 @@ mod tests {
         let s = a.join(" ");
         assert!(
             s.contains(
-                "accel=kvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem \
+                "-accel kvm -M microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem \
                  -global virtio-mmio.force-legacy=false -cpu host"
             ),
             "{s}"
         );
         assert!(s.contains("-object memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(s.ends_with("-device x"));
+        // The TCG cache size reaches QEMU under TCG only.
+        cfg.tcg_tb_mib = Some(24);
+        assert!(qemu_args(&cfg, &wd, Accel::Tcg, "c")
+            .join(" ")
+            .starts_with("-accel tcg,tb-size=24 -M microvm,"));
+        assert!(qemu_args(&cfg, &wd, Accel::Kvm, "c")
+            .join(" ")
+            .starts_with("-accel kvm -M microvm,"));
     }
 
     #[test]

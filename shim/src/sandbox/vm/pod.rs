@@ -237,6 +237,7 @@ fn vm_config(
     );
     cfg.vcpus = vcpus;
     cfg.memory_mib = memory_mib;
+    cfg.tcg_tb_mib = config.vm.tcg_tb_mib;
     cfg.kernel_params = config.vm.kernel_params.clone();
     cfg.shared_memory = true;
     // `vm.qemu` names QEMU only: the builtin driver finds janus-vmm next to the shim.
