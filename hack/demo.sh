@@ -32,7 +32,7 @@ if [ -n "${JANUS_SHIM:-}" ]; then
 	log "using JANUS_SHIM=$SHIM (not building)"
 else
 	log "building the workspace (release)"
-	cargo build --release --workspace --bins
+	release_build
 	SHIM="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/containerd-shim-janus-v2"
 fi
 [ -x "$SHIM" ] || die "$SHIM is not an executable"

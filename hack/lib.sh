@@ -8,6 +8,7 @@
 #                         (apt-get update at most once per script run)
 #   ensure_base_deps      the packages every script needs (containerd, runc, busybox-static...)
 #   ensure_rust           fail clearly when cargo is missing
+#   release_build         the one release build of the workspace (binaries and the VM benchmark)
 #   containerd_write_config DIR
 #                         write DIR/config.toml for a private containerd rooted in DIR
 #   containerd_start DIR SHIM_BIN
@@ -34,6 +35,14 @@ REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
 export DEBIAN_FRONTEND=noninteractive
 
 JANUS_TEST_IMAGE="${JANUS_TEST_IMAGE:-janus.test/busybox:latest}"
+
+# release_build: the workspace's binaries and runtime's vm_bench example, in one cargo run that
+# every script shares. An example turns on its package's dev-dependencies, which changes the
+# features cargo unifies for the whole build: building the binaries with it here and without it
+# elsewhere would recompile runtime and the shim each time a script switched.
+release_build() {
+	(cd "$REPO_ROOT" && cargo build --release --workspace --bins --example vm_bench)
+}
 
 # quote_args ARGS...: print the arguments as a shell would need them typed (single quotes).
 quote_args() {

@@ -65,7 +65,7 @@ skip() {
 }
 
 BUILD_OK=0
-step "release build" cargo build --release --workspace --bins && BUILD_OK=1
+step "release build" release_build && BUILD_OK=1
 step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 # runtime::vm sits behind a feature (the in-guest agent must not link it): lint it too.

@@ -6,7 +6,7 @@
 //! 2. stdio throughput: a guest container writes N bytes to stdout (`dd`), the host reads
 //!    them off the stdio plane; MB/s.
 //!
-//! Usage: vm_bench [--boots N] [--mib M] [--guest-dir DIR]
+//! Usage: vm_bench [--boots N] [--mib M] [--guest-dir DIR]; prints KEY=VALUE lines.
 //! Needs hack/build-guest.sh's output and /usr/lib/qemu/virtiofsd.
 
 use std::path::{Path, PathBuf};
@@ -204,24 +204,9 @@ async fn main() -> Result<()> {
     let accel = runtime::vm::choose_accel(runtime::vm::Accel::Auto)?.accel;
     let (bm, am) = (median(&mut b), median(&mut a));
     let (mbps, secs) = stdio_throughput(&guest, mib).await?;
-    println!("== VM mode (QEMU, accel {accel}, {boots} boots each) ==");
-    // Machine-readable, for hack/bench.sh's VM-mode ratios.
+    // KEY=VALUE lines: hack/bench.sh puts them in its table, beside the other kernel's.
+    println!("accel={accel} boots={boots}");
     println!("bare_boot_ms={bm:.0} agent_boot_ms={am:.0}");
-    println!("{:<52} {:>10}", "metric", "value");
-    println!(
-        "{:<52} {:>10.0}",
-        "bare boot: spawn -> /init hello (ms, median)", bm
-    );
-    println!(
-        "{:<52} {:>10.0}",
-        "agent boot: spawn -> agent ready (ms, median)", am
-    );
-    println!("{:<52} {:>10.2}", "ratio agent / bare", am / bm);
-    println!(
-        "{:<52} {:>10.1}",
-        format!("stdio out of a guest process, {mib} MiB (MB/s)"),
-        mbps
-    );
-    println!("{:<52} {:>10.1}", "  (seconds)", secs);
+    println!("stdio_mib={mib} stdio_mbps={mbps:.1} stdio_secs={secs:.2}");
     Ok(())
 }
