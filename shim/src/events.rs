@@ -11,8 +11,12 @@
 
 use std::time::{Duration, Instant};
 
-use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
-use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim::events::ForwardRequest;
 use containerd_shim_protos::shim_async::{Client, EventsClient};
@@ -22,7 +26,36 @@ use tokio::sync::mpsc;
 
 use crate::process::{timestamp, Proc};
 
-pub type Event = (&'static str, Box<dyn MessageDyn>);
+/// Topic and the event, packed.
+pub type Event = (&'static str, Any);
+
+/// An event message with its protobuf type name, which is the type URL of the `Any` that
+/// carries it. Written out, and the message encoded through the typed `Message` API, to stay
+/// clear of protobuf reflection: `descriptor_dyn()` (which `MessageDyn` encoding calls too)
+/// builds the descriptors of the whole proto file and its imports on first use, some 350 KiB
+/// of heap and much code, kept for the shim's life.
+pub trait EventMessage: Message {
+    const TYPE_NAME: &'static str;
+}
+
+macro_rules! event_messages {
+    ($($t:ident),* $(,)?) => {
+        $(impl EventMessage for $t {
+            const TYPE_NAME: &'static str = concat!("containerd.events.", stringify!($t));
+        })*
+    };
+}
+event_messages!(
+    TaskCreate,
+    TaskStart,
+    TaskDelete,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskExit,
+    TaskOOM,
+    TaskPaused,
+    TaskResumed,
+);
 
 /// Events in flight before senders wait: enough for a burst of exits of a large pod.
 const QUEUE: usize = 1024;
@@ -65,7 +98,7 @@ impl Publisher {
     /// Sends one event. An answer of containerd's (accepted or refused) ends it; a broken or
     /// missing connection is made again and the event sent again, with backoff, for up to
     /// [`RETRY_FOR`].
-    async fn publish(&mut self, topic: &str, namespace: &str, ev: Box<dyn MessageDyn>) {
+    async fn publish(&mut self, topic: &str, namespace: &str, ev: Any) {
         let req = match envelope(topic, namespace, ev) {
             Ok(e) => {
                 let mut req = ForwardRequest::new();
@@ -117,13 +150,27 @@ impl Publisher {
     }
 }
 
-fn envelope(topic: &str, namespace: &str, ev: Box<dyn MessageDyn>) -> anyhow::Result<Envelope> {
+fn envelope(topic: &str, namespace: &str, ev: Any) -> anyhow::Result<Envelope> {
     let mut e = Envelope::new();
     e.set_topic(topic.to_string());
     e.set_namespace(namespace.to_string());
     e.set_timestamp(containerd_shim::util::timestamp()?);
-    e.set_event(containerd_shim::util::convert_to_any(ev)?);
+    e.set_event(ev);
     Ok(e)
+}
+
+fn pack<M: EventMessage>(topic: &str, ev: &M) -> Option<Any> {
+    match ev.write_to_bytes() {
+        Ok(value) => Some(Any {
+            type_url: M::TYPE_NAME.to_string(),
+            value,
+            ..Default::default()
+        }),
+        Err(e) => {
+            log::error!("publish {topic}: encode: {e}");
+            None
+        }
+    }
 }
 
 impl Events {
@@ -143,14 +190,18 @@ impl Events {
         (Events { tx }, rx)
     }
 
-    pub async fn send(&self, topic: &'static str, ev: impl MessageDyn) {
-        // Fails only once the publisher is gone (the shim is exiting).
-        let _ = self.tx.send((topic, Box::new(ev))).await;
+    pub async fn send<M: EventMessage>(&self, topic: &'static str, ev: M) {
+        if let Some(ev) = pack(topic, &ev) {
+            // Fails only once the publisher is gone (the shim is exiting).
+            let _ = self.tx.send((topic, ev)).await;
+        }
     }
 
     /// For threads outside the runtime (the OOM watcher).
-    pub fn send_blocking(&self, topic: &'static str, ev: impl MessageDyn) {
-        let _ = self.tx.blocking_send((topic, Box::new(ev)));
+    pub fn send_blocking<M: EventMessage>(&self, topic: &'static str, ev: M) {
+        if let Some(ev) = pack(topic, &ev) {
+            let _ = self.tx.blocking_send((topic, ev));
+        }
     }
 
     pub async fn oom(&self, container_id: &str) {
@@ -191,5 +242,28 @@ pub fn oom_event(container_id: &str) -> TaskOOM {
     TaskOOM {
         container_id: container_id.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::protobuf::MessageFull;
+
+    fn name_matches<M: EventMessage + MessageFull>() {
+        assert_eq!(M::TYPE_NAME, M::descriptor().full_name());
+    }
+
+    #[test]
+    fn type_names_are_the_protobuf_names() {
+        name_matches::<TaskCreate>();
+        name_matches::<TaskStart>();
+        name_matches::<TaskDelete>();
+        name_matches::<TaskExecAdded>();
+        name_matches::<TaskExecStarted>();
+        name_matches::<TaskExit>();
+        name_matches::<TaskOOM>();
+        name_matches::<TaskPaused>();
+        name_matches::<TaskResumed>();
     }
 }
