@@ -892,7 +892,7 @@ disabled_plugins = [
 // ---------------------------------------------------------------------------------------------
 // containerd gRPC (only what ctr lacks)
 
-mod grpc {
+pub(crate) mod grpc {
     use super::*;
 
     /// google.protobuf.Any
@@ -919,6 +919,22 @@ mod grpc {
     const LINUX_RESOURCES: &str =
         "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 
+    /// A gRPC channel to containerd's socket (`unix://` through a connector: tonic speaks
+    /// HTTP/2 over any stream); the CRI client uses it too.
+    pub async fn channel(socket: PathBuf) -> Result<tonic::transport::Channel> {
+        tonic::transport::Endpoint::try_from("http://containerd.invalid")?
+            .connect_timeout(Duration::from_secs(10))
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let socket = socket.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .with_context(|| "connecting to containerd's gRPC socket".to_string())
+    }
+
     pub fn update_task(
         socket: &Path,
         namespace: &str,
@@ -939,16 +955,7 @@ mod grpc {
         };
         let ns = namespace.to_string();
         rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::try_from("http://containerd.invalid")?
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        let s = tokio::net::UnixStream::connect(socket).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                    }
-                }))
-                .await
-                .context("connecting to containerd")?;
+            let channel = channel(socket).await?;
             let mut client = tonic::client::Grpc::new(channel);
             client.ready().await.context("gRPC channel not ready")?;
             let mut request = tonic::Request::new(req);

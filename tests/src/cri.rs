@@ -544,19 +544,7 @@ impl Cri {
             .enable_all()
             .build()?;
         let socket = ctd.address.clone();
-        let channel = rt.block_on(async move {
-            tonic::transport::Endpoint::try_from("http://containerd.invalid")?
-                .connect_timeout(Duration::from_secs(10))
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        let s = tokio::net::UnixStream::connect(socket).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                    }
-                }))
-                .await
-                .context("connecting to containerd's gRPC socket")
-        })?;
+        let channel = rt.block_on(crate::containerd::grpc::channel(socket))?;
         let cri = Cri {
             handler: handler.to_string(),
             runtime_client: RuntimeServiceClient::new(channel.clone()),
